@@ -1,0 +1,20 @@
+# Build stage: the release binary.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+COPY config ./config
+RUN cargo build --release --locked && strip target/release/ge-orchestrator
+
+# Run stage: the binary, the default routing file, and a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 ge && useradd --system --uid 10001 --gid ge --no-create-home ge
+COPY --from=build /src/target/release/ge-orchestrator /usr/local/bin/ge-orchestrator
+COPY config/dolly-routing.yaml /etc/ge-orchestrator/dolly-routing.yaml
+ENV GE_ROUTING_CONFIG=/etc/ge-orchestrator/dolly-routing.yaml GE_HTTP_ADDR=0.0.0.0:8080
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["ge-orchestrator"]
+CMD ["run", "--log-format", "json"]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what ge-orchestrator's dev stack and tests need, when it is missing: Rust's cargo
+# (checked, not installed), redis-server and the PostgreSQL server binaries (from Debian's
+# packages). Idempotent. It never starts or enables the system services: the orchestrator
+# starts its own throwaway instances on free ports.
+set -euo pipefail
+
+say() { echo "setup: $*"; }
+
+if command -v cargo >/dev/null 2>&1; then
+  say "cargo found ($(cargo --version))"
+else
+  say "cargo not found. Install Rust with rustup (https://rustup.rs): curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh"
+  exit 1
+fi
+
+have_redis() { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/local/bin/redis-server ]; }
+have_postgres() {
+  local bindir
+  bindir=$(pg_config --bindir 2>/dev/null || true)
+  if [ -n "$bindir" ] && [ -x "$bindir/postgres" ] && [ -x "$bindir/initdb" ]; then return 0; fi
+  compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null
+}
+
+missing=()
+if have_redis; then say "redis-server found"; else missing+=(redis-server); fi
+if have_postgres; then say "postgres server binaries found"; else missing+=(postgresql); fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    sudo=()
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    say "missing: ${missing[*]}. Install them as root: apt-get install -y ${missing[*]}"
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    say "missing: ${missing[*]}, and this is not a Debian-like system (no apt-get). Install them with your package manager."
+    exit 1
+  fi
+  say "installing ${missing[*]} from Debian's packages"
+  # policy-rc.d keeps the packages' post-install scripts from starting the system services.
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null && "${sudo[@]}" chmod +x "$policy" && created_policy=1
+  fi
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  if [ "$created_policy" -eq 1 ]; then "${sudo[@]}" rm -f "$policy"; fi
+  have_redis || { say "redis-server still missing after the install"; exit 1; }
+  have_postgres || { say "postgres still missing after the install"; exit 1; }
+  say "installed ${missing[*]}"
+fi

@@ -1,0 +1,120 @@
+//! One replica: connects, applies migrations, joins the group, and wires the loops together.
+//! This is the only place that knows which loops exist.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config;
+use crate::consumer::{self, Backoff, Input};
+use crate::context::{Ctx, SharedRouting, Stats};
+use crate::settings::RunSettings;
+use crate::{config_watch, health, http, recover, redact, scheduler, store, streams, takeover};
+
+/// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
+async fn connect(settings: &RunSettings, token: &CancellationToken) -> anyhow::Result<Option<(sqlx::PgPool, redis::Client, redis::aio::ConnectionManager)>> {
+    let client = streams::client(&settings.conn.redis_url)?;
+    let mut backoff = Backoff::default();
+    let pool = loop {
+        match store::connect(&settings.conn.database_url, settings.db_pool).await {
+            Ok(p) => break p,
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "PostgreSQL not ready; retrying"),
+        }
+        backoff.wait(token).await;
+        if token.is_cancelled() {
+            return Ok(None);
+        }
+    };
+    backoff.reset();
+    let manager = loop {
+        match streams::manager(&client).await {
+            Ok(m) => break m,
+            Err(e) => tracing::warn!(error = %e, url = %redact::url(&settings.conn.redis_url), "Redis not ready; retrying"),
+        }
+        backoff.wait(token).await;
+        if token.is_cancelled() {
+            return Ok(None);
+        }
+    };
+    Ok(Some((pool, client, manager)))
+}
+
+/// Runs until `token` is cancelled, then drains: each loop finishes and acknowledges the batch
+/// in hand, a `stopping` health entry is written, and the consumer leaves the group if it
+/// holds nothing pending.
+pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Result<()> {
+    let routing = config::load(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = settings.consumer_name();
+    let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
+    for input in [&settings.names.incoming, &settings.names.completed, &settings.names.failed] {
+        streams::ensure_group(&mut manager, input, &settings.names.group).await.context("creating the consumer group")?;
+    }
+    tracing::info!(consumer = %consumer, config_version = %routing.config_version, "replica started");
+    let listener = match settings.http_addr.as_str() {
+        "off" | "" => None,
+        addr => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP port {addr}"))?),
+    };
+    let ctx = Arc::new(Ctx {
+        settings,
+        consumer,
+        pool,
+        client,
+        redis: manager,
+        routing: SharedRouting::new(routing),
+        stats: Stats::default(),
+        group_joined: AtomicBool::new(true),
+    });
+
+    takeover::acquire(&ctx).await.context("taking the replica's lease")?;
+    let tracker = TaskTracker::new();
+    for input in Input::ALL {
+        tracker.spawn(consumer::run(ctx.clone(), input, token.clone()));
+    }
+    tracker.spawn(health::run(ctx.clone(), token.clone()));
+    tracker.spawn(recover::run(ctx.clone(), token.clone()));
+    tracker.spawn(config_watch::run(ctx.clone(), token.clone()));
+    tracker.spawn(scheduler::run(ctx.clone(), token.clone()));
+    tracker.spawn(takeover::run(ctx.clone(), token.clone()));
+    if let Some(l) = listener {
+        tracker.spawn(http::serve(l, ctx.clone(), token.clone()));
+    }
+    tracker.close();
+
+    token.cancelled().await;
+    tracker.wait().await;
+
+    if let Err(e) = health::report(&ctx, "stopping").await {
+        tracing::warn!(error = %e, "cannot write the stopping health entry");
+    }
+    match health::own_pending(&ctx).await {
+        Ok(0) => {
+            leave_group(&ctx).await;
+            takeover::release(&ctx).await;
+        }
+        Ok(n) => tracing::warn!(pending = n, "stopping with entries still pending; another replica will take them over"),
+        Err(e) => tracing::warn!(error = %e, "cannot count pending entries at shutdown"),
+    }
+    tracing::info!(consumer = %ctx.consumer, "replica stopped");
+    ctx.pool.close().await;
+    Ok(())
+}
+
+/// Removes this consumer from the group so consumers do not pile up across restarts.
+async fn leave_group(ctx: &Ctx) {
+    let mut redis = ctx.redis.clone();
+    for input in Input::ALL {
+        let res: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(input.stream(ctx))
+            .arg(&ctx.settings.names.group)
+            .arg(&ctx.consumer)
+            .query_async(&mut redis)
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "cannot leave the consumer group");
+        }
+    }
+}

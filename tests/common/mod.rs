@@ -1,0 +1,248 @@
+//! The test harness: real Redis and PostgreSQL started on free ports, replicas run in-process
+//! (or as processes where a test kills them), and small helpers to talk to the streams.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ge_orchestrator::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
+use ge_orchestrator::settings::RunSettings;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+/// One PostgreSQL server per test binary; each test gets its own database in it.
+static POSTGRES: OnceCell<LocalPostgres> = OnceCell::const_new();
+
+pub const ROUTING: &str = r#"version: 1
+agents:
+  dolly:  { roles: [coordinator] }
+  ada:    { roles: [developer], max_in_flight: 4 }
+  turing: { roles: [developer, reviewer] }
+  hopper: { roles: [ops], enabled: false }
+work_types:
+  implement: developer
+  code_review: reviewer
+  deploy: ops
+triggers:
+  - { pattern: "github.pull_request.*", role: reviewer }
+  - { pattern: "alert.*", agent: hopper }
+default_agent: dolly
+retry: { max_attempts: 3, backoff: { initial: 10s, factor: 2, max: 10m } }
+"#;
+
+pub struct TestEnv {
+    pub redis: LocalRedis,
+    /// Set when this test has a PostgreSQL of its own (to kill or restart it).
+    pub own_postgres: Option<LocalPostgres>,
+    pub database_url: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub pool: PgPool,
+    pub con: ConnectionManager,
+}
+
+impl TestEnv {
+    /// A fresh Redis, a fresh database and a routing file with `routing` in it.
+    pub async fn start(routing: &str) -> TestEnv {
+        let pg = POSTGRES
+            .get_or_init(|| async { LocalPostgres::start(PostgresOptions::default()).await.expect("start postgres") })
+            .await;
+        let name = format!("t_{:016x}", rand::random::<u64>());
+        let database_url = pg.create_database(&name).await.expect("create database");
+        Self::with(routing, database_url, None, RedisOptions::default()).await
+    }
+
+    /// Like `start`, with a PostgreSQL of its own and a Redis that persists (AOF, fsync
+    /// always), so the test may kill and restart both.
+    pub async fn start_isolated(routing: &str) -> TestEnv {
+        let pg = LocalPostgres::start(PostgresOptions::default()).await.expect("start postgres");
+        let database_url = pg.create_database("orchestrator").await.expect("create database");
+        Self::with(routing, database_url, Some(pg), RedisOptions { persistent: true, ..Default::default() }).await
+    }
+
+    async fn with(routing: &str, database_url: String, own_postgres: Option<LocalPostgres>, redis: RedisOptions) -> TestEnv {
+        let redis = LocalRedis::start(redis).await.expect("start redis");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("routing.yaml");
+        std::fs::write(&config, routing).expect("write routing");
+        let pool = ge_orchestrator::store::connect(&database_url, 4).await.expect("connect to the test database");
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        let con = ge_orchestrator::streams::manager(&client).await.expect("connect to redis");
+        TestEnv { redis, own_postgres, database_url, dir, config, pool, con }
+    }
+
+    /// Settings with short intervals, so tests run in seconds.
+    pub fn settings(&self, consumer: &str) -> RunSettings {
+        let mut s = RunSettings::new(self.redis.url(), self.database_url.clone(), self.config.clone());
+        s.consumer = Some(consumer.to_string());
+        s.block = Duration::from_millis(200);
+        s.scheduler_interval = Duration::from_millis(100);
+        s.health_interval = Duration::from_secs(1);
+        s.db_pool = 4;
+        s
+    }
+
+    pub fn replica(&self, consumer: &str) -> Replica {
+        Replica::spawn(self.settings(consumer))
+    }
+
+    pub fn write_routing(&self, routing: &str) {
+        std::fs::write(&self.config, routing).expect("write routing");
+    }
+
+    pub async fn submit(&self, fields: &[(&str, &str)]) -> String {
+        self.report("ge:work:incoming", fields).await
+    }
+
+    /// XADD, retried as a producer would across a Redis restart.
+    pub async fn report(&self, stream: &str, fields: &[(&str, &str)]) -> String {
+        let mut con = self.con.clone();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        let mut tries = 0;
+        loop {
+            match cmd.query_async(&mut con).await {
+                Ok(id) => return id,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("xadd {stream}: {e}"),
+            }
+        }
+    }
+
+    /// Completes the dispatch described by a trigger entry.
+    pub async fn complete(&self, trigger: &HashMap<String, String>) {
+        self.report("ge:work:completed", &[("wp_id", &trigger["wp_id"]), ("dispatch_id", &trigger["dispatch_id"])]).await;
+    }
+
+    pub async fn fail(&self, trigger: &HashMap<String, String>, retryable: bool) {
+        let r = if retryable { "true" } else { "false" };
+        self.report(
+            "ge:work:failed",
+            &[("wp_id", &trigger["wp_id"]), ("dispatch_id", &trigger["dispatch_id"]), ("error", "boom"), ("retryable", r)],
+        )
+        .await;
+    }
+
+    /// Every entry of a stream, as text maps, oldest first.
+    pub async fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
+        let mut con = self.con.clone();
+        let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.expect("xrange");
+        ge_orchestrator::streams::parse_entries(&v)
+            .into_iter()
+            .map(|e| {
+                let mut m: HashMap<String, String> = e
+                    .fields
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                    .collect();
+                m.insert("_id".into(), e.id);
+                m
+            })
+            .collect()
+    }
+
+    pub async fn triggers(&self, agent: &str) -> Vec<HashMap<String, String>> {
+        self.entries(&format!("triggers.{agent}")).await
+    }
+
+    /// All triggers of every agent of the test routing file.
+    pub async fn all_triggers(&self) -> Vec<HashMap<String, String>> {
+        let mut all = Vec::new();
+        for a in ["dolly", "ada", "turing", "hopper"] {
+            all.extend(self.triggers(a).await);
+        }
+        all
+    }
+
+    pub async fn deadletters(&self) -> Vec<HashMap<String, String>> {
+        self.entries("ge:work:deadletter").await
+    }
+
+    pub async fn status(&self, wp_id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = $1")
+            .bind(wp_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("query status")
+    }
+
+    /// Pending entries of the orchestrator group over the three input streams; `u64::MAX`
+    /// while the group does not exist yet.
+    pub async fn pending(&self) -> u64 {
+        let mut con = self.con.clone();
+        let mut n = 0;
+        for s in ["ge:work:incoming", "ge:work:completed", "ge:work:failed"] {
+            match ge_orchestrator::streams::pending_summary(&mut con, s, "orchestrator-group").await {
+                Ok(summary) => n += summary.count,
+                Err(e) if ge_orchestrator::streams::is_nogroup(&e) => return u64::MAX,
+                Err(e) => panic!("xpending: {e}"),
+            }
+        }
+        n
+    }
+}
+
+/// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A replica running in this process.
+pub struct Replica {
+    pub token: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    pub fn spawn(settings: RunSettings) -> Replica {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(ge_orchestrator::replica::run(settings, token.clone()));
+        Replica { token, handle }
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.expect("replica task").expect("replica run");
+    }
+}
+
+/// A plain HTTP GET on 127.0.0.1: (status code, body). None when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf)).await.ok()?.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Some((code, body))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,0 +1,229 @@
+//! Order: dependencies (fan-out, fan-in), lanes across two replicas, retries and the
+//! operators' retry and cancel, agent capacity.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{ROUTING, TestEnv, eventually};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn trigger_of(env: &TestEnv, wp: &str, attempt: u32) -> HashMap<String, String> {
+    let dispatch_id = format!("{wp}:{attempt}");
+    eventually(T, &format!("trigger {dispatch_id}"), || async {
+        env.all_triggers().await.into_iter().find(|t| t["dispatch_id"] == dispatch_id)
+    })
+    .await
+}
+
+async fn wait_status(env: &TestEnv, wp: &str, status: &str) {
+    eventually(T, &format!("{wp} {status}"), || async { (env.status(wp).await.as_deref() == Some(status)).then_some(()) }).await
+}
+
+async fn dispatched_ids(env: &TestEnv) -> HashSet<String> {
+    env.all_triggers().await.into_iter().map(|t| t["wp_id"].clone()).collect()
+}
+
+#[tokio::test]
+async fn fan_out_then_fan_in() {
+    let env = TestEnv::start(ROUTING).await;
+    let replica = env.replica("r1");
+    // The join arrives first: a dependency on a wp_id not seen yet waits for it.
+    env.submit(&[("wp_id", "join"), ("agent_id", "dolly"), ("depends_on", "a,b,c")]).await;
+    for x in ["a", "b", "c"] {
+        env.submit(&[("wp_id", x), ("work_type", "implement"), ("depends_on", "root")]).await;
+    }
+    env.submit(&[("wp_id", "root"), ("agent_id", "dolly")]).await;
+
+    let root = trigger_of(&env, "root", 1).await;
+    wait_status(&env, "a", "blocked").await;
+    assert_eq!(dispatched_ids(&env).await, HashSet::from(["root".to_string()]), "only the root may run");
+    env.complete(&root).await;
+
+    let mut fanned = Vec::new();
+    for x in ["a", "b", "c"] {
+        fanned.push(trigger_of(&env, x, 1).await);
+    }
+    env.complete(&fanned[0]).await;
+    env.complete(&fanned[1]).await;
+    wait_status(&env, "b", "completed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.status("join").await.as_deref(), Some("blocked"), "the join waits for every dependency");
+    let view = ge_orchestrator::status::work_packages(&env.pool, Some("join"), 1).await.unwrap();
+    assert!(view[0].why.contains("c (dispatched)"), "status says what it waits for: {}", view[0].why);
+    env.complete(&fanned[2]).await;
+    let join = trigger_of(&env, "join", 1).await;
+    assert_eq!(join["agent_id"], "dolly");
+    replica.stop().await;
+}
+
+/// Completes every trigger as soon as it appears, recording each lane's dispatch order and
+/// failing if a lane ever has two work packages out at once.
+async fn auto_agent(env: &TestEnv, expected: usize) -> HashMap<String, Vec<String>> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut order: HashMap<String, Vec<String>> = HashMap::new();
+    let start = std::time::Instant::now();
+    while seen.len() < expected {
+        assert!(start.elapsed() < Duration::from_secs(90), "only {} of {expected} dispatched", seen.len());
+        let mut fresh: Vec<HashMap<String, String>> = env.all_triggers().await.into_iter().filter(|t| !seen.contains(&t["dispatch_id"])).collect();
+        fresh.sort_by(|a, b| a["_id"].cmp(&b["_id"]));
+        let mut lanes_out: HashSet<String> = HashSet::new();
+        for t in &fresh {
+            let lane = t.get("lane").cloned().unwrap_or_default();
+            assert!(lanes_out.insert(lane.clone()), "two work packages of lane {lane} out at once: {fresh:?}");
+            seen.insert(t["dispatch_id"].clone());
+            order.entry(lane).or_default().push(t["wp_id"].clone());
+        }
+        for t in &fresh {
+            env.complete(t).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    order
+}
+
+#[tokio::test]
+async fn lanes_run_in_stream_order_with_two_replicas() {
+    let env = TestEnv::start(ROUTING).await;
+    // Small batches make the two replicas interleave within each lane.
+    let mut s1 = env.settings("r1");
+    s1.batch_size = 2;
+    let mut s2 = env.settings("r2");
+    s2.batch_size = 3;
+    let r1 = common::Replica::spawn(s1);
+    let r2 = common::Replica::spawn(s2);
+    let lanes = ["l0", "l1", "l2", "l3"];
+    let per_lane = 12;
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for i in 0..per_lane {
+        for (n, lane) in lanes.iter().enumerate() {
+            let wp = format!("{lane}-{i:02}");
+            let route = if n % 2 == 0 { ("work_type", "implement") } else { ("agent_id", "dolly") };
+            env.submit(&[("wp_id", &wp), ("lane", lane), route]).await;
+            expected.entry(lane.to_string()).or_default().push(wp);
+        }
+    }
+    let order = auto_agent(&env, lanes.len() * per_lane).await;
+    for lane in lanes {
+        assert_eq!(order[lane], expected[lane], "lane {lane} ran out of order");
+    }
+    for wp in expected.values().flatten() {
+        wait_status(&env, wp, "completed").await;
+    }
+    r1.stop().await;
+    r2.stop().await;
+}
+
+const FAST_RETRY: &str = r#"version: 1
+agents:
+  dolly: { roles: [coordinator] }
+  ada:   { roles: [developer] }
+work_types:
+  implement: developer
+default_agent: dolly
+retry: { max_attempts: 2, backoff: { initial: 300ms, factor: 2, max: 1s } }
+"#;
+
+#[tokio::test]
+async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_retries() {
+    let env = TestEnv::start(FAST_RETRY).await;
+    let replica = env.replica("r1");
+    env.submit(&[("wp_id", "x"), ("work_type", "implement"), ("lane", "L")]).await;
+    env.submit(&[("wp_id", "y"), ("work_type", "implement"), ("lane", "L")]).await;
+    env.submit(&[("wp_id", "z"), ("work_type", "implement"), ("depends_on", "x")]).await;
+
+    let x1 = trigger_of(&env, "x", 1).await;
+    env.fail(&x1, true).await;
+    wait_status(&env, "x", "retry_wait").await;
+    let wait_ms: f64 = sqlx::query_scalar("SELECT (extract(epoch FROM next_attempt_at - updated_at) * 1000)::float8 FROM work_packages WHERE wp_id = 'x'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!((250.0..=400.0).contains(&wait_ms), "first backoff is the initial 300ms, got {wait_ms}");
+
+    let x2 = trigger_of(&env, "x", 2).await;
+    assert_eq!(x2["attempt"], "2");
+    // A late report for the first attempt changes nothing.
+    env.complete(&x1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.status("x").await.as_deref(), Some("dispatched"), "a completion for an older attempt is ignored");
+
+    env.fail(&x2, true).await;
+    wait_status(&env, "x", "failed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let views = ge_orchestrator::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let why = |wp: &str| views.iter().find(|v| v.wp_id == wp).unwrap().why.clone();
+    assert!(why("y").contains("lane L predecessor x (failed)"), "{}", why("y"));
+    assert!(why("z").contains("x (failed)"), "{}", why("z"));
+    assert!(why("x").contains("failed after 2"), "{}", why("x"));
+    assert!(!dispatched_ids(&env).await.contains("y"));
+
+    assert!(ge_orchestrator::store::retry(&env.pool, "x").await.unwrap());
+    let x3 = trigger_of(&env, "x", 3).await;
+    env.complete(&x3).await;
+    trigger_of(&env, "y", 1).await;
+    trigger_of(&env, "z", 1).await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_cascades_to_dependents_and_frees_the_lane() {
+    let env = TestEnv::start(FAST_RETRY).await;
+    let replica = env.replica("r1");
+    env.submit(&[("wp_id", "p"), ("work_type", "implement"), ("lane", "M")]).await;
+    env.submit(&[("wp_id", "q"), ("work_type", "implement"), ("depends_on", "p")]).await;
+    env.submit(&[("wp_id", "q2"), ("work_type", "implement"), ("depends_on", "q")]).await;
+    env.submit(&[("wp_id", "r"), ("work_type", "implement"), ("lane", "M")]).await;
+    let p1 = trigger_of(&env, "p", 1).await;
+    env.fail(&p1, false).await;
+    wait_status(&env, "p", "failed").await;
+    assert_eq!(env.status("r").await.as_deref(), Some("blocked"), "the lane waits behind a failed work package");
+
+    let mut cancelled = ge_orchestrator::store::cancel(&env.pool, "p").await.unwrap();
+    cancelled.sort();
+    assert_eq!(cancelled, vec!["p", "q", "q2"]);
+    trigger_of(&env, "r", 1).await;
+    assert!(!dispatched_ids(&env).await.contains("q"), "cancelled dependents never run");
+    replica.stop().await;
+}
+
+const CAPPED: &str = r#"version: 1
+agents:
+  ada:    { roles: [developer], max_in_flight: 2 }
+  hopper: { roles: [ops], enabled: false }
+work_types:
+  implement: developer
+"#;
+
+#[tokio::test]
+async fn max_in_flight_is_a_hard_cap_and_disabled_agents_get_nothing() {
+    let env = TestEnv::start(CAPPED).await;
+    let r1 = env.replica("r1");
+    let r2 = env.replica("r2");
+    for i in 0..5 {
+        env.submit(&[("wp_id", &format!("w{i}")), ("work_type", "implement")]).await;
+    }
+    env.submit(&[("wp_id", "h"), ("agent_id", "hopper")]).await;
+    eventually(T, "two dispatched", || async { (env.triggers("ada").await.len() == 2).then_some(()) }).await;
+    wait_status(&env, "h", "ready").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.triggers("ada").await.len(), 2, "never more than max_in_flight out");
+    assert!(env.triggers("hopper").await.is_empty(), "a disabled agent gets nothing");
+    let views = ge_orchestrator::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let w4 = views.iter().find(|v| v.wp_id == "w4").unwrap();
+    assert_eq!(w4.status, "ready");
+    assert!(w4.why.contains("ada"), "says which agent is full: {}", w4.why);
+    let h = views.iter().find(|v| v.wp_id == "h").unwrap();
+    assert!(h.why.contains("disabled"), "says the agent is disabled: {}", h.why);
+
+    // Completing one frees exactly one slot.
+    let first = env.triggers("ada").await.remove(0);
+    env.complete(&first).await;
+    eventually(T, "third dispatched", || async { (env.triggers("ada").await.len() == 3).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.triggers("ada").await.len(), 3);
+    r1.stop().await;
+    r2.stop().await;
+}
