@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::Rng;
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::chaos_check::{self, AgentLog, Observed, Submitted};
+use crate::procs::ReplicaProcs;
 use crate::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::{store, streams};
 
@@ -44,6 +44,11 @@ pub struct ChaosArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Short sweep intervals, so the backstop also gets exercised within a run.
+const REPLICA_ARGS: [&str; 14] = [
+    "--block", "1s", "--http-addr", "off", "--scheduler-interval", "200ms", "--recover-interval", "5s",
+    "--claim-min-idle", "5s", "--republish-after", "2s", "--log-format", "json",
+];
 const AGENTS: [&str; 3] = ["w1", "w2", "w3"];
 const ROUTING: &str = "version: 1
 agents:
@@ -55,43 +60,6 @@ work_types:
 default_agent: w1
 retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 ";
-
-struct Replicas {
-    exe: PathBuf,
-    env: Vec<(String, String)>,
-    dir: PathBuf,
-    procs: Vec<(String, Child)>,
-    generation: usize,
-}
-
-impl Replicas {
-    fn spawn(&mut self, slot: usize) -> anyhow::Result<()> {
-        self.generation += 1;
-        let name = format!("chaos-{slot}-{}", self.generation);
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(["run", "--consumer", &name, "--block", "1s", "--http-addr", "off", "--scheduler-interval", "200ms"])
-            .args(["--recover-interval", "5s", "--claim-min-idle", "5s", "--republish-after", "2s", "--log-format", "json"])
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        let child = cmd.spawn().context("starting a replica")?;
-        if slot < self.procs.len() {
-            self.procs[slot] = (name, child);
-        } else {
-            self.procs.push((name, child));
-        }
-        Ok(())
-    }
-
-    fn signal(&self, slot: usize, sig: i32) -> Option<String> {
-        let (name, child) = &self.procs[slot];
-        // SAFETY: plain kill(2) on our own child.
-        child.id().map(|pid| unsafe { libc::kill(pid as i32, sig) });
-        Some(name.clone())
-    }
-}
 
 /// A fake agent: completes every trigger at once and records what it saw.
 async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
@@ -262,17 +230,12 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     let pool = store::connect(&database_url, 2).await?;
     let client = redis::Client::open(redis.url())?;
 
-    let mut replicas = Replicas {
-        exe: std::env::current_exe()?,
-        env: vec![
-            ("REDIS_URL".into(), redis.url()),
-            ("DATABASE_URL".into(), database_url.clone()),
-            ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
-        ],
-        dir: dir.clone(),
-        procs: Vec::new(),
-        generation: 0,
-    };
+    let env = vec![
+        ("REDIS_URL".into(), redis.url()),
+        ("DATABASE_URL".into(), database_url.clone()),
+        ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
+    ];
+    let mut replicas = ReplicaProcs::new(env, &REPLICA_ARGS, dir.clone(), "chaos")?;
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
@@ -302,8 +265,7 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
         let slot = rng.random_range(0..args.replicas);
         match kind.as_str() {
             "kill" => {
-                let Some(name) = replicas.signal(slot, libc::SIGKILL) else { continue };
-                let _ = replicas.procs[slot].1.wait().await;
+                let name = replicas.kill(slot).await;
                 takeovers.push(tokio::spawn(takeover_time(client.clone(), name, Instant::now())));
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 replicas.spawn(slot)?;
@@ -353,12 +315,7 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     for t in tasks {
         let _ = t.await;
     }
-    for slot in 0..replicas.procs.len() {
-        replicas.signal(slot, libc::SIGTERM);
-    }
-    for (_, c) in &mut replicas.procs {
-        let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
-    }
+    replicas.stop_all(Duration::from_secs(15)).await;
 
     let observed = observe(&pool, &client).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {

@@ -3,6 +3,10 @@
 //! ../shared/CONTRACT.md.
 
 pub mod agent;
+pub mod bench;
+pub mod bench_ceiling;
+pub mod bench_load;
+pub mod bench_report;
 pub mod chaos;
 pub mod chaos_check;
 pub mod completions;
@@ -19,6 +23,7 @@ pub mod http;
 pub mod ingest;
 pub mod localstack;
 pub mod plan;
+pub mod procs;
 pub mod recover;
 pub mod redact;
 pub mod replica;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use ge_orchestrator::settings::{Names, RunSettings};
-use ge_orchestrator::{agent, chaos, config, dev, plan, redact, replica, router, status, store, streams};
+use ge_orchestrator::{agent, bench, chaos, config, dev, plan, redact, replica, router, status, store, streams};
 
 #[derive(Parser)]
 #[command(name = "ge-orchestrator", version, about = "Routes work packages to AI agents and enforces their order")]
@@ -89,6 +89,9 @@ enum Command {
     },
     /// Inject faults into replicas under load and check that nothing is lost or doubled.
     Chaos(chaos::ChaosArgs),
+    /// Measure throughput, latency, takeover and memory of real replicas beside the Redis
+    /// ceiling.
+    Bench(bench::BenchArgs),
     /// Run the local stack: Redis and PostgreSQL (unless given), two replicas, demo agents and
     /// a sample plan, showing the work as it moves.
     Dev(dev::DevArgs),
@@ -240,6 +243,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Chaos(args) => {
             init_logging(&cli.log_format, "error");
             return chaos::run(args, shutdown_token()?).await;
+        }
+        Command::Bench(args) => {
+            init_logging(&cli.log_format, "error");
+            return bench::run(args, shutdown_token()?).await;
         }
         Command::Dev(args) => {
             init_logging(&cli.log_format, "warn");

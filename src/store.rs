@@ -49,17 +49,99 @@ fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 
 /// Persists a batch of validated entries in one transaction, in stream order. Each is
 /// inserted, recognised as a duplicate, or rejected (`conflict`, `cycle`).
+///
+/// Work packages without dependencies cannot close a cycle, so they go in one multi-row
+/// statement; those with dependencies are checked and inserted one by one, after them. A batch
+/// that names one wp_id twice keeps strict stream order instead, so the first of the two wins.
 pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
     }
-    let mut out = Vec::with_capacity(specs.len());
-    for spec in specs {
-        out.push(ingest_one(&mut tx, spec).await?);
+    let mut seen = std::collections::HashSet::with_capacity(specs.len());
+    let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
+    let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
+    if !repeats {
+        let plain: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].depends_on.is_empty()).collect();
+        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain).await?) {
+            out[*i] = Some(outcome);
+        }
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        if out[i].is_none() {
+            out[i] = Some(ingest_one(&mut tx, spec).await?);
+        }
     }
     tx.commit().await?;
-    Ok(out)
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// One INSERT for the specs at `idx` (none with dependencies), then one SELECT for those that
+/// were there already, to tell a producer's retry from a conflicting resubmission.
+async fn insert_many(tx: &mut Transaction<'_, Postgres>, specs: &[WorkPackageSpec], idx: &[usize]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+    if idx.is_empty() {
+        return Ok(Vec::new());
+    }
+    let col = |f: fn(&WorkPackageSpec) -> Option<String>| idx.iter().map(|i| f(&specs[*i])).collect::<Vec<_>>();
+    let fields: Vec<serde_json::Value> = idx.iter().map(|i| fields_json(&specs[*i].fields)).collect();
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
+                                    source_id, source_ms, source_seq, ready_at)
+         SELECT t.wp_id, CASE WHEN t.lane IS NULL THEN 'ready' ELSE 'blocked' END, t.agent, t.work_type, t.trig, t.lane,
+                t.fields, t.source_id, t.ms, t.seq, CASE WHEN t.lane IS NULL THEN now() END
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq)
+         ON CONFLICT (wp_id) DO NOTHING
+         RETURNING wp_id",
+    )
+    .bind(col(|s| Some(s.wp_id.clone())))
+    .bind(col(|s| s.agent_id.clone()))
+    .bind(col(|s| s.work_type.clone()))
+    .bind(col(|s| s.trigger.clone()))
+    .bind(col(|s| s.lane.clone()))
+    .bind(&fields)
+    .bind(col(|s| Some(s.source_id.clone())))
+    .bind(idx.iter().map(|i| specs[*i].source_ms).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| specs[*i].source_seq).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let existing_ids: Vec<&str> = idx.iter().map(|i| specs[*i].wp_id.as_str()).filter(|w| !inserted.contains(*w)).collect();
+    let existing: std::collections::HashMap<String, serde_json::Value> = if existing_ids.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_as("SELECT wp_id, fields FROM work_packages WHERE wp_id = ANY($1)").bind(&existing_ids).fetch_all(&mut **tx).await?.into_iter().collect()
+    };
+    Ok(idx
+        .iter()
+        .zip(fields)
+        .map(|(i, f)| {
+            let spec = &specs[*i];
+            if inserted.contains(&spec.wp_id) {
+                return IngestOutcome::Inserted;
+            }
+            match existing.get(&spec.wp_id) {
+                Some(old) => resubmission(spec, old, &f),
+                // Deleted in between (operators do not delete; kept for completeness).
+                None => IngestOutcome::Rejected(Rejection::new("conflict", format!("wp_id {} vanished while being inserted; resubmit it", spec.wp_id))),
+            }
+        })
+        .collect())
+}
+
+/// A wp_id seen before: the same fields are a producer's retry, others a conflict.
+fn resubmission(spec: &WorkPackageSpec, existing: &serde_json::Value, fields: &serde_json::Value) -> IngestOutcome {
+    if existing == fields {
+        return IngestOutcome::Duplicate;
+    }
+    IngestOutcome::Rejected(Rejection::new(
+        "conflict",
+        format!(
+            "wp_id {} was already submitted with different fields (differs in: {}); resubmit with a new wp_id or the original fields",
+            spec.wp_id,
+            differing_keys(existing, fields).join(", ")
+        ),
+    ))
 }
 
 async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) -> Result<IngestOutcome, sqlx::Error> {
@@ -110,17 +192,7 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
     if inserted == 0 {
         let existing: serde_json::Value =
             sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = $1").bind(&spec.wp_id).fetch_one(&mut **tx).await?;
-        if existing == fields {
-            return Ok(IngestOutcome::Duplicate);
-        }
-        return Ok(IngestOutcome::Rejected(Rejection::new(
-            "conflict",
-            format!(
-                "wp_id {} was already submitted with different fields (differs in: {}); resubmit with a new wp_id or the original fields",
-                spec.wp_id,
-                differing_keys(&existing, &fields).join(", ")
-            ),
-        )));
+        return Ok(resubmission(spec, &existing, &fields));
     }
     if !spec.depends_on.is_empty() {
         sqlx::query("INSERT INTO work_package_deps (wp_id, depends_on) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING")

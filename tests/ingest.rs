@@ -1,0 +1,65 @@
+//! `store::ingest` on its own: the multi-row path for work packages without dependencies must
+//! decide exactly as entry-by-entry ingest would — inserted, a producer's retry, a conflict —
+//! including a wp_id named twice in one batch, where the first in stream order wins.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{ROUTING, TestEnv};
+use ge_orchestrator::entry::WorkPackageSpec;
+use ge_orchestrator::store::{self, IngestOutcome};
+
+fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
+    let mut fields = BTreeMap::new();
+    fields.insert("wp_id".to_string(), wp.to_string());
+    fields.insert("payload".to_string(), payload.to_string());
+    WorkPackageSpec {
+        wp_id: wp.into(),
+        agent_id: Some("dolly".into()),
+        work_type: None,
+        trigger: None,
+        lane: None,
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        fields,
+        source_id: format!("1-{seq}"),
+        source_ms: 1,
+        source_seq: seq,
+    }
+}
+
+fn reason(o: &IngestOutcome) -> &str {
+    match o {
+        IngestOutcome::Rejected(r) => r.reason,
+        IngestOutcome::Inserted => "inserted",
+        IngestOutcome::Duplicate => "duplicate",
+    }
+}
+
+#[tokio::test]
+async fn batched_ingest_decides_like_one_by_one() {
+    let env = TestEnv::start(ROUTING).await;
+    let first = store::ingest(&env.pool, &[spec("x", 1, "p", &[]), spec("y", 2, "p", &[])]).await.unwrap();
+    assert_eq!(first.iter().map(reason).collect::<Vec<_>>(), ["inserted", "inserted"]);
+
+    // New, retry, conflict and a dependent one, all in one batch.
+    let second = store::ingest(&env.pool, &[spec("a", 3, "p", &[]), spec("x", 4, "p", &[]), spec("y", 5, "other", &[]), spec("b", 6, "p", &["a"])])
+        .await
+        .unwrap();
+    assert_eq!(second.iter().map(reason).collect::<Vec<_>>(), ["inserted", "duplicate", "conflict", "inserted"]);
+    let IngestOutcome::Rejected(r) = &second[2] else { unreachable!() };
+    assert!(r.detail.contains("payload"), "the conflict names the differing field: {}", r.detail);
+
+    // One wp_id twice in a batch: the first is inserted, the second compared with it.
+    let third = store::ingest(&env.pool, &[spec("z", 7, "one", &[]), spec("z", 8, "two", &[]), spec("w", 9, "p", &[]), spec("w", 10, "p", &[])])
+        .await
+        .unwrap();
+    assert_eq!(third.iter().map(reason).collect::<Vec<_>>(), ["inserted", "conflict", "inserted", "duplicate"]);
+    let stored: serde_json::Value = sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = 'z'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(stored["payload"], "one");
+
+    let ready: Vec<String> = sqlx::query_scalar("SELECT wp_id FROM work_packages WHERE status = 'ready' ORDER BY wp_id").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(ready, ["a", "w", "x", "y", "z"], "no lane, no dependency: ready at once");
+    let b: String = sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = 'b'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(b, "blocked");
+}
