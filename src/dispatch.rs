@@ -41,17 +41,19 @@ impl Scope {
 }
 
 /// Conditions under which a held work package `w` may go: every dependency completed and
-/// every earlier work package of its lane completed or cancelled. Used both to find
+/// every earlier work package of its lane completed or cancelled, that is, `w` is the first
+/// open one of its lane. Asked that way, the lane's head is one step down the index of open
+/// lane members (migration 0002) instead of a walk over the lane's whole history. Used both to find
 /// candidates and, again, in the claim itself. A macro so the queries stay static strings.
 macro_rules! may_run {
     () => {
         "
     NOT EXISTS (SELECT 1 FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
                 WHERE d.wp_id = w.wp_id AND p.status IS DISTINCT FROM 'completed')
-    AND (w.lane IS NULL OR NOT EXISTS (
-                SELECT 1 FROM work_packages e
-                WHERE e.lane = w.lane AND (e.source_ms, e.source_seq) < (w.source_ms, w.source_seq)
-                  AND e.status NOT IN ('completed', 'cancelled')))"
+    AND (w.lane IS NULL OR (w.source_ms, w.source_seq) <= (
+                SELECT e.source_ms, e.source_seq FROM work_packages e
+                WHERE e.lane = w.lane AND e.status NOT IN ('completed', 'cancelled')
+                ORDER BY e.source_ms, e.source_seq LIMIT 1))"
     };
 }
 
@@ -258,7 +260,10 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl)
         .await
         .context("publishing triggers")?;
-    sqlx::query("UPDATE work_packages SET published = TRUE WHERE dispatch_id = ANY($1)")
+    // By primary key: dispatch_id has no index of its own.
+    let wp_ids: Vec<&str> = ids.iter().map(|d| d.rsplit_once(':').map_or(d.as_str(), |(wp, _)| wp)).collect();
+    sqlx::query("UPDATE work_packages SET published = TRUE WHERE wp_id = ANY($1) AND dispatch_id = ANY($2)")
+        .bind(&wp_ids)
         .bind(&ids)
         .execute(&ctx.pool)
         .await
