@@ -76,15 +76,11 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK).execute(&mut *tx).await?;
 
     let mut in_flight: HashMap<String, u32> = HashMap::new();
-    for row in sqlx::query("SELECT agent_id, count(*)::int4 AS n FROM work_packages WHERE status = 'dispatched' GROUP BY agent_id")
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        let agent: Option<String> = row.try_get("agent_id")?;
+    // Kept by triggers (migration 0003); exact here because every claim holds the lock above.
+    for row in sqlx::query("SELECT agent_id, n FROM agent_in_flight WHERE n > 0").fetch_all(&mut *tx).await? {
+        let agent: String = row.try_get("agent_id")?;
         let n: i32 = row.try_get("n")?;
-        if let Some(a) = agent {
-            in_flight.insert(a, n.max(0) as u32);
-        }
+        in_flight.insert(agent, n.max(0) as u32);
     }
 
     let sql = concat!(

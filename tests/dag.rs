@@ -165,6 +165,7 @@ async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_re
     env.complete(&x3).await;
     trigger_of(&env, "y", 1).await;
     trigger_of(&env, "z", 1).await;
+    env.assert_in_flight_consistent().await;
     replica.stop().await;
 }
 
@@ -186,6 +187,10 @@ async fn cancel_cascades_to_dependents_and_frees_the_lane() {
     assert_eq!(cancelled, vec!["p", "q", "q2"]);
     trigger_of(&env, "r", 1).await;
     assert!(!dispatched_ids(&env).await.contains("q"), "cancelled dependents never run");
+    env.assert_in_flight_consistent().await;
+    // Cancelling work in flight frees its agent's slot.
+    ge_orchestrator::store::cancel(&env.pool, "r").await.unwrap();
+    env.assert_in_flight_consistent().await;
     replica.stop().await;
 }
 
@@ -224,6 +229,7 @@ async fn max_in_flight_is_a_hard_cap_and_disabled_agents_get_nothing() {
     eventually(T, "third dispatched", || async { (env.triggers("ada").await.len() == 3).then_some(()) }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.triggers("ada").await.len(), 3);
+    env.assert_in_flight_consistent().await;
     r1.stop().await;
     r2.stop().await;
 }

@@ -179,6 +179,19 @@ impl TestEnv {
 
     /// Pending entries of the orchestrator group over the three input streams; `u64::MAX`
     /// while the group does not exist yet.
+    /// The trigger-kept in-flight counters (migration 0003) against a count of the rows.
+    pub async fn assert_in_flight_consistent(&self) {
+        let kept: Vec<(String, i32)> =
+            sqlx::query_as("SELECT agent_id, n FROM agent_in_flight WHERE n <> 0 ORDER BY agent_id").fetch_all(&self.pool).await.unwrap();
+        let counted: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT agent_id, count(*)::int4 FROM work_packages WHERE status = 'dispatched' GROUP BY agent_id ORDER BY agent_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, counted, "agent_in_flight drifted from the work packages");
+    }
+
     pub async fn pending(&self) -> u64 {
         let mut con = self.con.clone();
         let mut n = 0;
