@@ -1,6 +1,7 @@
-//! The Redis ceiling: a loop that does what a replica does in Redis for each batch — read the
-//! group with the same batch size, ask XPENDING for the lane gate, publish each trigger through
-//! the same once-only script, acknowledge — with no PostgreSQL and no routing. What the
+//! The Redis ceiling: a loop that does what a replica does in Redis for each batch of the route
+//! workload — read the group with the same batch size, publish each trigger through the same
+//! once-only script, acknowledge — with no PostgreSQL and no routing. (Its entries have no
+//! lane, so a replica asks no XPENDING for the lane gate either.) What the
 //! orchestrator reaches, divided by this, is the share of Redis's speed it keeps.
 
 use std::time::Duration;
@@ -22,7 +23,6 @@ pub async fn consumer(client: redis::Client, stream: String, name: String, agent
         if entries.is_empty() {
             continue;
         }
-        streams::pending_summary(&mut manager, &stream, GROUP).await?;
         let triggers: Vec<Trigger> = entries
             .iter()
             .map(|e| {

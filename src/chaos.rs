@@ -110,6 +110,9 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 }
             }
             loop {
+                // Stamped before sending: the orchestrator may act on the completion (and the
+                // next trigger reach another agent) before this call returns.
+                let sending = Instant::now();
                 let mut pipe = redis::pipe();
                 pipe.atomic()
                     .cmd("XADD").arg("ge:work:completed").arg("*").arg("wp_id").arg(wp).arg("dispatch_id").arg(dispatch).arg("agent_id").arg(agent).ignore()
@@ -119,7 +122,7 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                     None => false,
                 };
                 if sent {
-                    log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert_with(Instant::now);
+                    log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
                 }
                 if token.is_cancelled() {

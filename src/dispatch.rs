@@ -123,11 +123,16 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     // not start while 5 is still pending in the group, not yet visible here. Asked after the
     // candidates were read and re-checked by the claim below: any earlier entry is then either
     // still pending (held here) or committed before the claim's snapshot (seen by MAY_RUN).
-    let mut redis = ctx.redis.clone();
-    let pending = streams::pending_summary(&mut redis, &ctx.settings.names.incoming, &ctx.settings.names.group)
-        .await
-        .context("reading the pending entries of the incoming stream")?;
-    let gate = pending.smallest.as_deref().and_then(parse_stream_id);
+    // Only lanes have an order to keep; a round without lane members skips the round trip.
+    let gate = if candidates.iter().any(|c| c.lane.is_some()) {
+        let mut redis = ctx.redis.clone();
+        let pending = streams::pending_summary(&mut redis, &ctx.settings.names.incoming, &ctx.settings.names.group)
+            .await
+            .context("reading the pending entries of the incoming stream")?;
+        pending.smallest.as_deref().and_then(parse_stream_id)
+    } else {
+        None
+    };
 
     let mut claims: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
     let mut waits: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
