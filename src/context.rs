@@ -68,4 +68,8 @@ pub struct Ctx {
     pub stats: Stats,
     /// Set once the consumer group exists on every input stream; drives `/readyz`.
     pub group_joined: AtomicBool,
+    /// Work packages this replica held at the lane gate. Whatever another replica was still
+    /// ingesting is usually done by this replica's next round, which looks at them again
+    /// instead of leaving them to the scheduler's sweep.
+    pub gate_held: std::sync::Mutex<Vec<String>>,
 }

@@ -57,6 +57,26 @@ macro_rules! may_run {
     };
 }
 
+/// Held work packages in `scope` that may go now, oldest first; `$1` is the limit, `$2` the
+/// wp_ids of the scope.
+macro_rules! candidates_sql {
+    ($scope:literal) => {
+        concat!(
+            "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq
+             FROM work_packages w
+             WHERE w.status IN ('blocked', 'ready', 'retry_wait')
+               AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
+               AND ",
+            $scope,
+            " AND ",
+            may_run!(),
+            "
+             ORDER BY w.source_ms, w.source_seq
+             LIMIT $1"
+        )
+    };
+}
+
 struct Candidate {
     wp_id: String,
     requested_agent: Option<String>,
@@ -68,6 +88,14 @@ struct Candidate {
 
 /// One dispatch round. Returns how many work packages were dispatched.
 pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
+    let held = std::mem::take(&mut *ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()));
+    let widened;
+    let scope = if held.is_empty() || scope.all {
+        scope
+    } else {
+        widened = Scope { wp_ids: scope.wp_ids.iter().cloned().chain(held).collect(), ..scope.clone() };
+        &widened
+    };
     if !scope.all && !scope.include_ready && scope.wp_ids.is_empty() {
         return Ok(0);
     }
@@ -83,23 +111,18 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         in_flight.insert(agent, n.max(0) as u32);
     }
 
-    let sql = concat!(
-        "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq
-         FROM work_packages w
-         WHERE w.status IN ('blocked', 'ready', 'retry_wait')
-           AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
-           AND ($1 OR w.wp_id = ANY($2) OR ($4 AND w.status = 'ready'))
-           AND ",
-        may_run!(),
-        "
-         ORDER BY w.source_ms, w.source_seq
-         LIMIT $3"
-    );
+    // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
+    // looks them up by key instead of filtering the whole backlog.
+    let sql = if scope.all {
+        candidates_sql!("cardinality($2::text[]) >= 0")
+    } else if scope.include_ready {
+        candidates_sql!("(w.wp_id = ANY($2) OR w.status = 'ready')")
+    } else {
+        candidates_sql!("w.wp_id = ANY($2)")
+    };
     let candidates: Vec<Candidate> = sqlx::query(sql)
-        .bind(scope.all)
-        .bind(&scope.wp_ids)
         .bind(ROUND_LIMIT)
-        .bind(scope.include_ready)
+        .bind(&scope.wp_ids)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -136,6 +159,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
 
     let mut claims: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
     let mut waits: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+    let mut gated = Vec::new();
     for c in &candidates {
         if let (Some(_), Some(g)) = (&c.lane, gate)
             && c.order > g
@@ -146,6 +170,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
                 g.0, g.1
             ));
             waits.2.push("blocked".into());
+            gated.push(c.wp_id.clone());
             continue;
         }
         let req = RouteRequest {
@@ -206,6 +231,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     };
     let triggers = claimed.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     tx.commit().await?;
+    // Lost if a round fails before this point; the scheduler's sweep still finds them.
+    ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(gated);
 
     let n = triggers.len();
     publish(ctx, triggers).await?;

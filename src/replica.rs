@@ -66,6 +66,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         routing: SharedRouting::new(routing),
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
+        gate_held: Default::default(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
