@@ -68,4 +68,17 @@ pub struct Ctx {
     pub stats: Stats,
     /// Set once the consumer group exists on every input stream; drives `/readyz`.
     pub group_joined: AtomicBool,
+    /// This replica's Prometheus counters and histograms.
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Ctx {
+    /// Counts dead letters written, in the health counters and in `/metrics`.
+    pub fn note_deadletters(&self, dls: &[crate::streams::DeadLetter]) {
+        Stats::add(&self.stats.deadlettered, dls.len() as u64);
+        for dl in dls {
+            let agent = dl.fields.iter().find(|(k, _)| k == b"agent_id").map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+        }
+    }
 }

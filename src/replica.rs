@@ -66,6 +66,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         routing: SharedRouting::new(routing),
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
+        metrics: crate::metrics::Metrics::new(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
