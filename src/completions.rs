@@ -63,6 +63,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
                 completed += 1;
                 freed_slot = true;
                 reported.push((wp_id.clone(), true));
+                tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package completed");
                 changed.push(wp_id);
             }
             ReportOutcome::RetryWait { delay_ms } => {

@@ -73,12 +73,22 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Counts dead letters written, in the health counters and in `/metrics`.
+    /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
     pub fn note_deadletters(&self, dls: &[crate::streams::DeadLetter]) {
         Stats::add(&self.stats.deadlettered, dls.len() as u64);
         for dl in dls {
-            let agent = dl.fields.iter().find(|(k, _)| k == b"agent_id").map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            let (agent, wp_id, dispatch_id) = (field(b"agent_id"), field(b"wp_id"), field(b"dispatch_id"));
             self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+            tracing::warn!(
+                wp_id = wp_id.as_deref().unwrap_or(""),
+                dispatch_id = dispatch_id.as_deref().unwrap_or(""),
+                reason = %dl.reason,
+                stream = %dl.stream,
+                source_id = %dl.source_id,
+                detail = %dl.detail,
+                "dead-lettering an entry"
+            );
         }
     }
 }

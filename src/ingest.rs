@@ -52,9 +52,6 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
             IngestOutcome::Rejected(rej) => deadletters.push(dead(e, rej.reason, rej.detail)),
         }
     }
-    for dl in &deadletters {
-        tracing::warn!(reason = %dl.reason, source_id = %dl.source_id, detail = %dl.detail, "dead-lettering incoming entry");
-    }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut redis = ctx.redis.clone();
