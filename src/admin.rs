@@ -138,8 +138,14 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
 
 async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<status::Filter>) -> ApiResult {
     check_limit(f.limit, 100_000)?;
-    if let Some(s) = f.status.as_deref().filter(|s| !s.is_empty() && !status::STATUSES.contains(s)) {
+    if let Some(s) = f.status.as_deref().filter(|s| !status::STATUSES.contains(s)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), status::STATUSES.join(", "))));
+    }
+    // PostgreSQL text cannot hold NUL, so no stored value has one; it would only make the
+    // query fail.
+    let filters = [&f.wp_id, &f.status, &f.lane, &f.agent, &f.prefix];
+    if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
+        return ok(Vec::<status::WpView>::new());
     }
     ok(status::list(&ctx.pool, &f).await?)
 }
