@@ -111,9 +111,13 @@ fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
 }
 
 /// Dispatches what an operator's action may have made possible now, rather than at the
-/// scheduler's next sweep.
-async fn nudge(ctx: &Ctx, wp_ids: Vec<String>) {
-    let scope = Scope { wp_ids, all: false, include_ready: true };
+/// scheduler's next sweep: `wp_ids` and whatever waits for a slot, or (None) every held
+/// work package.
+async fn nudge(ctx: &Ctx, wp_ids: Option<Vec<String>>) {
+    let scope = match wp_ids {
+        Some(wp_ids) => Scope { wp_ids, all: false, include_ready: true },
+        None => Scope::all(),
+    };
     if let Err(e) = dispatch::round(ctx, &scope).await {
         tracing::warn!(error = format!("{e:#}"), "dispatch after an operator action failed; the scheduler will retry");
     }
@@ -172,7 +176,7 @@ async fn retry(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> 
         return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is not failed or cancelled (or does not exist); nothing to retry")));
     }
     tracing::info!(wp_id = %wp_id, "retried by an operator");
-    nudge(&ctx, vec![wp_id.clone()]).await;
+    nudge(&ctx, Some(vec![wp_id.clone()])).await;
     ok(json!({ "wp_id": wp_id, "retried": true }))
 }
 
@@ -185,7 +189,7 @@ async fn cancel(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) ->
     }
     tracing::info!(wp_id = %wp_id, cascade = cancelled.len(), "cancelled by an operator");
     // A cancelled work package counts as done for its lane: its successor may go.
-    nudge(&ctx, Vec::new()).await;
+    nudge(&ctx, None).await;
     ok(json!({ "wp_id": wp_id, "cancelled": cancelled }))
 }
 
@@ -196,7 +200,7 @@ async fn skip(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> A
         return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is already completed (or does not exist); nothing to skip")));
     };
     tracing::info!(wp_id = %wp_id, "skipped by an operator");
-    nudge(&ctx, unblocked.clone()).await;
+    nudge(&ctx, Some(unblocked.clone())).await;
     ok(json!({ "wp_id": wp_id, "skipped": true, "may_unblock": unblocked }))
 }
 
@@ -272,7 +276,7 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
             format!("the routing file is invalid and was refused (see the replica's log); routing {} stays in force", routing.config_version),
         ));
     }
-    nudge(&ctx, Vec::new()).await;
+    nudge(&ctx, None).await;
     ok(json!({ "config_version": routing.config_version, "signalled": receivers }))
 }
 
