@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+# The admin API's OpenAPI document is embedded in the binary.
+COPY openapi.json ./
 COPY config ./config
 RUN cargo build --release --locked && strip target/release/ge-orchestrator
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ge-orchestrator's dev stack and tests need, when it is missing: Rust's cargo
-# (checked, not installed), redis-server and the PostgreSQL server binaries (from Debian's
-# packages). Idempotent. It never starts or enables the system services: the orchestrator
+# (checked, not installed), redis-server, the PostgreSQL server binaries, Chromium and Node.js
+# (from Debian's packages), playwright-core (npm, into tests/browser/node_modules, from the
+# committed package-lock.json) and schemathesis (PyPI). Idempotent. It never starts or enables the system services: the orchestrator
 # starts its own throwaway instances on free ports.
 set -euo pipefail
 
@@ -25,6 +26,9 @@ have_postgres() {
 missing=()
 if have_redis; then say "redis-server found"; else missing+=(redis-server); fi
 if have_postgres; then say "postgres server binaries found"; else missing+=(postgresql); fi
+# The dashboard's browser test: Debian's Chromium, driven by playwright-core under Node.js.
+if [ -x /usr/bin/chromium ]; then say "chromium found"; else missing+=(chromium); fi
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then say "node found ($(node --version))"; else missing+=(nodejs npm); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -52,4 +56,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   have_redis || { say "redis-server still missing after the install"; exit 1; }
   have_postgres || { say "postgres still missing after the install"; exit 1; }
   say "installed ${missing[*]}"
+fi
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -d "$root/tests/browser/node_modules/playwright-core" ]; then
+  say "playwright-core found"
+else
+  say "installing playwright-core into tests/browser (npm ci)"
+  (cd "$root/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# The admin API's OpenAPI test (tests/api_schema.rs).
+if command -v schemathesis >/dev/null 2>&1 || python3 -c 'import schemathesis' >/dev/null 2>&1; then
+  say "schemathesis found"
+else
+  say "installing schemathesis from PyPI"
+  python3 -m pip install --quiet 'schemathesis>=4,<5'
+  command -v schemathesis >/dev/null 2>&1 || python3 -c 'import schemathesis' >/dev/null 2>&1 || { say "schemathesis still missing after the install"; exit 1; }
 fi

@@ -16,6 +16,8 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let mut changed = Vec::new();
     let mut freed_slot = false;
     let (mut completed, mut failed) = (0u64, 0u64);
+    // (wp_id, completed?) of the reports applied, for the per-agent metrics.
+    let mut reported: Vec<(String, bool)> = Vec::new();
     let mut tx = ctx.pool.begin().await?;
     for e in entries {
         let dead = |reason: &str, detail: String| DeadLetter {
@@ -60,16 +62,20 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             ReportOutcome::Completed => {
                 completed += 1;
                 freed_slot = true;
+                reported.push((wp_id.clone(), true));
+                tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package completed");
                 changed.push(wp_id);
             }
             ReportOutcome::RetryWait { delay_ms } => {
                 failed += 1;
                 freed_slot = true;
+                reported.push((wp_id.clone(), false));
                 tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), delay_ms, "attempt failed; will retry");
             }
             ReportOutcome::Failed => {
                 failed += 1;
                 freed_slot = true;
+                reported.push((wp_id.clone(), false));
                 tracing::warn!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package failed; no attempts left");
             }
             ReportOutcome::Stale(why) => tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "{why}"),
@@ -80,6 +86,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         }
     }
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
+    let routes = routes_of(&mut tx, &reported).await?;
     tx.commit().await?;
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
@@ -88,7 +95,14 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         .await?;
     Stats::add(&ctx.stats.completed, completed);
     Stats::add(&ctx.stats.failed, failed);
-    Stats::add(&ctx.stats.deadlettered, deadletters.len() as u64);
+    for ((_, ok), (agent, kind)) in reported.iter().zip(&routes) {
+        if *ok {
+            ctx.metrics.completed(agent, kind);
+        } else {
+            ctx.metrics.failed(agent, kind);
+        }
+    }
+    ctx.note_deadletters(&deadletters);
 
     let scope = Scope { wp_ids: unblocked, all: false, include_ready: freed_slot };
     if let Err(e) = dispatch::round(ctx, &scope).await {
@@ -96,4 +110,22 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         ctx.stats.note_error();
     }
     Ok(())
+}
+
+/// (agent, route kind) of each reported work package, in the order given.
+async fn routes_of(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, reported: &[(String, bool)]) -> Result<Vec<(String, String)>, sqlx::Error> {
+    use sqlx::Row;
+    if reported.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = reported.iter().map(|(w, _)| w.clone()).collect();
+    let rows = sqlx::query("SELECT wp_id, coalesce(agent_id, '') AS agent, coalesce(route, '') AS route FROM work_packages WHERE wp_id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut by: std::collections::HashMap<String, (String, String)> = std::collections::HashMap::new();
+    for r in rows {
+        by.insert(r.try_get("wp_id")?, (r.try_get("agent")?, r.try_get("route")?));
+    }
+    Ok(ids.iter().map(|w| by.get(w).cloned().unwrap_or_default()).collect())
 }

@@ -72,4 +72,27 @@ pub struct Ctx {
     /// ingesting is usually done by this replica's next round, which looks at them again
     /// instead of leaving them to the scheduler's sweep.
     pub gate_held: std::sync::Mutex<Vec<String>>,
+    /// This replica's Prometheus counters and histograms.
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Ctx {
+    /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
+    pub fn note_deadletters(&self, dls: &[crate::streams::DeadLetter]) {
+        Stats::add(&self.stats.deadlettered, dls.len() as u64);
+        for dl in dls {
+            let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            let (agent, wp_id, dispatch_id) = (field(b"agent_id"), field(b"wp_id"), field(b"dispatch_id"));
+            self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+            tracing::warn!(
+                wp_id = wp_id.as_deref().unwrap_or(""),
+                dispatch_id = dispatch_id.as_deref().unwrap_or(""),
+                reason = %dl.reason,
+                stream = %dl.stream,
+                source_id = %dl.source_id,
+                detail = %dl.detail,
+                "dead-lettering an entry"
+            );
+        }
+    }
 }

@@ -113,7 +113,14 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
         }
     };
     let config_path = args.config.to_string_lossy().to_string();
-    let env = [("REDIS_URL", redis_url.as_str()), ("DATABASE_URL", database_url.as_str()), ("GE_ROUTING_CONFIG", config_path.as_str())];
+    // The dashboard's actions need a token; a local stack makes one up unless given one.
+    let admin_token = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| format!("dev-{:016x}", rand::random::<u64>()));
+    let env = [
+        ("REDIS_URL", redis_url.as_str()),
+        ("DATABASE_URL", database_url.as_str()),
+        ("GE_ROUTING_CONFIG", config_path.as_str()),
+        ("GE_ADMIN_TOKEN", admin_token.as_str()),
+    ];
     // Migrations first, so the replicas and this view agree on the schema from the start.
     let pool = store::connect(&database_url, 2).await?;
 
@@ -125,7 +132,7 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
         let http = format!("127.0.0.1:{port}");
         let settings = ["run", "--consumer", name.as_str(), "--block", "1s", "--log-format", "json", "--http-addr", http.as_str()];
         stack.children.push(spawn(&args.log_dir, &name, &settings, &env)?);
-        ports.push(format!("http://{http}/readyz"));
+        ports.push(format!("http://{http}/"));
     }
     for (agent, spec) in &routing.agents {
         if !spec.enabled {
@@ -136,7 +143,8 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
         stack.children.push(spawn(&args.log_dir, &name, &a, &env)?);
     }
     println!("{} replicas and {} demo agents running; logs in {}/", args.replicas, stack.children.len() - args.replicas, args.log_dir.display());
-    println!("replica readiness: {}", ports.join("  "));
+    println!("dashboards (also /metrics, /api): {}", ports.join("  "));
+    println!("admin token for the dashboard's actions: {admin_token}");
 
     let prefix = format!("run{}.", chrono::Utc::now().format("%H%M%S"));
     let plan = plan.with_prefix(&prefix);

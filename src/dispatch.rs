@@ -62,7 +62,10 @@ macro_rules! may_run {
 macro_rules! candidates_sql {
     ($scope:literal) => {
         concat!(
-            "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq
+            "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq,
+                    extract(epoch FROM ",
+            eligible_since!(),
+            ")::float8 AS eligible_since
              FROM work_packages w
              WHERE w.status IN ('blocked', 'ready', 'retry_wait')
                AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
@@ -77,6 +80,19 @@ macro_rules! candidates_sql {
     };
 }
 
+/// When a held work package `w` became free to run: the latest of its ingest, its last
+/// dependency's completion, its lane predecessor's end and its retry timer.
+macro_rules! eligible_since {
+    () => {
+        "greatest(w.created_at, w.next_attempt_at,
+            (SELECT max(p.completed_at) FROM work_package_deps d JOIN work_packages p ON p.wp_id = d.depends_on
+              WHERE d.wp_id = w.wp_id),
+            (SELECT coalesce(e.completed_at, e.cancelled_at) FROM work_packages e
+              WHERE w.lane IS NOT NULL AND e.lane = w.lane AND (e.source_ms, e.source_seq) < (w.source_ms, w.source_seq)
+              ORDER BY e.source_ms DESC, e.source_seq DESC LIMIT 1))"
+    };
+}
+
 struct Candidate {
     wp_id: String,
     requested_agent: Option<String>,
@@ -84,6 +100,8 @@ struct Candidate {
     trigger: Option<String>,
     lane: Option<String>,
     order: (i64, i64),
+    /// Unix seconds since when it may run, for the dispatch-latency histogram.
+    eligible_since: f64,
 }
 
 /// One dispatch round. Returns how many work packages were dispatched.
@@ -134,6 +152,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
                 trigger: r.try_get("trigger_subject")?,
                 lane: r.try_get("lane")?,
                 order: (r.try_get("source_ms")?, r.try_get("source_seq")?),
+                eligible_since: r.try_get("eligible_since")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()?;
@@ -234,9 +253,22 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     // Lost if a round fails before this point; the scheduler's sweep still finds them.
     ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(gated);
 
+    let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
+    let observed: Vec<(String, String, f64)> = claimed
+        .iter()
+        .filter_map(|r| {
+            let wp: String = r.try_get("wp_id").ok()?;
+            Some((r.try_get("agent_id").ok()?, r.try_get("route").ok()?, since.get(wp.as_str()).copied()?))
+        })
+        .collect();
     let n = triggers.len();
     publish(ctx, triggers).await?;
     Stats::add(&ctx.stats.routed, n as u64);
+    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    for (agent, kind, since) in observed {
+        ctx.metrics.routed(&agent, &kind);
+        ctx.metrics.dispatch_latency(&agent, &kind, now - since);
+    }
     Ok(n)
 }
 

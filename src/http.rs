@@ -1,5 +1,6 @@
 //! The replica's HTTP port: `/healthz` (the process is alive) and `/readyz` (Redis and
-//! PostgreSQL answer and the group is joined), for load balancers and Kubernetes probes.
+//! PostgreSQL answer and the group is joined), for load balancers and Kubernetes probes;
+//! `/metrics` for Prometheus; the admin API under `/api` and the dashboard at `/`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -47,14 +49,30 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Va
     )
 }
 
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(&ctx).await)
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DASHBOARD)
+}
+
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(ctx)
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(ctx.clone())
+        .merge(crate::admin::router(ctx))
 }
 
 /// Serves until shutdown. The listener is bound by the caller so a bad address fails start-up.
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, token: CancellationToken) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "serving /healthz and /readyz");
+    tracing::info!(addr = ?addr, "serving /healthz, /readyz, /metrics, /api and the dashboard");
     if let Err(e) = axum::serve(listener, router(ctx)).with_graceful_shutdown(token.cancelled_owned()).await {
         tracing::error!(error = %e, "the HTTP server stopped");
     }

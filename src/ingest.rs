@@ -1,7 +1,7 @@
 //! route_incoming: validate entries of `ge:work:incoming`, persist the work packages and
 //! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
 
-use crate::context::{Ctx, Stats};
+use crate::context::Ctx;
 use crate::dispatch::{self, Scope};
 use crate::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::router::{self, Decision, RouteRequest};
@@ -52,15 +52,12 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
             IngestOutcome::Rejected(rej) => deadletters.push(dead(e, rej.reason, rej.detail)),
         }
     }
-    for dl in &deadletters {
-        tracing::warn!(reason = %dl.reason, source_id = %dl.source_id, detail = %dl.detail, "dead-lettering incoming entry");
-    }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut redis = ctx.redis.clone();
     streams::ack_with_deadletters(&mut redis, &names.incoming, &names.group, &ids, &deadletters, &names.deadletter, ctx.settings.deadletter_maxlen)
         .await?;
-    Stats::add(&ctx.stats.deadlettered, deadletters.len() as u64);
+    ctx.note_deadletters(&deadletters);
 
     // Already durable and acknowledged: a failure here only delays dispatch until the
     // scheduler's next sweep.

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use ge_orchestrator::settings::{Names, RunSettings};
-use ge_orchestrator::{agent, bench, chaos, config, dev, plan, redact, replica, router, status, store, streams};
+use ge_orchestrator::{agent, bench, chaos, config, dev, ops, plan, progress, redact, replica, router, status, store, streams};
 
 #[derive(Parser)]
 #[command(name = "ge-orchestrator", version, about = "Routes work packages to AI agents and enforces their order")]
@@ -48,6 +48,12 @@ enum Command {
         /// Prefix for every wp_id (and dependency) of the plan, to submit it again as new work.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Show a progress bar until every work package of the plan is completed, failed or
+        /// cancelled (needs DATABASE_URL); exits 1 if any failed or was cancelled.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
         #[command(flatten)]
         names: Names,
     },
@@ -80,6 +86,38 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Mark a work package completed without running it, so its dependents and lane go on.
+    Skip {
+        wp_id: String,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// List or requeue dead letters.
+    Deadletter {
+        #[command(subcommand)]
+        action: DeadletterAction,
+    },
+    /// Agents of the routing file with their in-flight count and capacity.
+    Agents {
+        #[arg(long = "config", env = "GE_ROUTING_CONFIG", default_value = "config/dolly-routing.yaml")]
+        config: PathBuf,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replicas from their `system.health` heartbeats.
+    Replicas {
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: String,
+        /// A replica whose last heartbeat is older than this is not live.
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        names: Names,
+    },
     /// Ask every replica to re-read the routing file.
     Reload {
         #[arg(long, env = "REDIS_URL")]
@@ -95,6 +133,44 @@ enum Command {
     /// Run the local stack: Redis and PostgreSQL (unless given), two replicas, demo agents and
     /// a sample plan, showing the work as it moves.
     Dev(dev::DevArgs),
+}
+
+#[derive(Subcommand)]
+enum DeadletterAction {
+    /// Dead letters, newest first.
+    List {
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only this reason code (unknown_agent, unroutable, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        names: Names,
+    },
+    /// Send dead letters back to the stream they came from (after fixing the routing).
+    Requeue {
+        /// The dead-letter entry id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter (of --reason, if given), oldest first.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, requires = "all")]
+        reason: Option<String>,
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: String,
+        #[command(flatten)]
+        names: Names,
+    },
+}
+
+async fn redis_con(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = streams::client(url)?;
+    streams::manager(&client).await.with_context(|| format!("connecting to {}", redact::url(url)))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -184,12 +260,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
-        Command::Submit { plan: path, redis_url, prefix, names } => {
+        Command::Submit { plan: path, redis_url, prefix, wait, database_url, names } => {
             let plan = plan::Plan::load(&path)?.with_prefix(&prefix);
-            let client = streams::client(&redis_url)?;
-            let mut con = streams::manager(&client).await.with_context(|| format!("connecting to {}", redact::url(&redis_url)))?;
+            // Connect before submitting, so --wait without a database fails before any work is sent.
+            let pool = match (wait, database_url) {
+                (true, Some(url)) => Some(store::connect(&url, 2).await?),
+                (true, None) => anyhow::bail!("submit --wait needs --database-url or DATABASE_URL to follow the plan"),
+                (false, _) => None,
+            };
+            let mut con = redis_con(&redis_url).await?;
             let ids = plan::submit(&mut con, &names.incoming, &plan).await.context("submitting the plan")?;
             println!("submitted {} work packages to {} ({} .. {})", ids.len(), names.incoming, ids.first().map(String::as_str).unwrap_or("-"), ids.last().map(String::as_str).unwrap_or("-"));
+            if let Some(pool) = pool {
+                return progress::wait_for_plan(&pool, &plan.wp_ids(), shutdown_token()?).await;
+            }
         }
         Command::Agent(args) => {
             init_logging(&cli.log_format, "info");
@@ -233,6 +317,83 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             println!("cancelled {}", cancelled.join(", "));
+        }
+        Command::Skip { wp_id, database_url } => {
+            let pool = store::connect(&database_url, 2).await?;
+            match store::skip(&pool, &wp_id).await? {
+                Some(_) => println!("{wp_id} marked completed (skipped); what waited on it goes on"),
+                None => {
+                    eprintln!("{wp_id} is already completed (or does not exist); nothing to skip");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Command::Deadletter { action: DeadletterAction::List { redis_url, limit, reason, json, names } } => {
+            let mut con = redis_con(&redis_url).await?;
+            let dls = ops::deadletters(&mut con, &names.deadletter, limit, reason.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dls)?);
+            } else if dls.is_empty() {
+                println!("no dead letters");
+            } else {
+                for d in &dls {
+                    let wp = d.fields.get("wp_id").map(String::as_str).unwrap_or("-");
+                    println!("{}  {:<14} wp {:<24} from {}  {}", d.id, d.reason, wp, d.stream, d.detail);
+                }
+            }
+        }
+        Command::Deadletter { action: DeadletterAction::Requeue { id, all, reason, redis_url, names } } => {
+            let mut con = redis_con(&redis_url).await?;
+            let outcomes = match (id, all) {
+                (Some(id), false) => vec![ops::requeue(&mut con, &names, &id).await?],
+                _ => ops::requeue_all(&mut con, &names, reason.as_deref()).await?,
+            };
+            let mut failed = false;
+            for o in &outcomes {
+                match o {
+                    ops::Requeue::Requeued { id, stream, new_id } => println!("{id} requeued to {stream} as {new_id}"),
+                    ops::Requeue::NotFound { id } => {
+                        eprintln!("{id}: no such dead letter (already requeued?)");
+                        failed = true;
+                    }
+                    ops::Requeue::Empty { id } => eprintln!("{id}: has no original fields to send again; left in place"),
+                }
+            }
+            if outcomes.is_empty() {
+                println!("no dead letters to requeue");
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Agents { config: path, database_url, json } => {
+            let table = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pool = store::connect(&database_url, 2).await?;
+            let agents = ops::agents(&pool, &table).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else {
+                println!("{:<12}  {:<24}  {:<9}  IN FLIGHT", "AGENT", "ROLES", "ENABLED");
+                for a in &agents {
+                    let cap = a.max_in_flight.map(|c| c.to_string()).unwrap_or_else(|| "no cap".into());
+                    println!("{:<12}  {:<24}  {:<9}  {} / {cap}", a.agent_id, a.roles.join(","), a.enabled, a.in_flight);
+                }
+            }
+        }
+        Command::Replicas { redis_url, stale_after, json, names } => {
+            let mut con = redis_con(&redis_url).await?;
+            let reps = ops::replicas(&mut con, &names.health, stale_after, 1000).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reps)?);
+            } else if reps.is_empty() {
+                println!("no heartbeats in {}", names.health);
+            } else {
+                for r in &reps {
+                    let pending = r.heartbeat.get("pending").map(String::as_str).unwrap_or("?");
+                    let live = if r.live { "live" } else { "gone" };
+                    println!("{:<28} {live:<5} {:<9} {:>6.0} s ago  pending {pending}", r.instance, r.status, r.age_seconds);
+                }
+            }
         }
         Command::Reload { redis_url, names } => {
             let client = streams::client(&redis_url)?;

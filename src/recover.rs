@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, Input};
-use crate::context::{Ctx, Stats};
+use crate::context::Ctx;
 use crate::entry::StreamEntry;
 use crate::streams::{self, DeadLetter};
 
@@ -58,7 +58,7 @@ pub async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow:
         .collect();
     let mut redis = ctx.redis.clone();
     streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
-    Stats::add(&ctx.stats.deadlettered, dls.len() as u64);
+    ctx.note_deadletters(&dls);
     Ok(())
 }
 
@@ -95,7 +95,7 @@ pub async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEntry>) ->
         let ids: Vec<String> = poison.iter().map(|p| p.source_id.clone()).collect();
         tracing::warn!(stream = %stream, ids = ?ids, "dead-lettering poison entries");
         streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
-        Stats::add(&ctx.stats.deadlettered, poison.len() as u64);
+        ctx.note_deadletters(&poison);
     }
     Ok(live)
 }

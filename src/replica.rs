@@ -67,6 +67,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
         gate_held: Default::default(),
+        metrics: crate::metrics::Metrics::new(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;

@@ -121,9 +121,13 @@ pub struct RunSettings {
     pub deadletter_maxlen: u64,
     #[arg(long, env = "GE_HEALTH_MAXLEN", default_value_t = 10_000)]
     pub health_maxlen: u64,
-    /// Address of /healthz and /readyz; `off` for none.
+    /// Address of /healthz, /readyz, /metrics, the admin API and the dashboard; `off` for none.
     #[arg(long, env = "GE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
+    /// Bearer token that admin API calls which change something must carry. Unset: such
+    /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
+    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub admin_token: Option<String>,
     /// PostgreSQL connections of this replica.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
     pub db_pool: u32,
@@ -174,6 +178,7 @@ impl RunSettings {
             health_maxlen: 10_000,
             db_pool: 8,
             http_addr: "off".into(),
+            admin_token: None,
         }
     }
 

@@ -13,6 +13,29 @@ pub struct WpView {
     pub dispatch_id: Option<String>,
     /// Why it is not done yet, in words; empty when it is done.
     pub why: String,
+    pub work_type: Option<String>,
+    pub route: Option<String>,
+    /// The DAG edges out of this work package (what it waits for), sorted.
+    pub depends_on: Vec<String>,
+    /// The incoming entry's id: the lane order.
+    pub source_id: String,
+    /// RFC 3339, UTC.
+    pub updated_at: String,
+}
+
+/// Every status a work package can have, in the order of its life.
+pub const STATUSES: [&str; 7] = ["blocked", "ready", "dispatched", "retry_wait", "completed", "failed", "cancelled"];
+
+/// Which work packages a listing shows. Empty fields match everything.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Filter {
+    pub wp_id: Option<String>,
+    pub status: Option<String>,
+    pub lane: Option<String>,
+    pub agent: Option<String>,
+    /// wp_ids starting with this (a plan submitted with `--prefix`).
+    pub prefix: Option<String>,
+    pub limit: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +52,12 @@ pub async fn counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
 
 /// Work packages in stream order (one when `wp_id` is given, else at most `limit`).
 pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Result<Vec<WpView>, sqlx::Error> {
+    list(pool, &Filter { wp_id: wp_id.map(str::to_string), limit: Some(limit), ..Default::default() }).await
+}
+
+/// Work packages matching `f`, in stream order (the most recent `limit` of them).
+pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error> {
+    let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
     let rows = sqlx::query(
         "SELECT w.wp_id, w.status, w.agent_id, w.lane, w.attempts, w.dispatch_id, w.wait_reason, w.last_error,
                 to_char(w.next_attempt_at AT TIME ZONE 'UTC', 'HH24:MI:SS') AS next_at,
@@ -39,16 +68,30 @@ pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Re
                   WHERE w.lane IS NOT NULL AND e.lane = w.lane
                     AND (e.source_ms, e.source_seq) < (w.source_ms, w.source_seq)
                     AND e.status NOT IN ('completed', 'cancelled')
-                  ORDER BY e.source_ms DESC, e.source_seq DESC LIMIT 1) AS lane_pred
+                  ORDER BY e.source_ms DESC, e.source_seq DESC LIMIT 1) AS lane_pred,
+                coalesce((SELECT array_agg(d.depends_on ORDER BY d.depends_on) FROM work_package_deps d WHERE d.wp_id = w.wp_id),
+                         '{}') AS depends_on,
+                w.work_type, w.route, w.source_id, w.source_ms, w.source_seq,
+                to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated
          FROM work_packages w
          WHERE ($1::text IS NULL OR w.wp_id = $1)
-         ORDER BY w.source_ms, w.source_seq
+           AND ($3::text IS NULL OR w.status = $3)
+           AND ($4::text IS NULL OR w.lane = $4)
+           AND ($5::text IS NULL OR w.agent_id = $5)
+           AND ($6::text IS NULL OR starts_with(w.wp_id, $6))
+         ORDER BY w.source_ms DESC, w.source_seq DESC
          LIMIT $2",
     )
-    .bind(wp_id)
-    .bind(limit)
+    .bind(nonempty(&f.wp_id))
+    .bind(f.limit.unwrap_or(200).clamp(1, 100_000))
+    .bind(nonempty(&f.status))
+    .bind(nonempty(&f.lane))
+    .bind(nonempty(&f.agent))
+    .bind(nonempty(&f.prefix))
     .fetch_all(pool)
     .await?;
+    // Newest `limit` were fetched; show them oldest first, in lane order.
+    let rows: Vec<_> = rows.into_iter().rev().collect();
     rows.iter()
         .map(|r| {
             let status: String = r.try_get("status")?;
@@ -90,6 +133,11 @@ pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Re
                 attempts,
                 dispatch_id: r.try_get("dispatch_id")?,
                 why: why.join("; "),
+                work_type: r.try_get("work_type")?,
+                route: r.try_get("route")?,
+                depends_on: r.try_get("depends_on")?,
+                source_id: r.try_get("source_id")?,
+                updated_at: r.try_get("updated")?,
             })
         })
         .collect()

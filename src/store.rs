@@ -362,3 +362,27 @@ pub async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String])
     .fetch_all(&mut **tx)
     .await
 }
+
+/// Operator skip: the work package counts as completed without running (its result says so),
+/// so its dependents and its lane go on. Any status but `completed` may be skipped; a report
+/// that arrives later for a skipped dispatch is stale and ignored. Returns the work packages
+/// that the skip may unblock, or None when there was nothing to skip.
+pub async fn skip(pool: &PgPool, wp_id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "UPDATE work_packages SET status = 'completed', completed_at = now(), updated_at = now(),
+                result = 'skipped by an operator', wait_reason = 'skipped by an operator', next_attempt_at = NULL
+         WHERE wp_id = $1 AND status <> 'completed'",
+    )
+    .bind(wp_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Ok(None);
+    }
+    let ids = [wp_id.to_string()];
+    let unblocked = unblocked_by(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(Some(unblocked))
+}

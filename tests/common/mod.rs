@@ -259,3 +259,39 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A plain HTTP request on 127.0.0.1 with an optional bearer token and JSON body: (status
+/// code, body parsed as JSON, or Null).
+pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the replica's HTTP port");
+    let body = body.unwrap_or("");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut buf)).await.expect("response in time").expect("read response");
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let text = buf.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (code, serde_json::from_str(text).unwrap_or(serde_json::Value::Null))
+}
+
+/// Settings of a replica that serves HTTP on a free port, with `token` as its admin token.
+pub fn http_settings(env: &TestEnv, consumer: &str, token: Option<&str>) -> (RunSettings, u16) {
+    let port = free_port();
+    let mut s = env.settings(consumer);
+    s.http_addr = format!("127.0.0.1:{port}");
+    s.admin_token = token.map(str::to_string);
+    (s, port)
+}
+
+/// Waits until the replica at `port` answers /readyz with 200.
+pub async fn wait_ready(port: u16) {
+    eventually(Duration::from_secs(30), "the replica to be ready", || async {
+        http_get(port, "/readyz").await.filter(|(c, _)| *c == 200).map(|_| ())
+    })
+    .await
+}
