@@ -1,50 +1,45 @@
 -- Work in flight per agent, kept by statement triggers so that a dispatch round reads a few
--- rows instead of counting every dispatched work package (a count that grows with the fleet's
--- backlog). The triggers see every change of status or agent, whoever makes it.
+-- rows instead of counting every dispatched work package (a count that grows with the
+-- backlog). The rows are signed deltas, only ever inserted by the triggers: a completion never
+-- waits on a counter row that a dispatch round holds (row counters did, and deadlocked when one
+-- transaction completed work of two agents in the opposite order of another). The dispatch
+-- round, which runs under its own lock, folds them into one row per agent as it reads them.
 CREATE TABLE agent_in_flight (
-    agent_id  TEXT PRIMARY KEY,
+    agent_id  TEXT NOT NULL,
     n         INTEGER NOT NULL
 );
+
+CREATE INDEX agent_in_flight_agent ON agent_in_flight (agent_id);
 
 INSERT INTO agent_in_flight (agent_id, n)
 SELECT agent_id, count(*) FROM work_packages WHERE status = 'dispatched' AND agent_id IS NOT NULL GROUP BY agent_id;
 
--- Agents in a fixed order, so two transactions that both move counters lock them alike.
-CREATE FUNCTION agent_in_flight_apply(deltas jsonb) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO agent_in_flight AS a (agent_id, n)
-    SELECT key, value::int FROM jsonb_each_text(deltas) WHERE value::int <> 0 ORDER BY key
-    ON CONFLICT (agent_id) DO UPDATE SET n = a.n + excluded.n
-$$;
-
 CREATE FUNCTION agent_in_flight_on_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM agent_in_flight_apply(coalesce((
-        SELECT jsonb_object_agg(agent, d) FROM (
-            SELECT agent, sum(d) AS d FROM (
-                SELECT o.agent_id AS agent, -1 AS d FROM old_rows o JOIN new_rows n USING (wp_id)
-                 WHERE o.status = 'dispatched' AND o.agent_id IS NOT NULL
-                   AND (n.status <> 'dispatched' OR n.agent_id IS DISTINCT FROM o.agent_id)
-                UNION ALL
-                SELECT n.agent_id, 1 FROM old_rows o JOIN new_rows n USING (wp_id)
-                 WHERE n.status = 'dispatched' AND n.agent_id IS NOT NULL
-                   AND (o.status <> 'dispatched' OR n.agent_id IS DISTINCT FROM o.agent_id)) x
-            GROUP BY agent) y), '{}'));
+    INSERT INTO agent_in_flight (agent_id, n)
+    SELECT agent, sum(d) FROM (
+        SELECT o.agent_id AS agent, -1 AS d FROM old_rows o JOIN new_rows n USING (wp_id)
+         WHERE o.status = 'dispatched' AND o.agent_id IS NOT NULL
+           AND (n.status <> 'dispatched' OR n.agent_id IS DISTINCT FROM o.agent_id)
+        UNION ALL
+        SELECT n.agent_id, 1 FROM old_rows o JOIN new_rows n USING (wp_id)
+         WHERE n.status = 'dispatched' AND n.agent_id IS NOT NULL
+           AND (o.status <> 'dispatched' OR n.agent_id IS DISTINCT FROM o.agent_id)) x
+    GROUP BY agent HAVING sum(d) <> 0;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION agent_in_flight_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM agent_in_flight_apply(coalesce((
-        SELECT jsonb_object_agg(agent_id, c) FROM (
-            SELECT agent_id, count(*) AS c FROM new_rows WHERE status = 'dispatched' AND agent_id IS NOT NULL GROUP BY agent_id) y), '{}'));
+    INSERT INTO agent_in_flight (agent_id, n)
+    SELECT agent_id, count(*) FROM new_rows WHERE status = 'dispatched' AND agent_id IS NOT NULL GROUP BY agent_id;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION agent_in_flight_on_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM agent_in_flight_apply(coalesce((
-        SELECT jsonb_object_agg(agent_id, -c) FROM (
-            SELECT agent_id, count(*) AS c FROM old_rows WHERE status = 'dispatched' AND agent_id IS NOT NULL GROUP BY agent_id) y), '{}'));
+    INSERT INTO agent_in_flight (agent_id, n)
+    SELECT agent_id, -count(*) FROM old_rows WHERE status = 'dispatched' AND agent_id IS NOT NULL GROUP BY agent_id;
     RETURN NULL;
 END $$;
 

@@ -347,6 +347,16 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     };
     let (_, first) = producer.await.context("the takeover producer panicked")??;
     bench_load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
+    let pool = store::connect(&stack.database_url, 1).await?;
+    // The agents have sent every completion; lost is what PostgreSQL never records as completed.
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    while tokio::time::Instant::now() < deadline {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
+        if done >= n as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     token.cancel();
     rss.extend(rss_mb(&procs).into_iter().skip(1));
     procs.stop_all(Duration::from_secs(10)).await;
@@ -355,7 +365,6 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     }
     let held_in = wp_ids_of(&mut con, INCOMING, &pending_in).await?;
     let held_done = wp_ids_of(&mut con, "ge:work:completed", &pending_done).await?;
-    let pool = store::connect(&stack.database_url, 1).await?;
     // When the survivor acted on each held entry: the dispatch of an ingested work package,
     // the completion of a reported one. Times from PostgreSQL's clock, the same machine's.
     let processed: Option<f64> = sqlx::query_scalar(

@@ -122,8 +122,17 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK).execute(&mut *tx).await?;
 
     let mut in_flight: HashMap<String, u32> = HashMap::new();
-    // Kept by triggers (migration 0003); exact here because every claim holds the lock above.
-    for row in sqlx::query("SELECT agent_id, n FROM agent_in_flight WHERE n > 0").fetch_all(&mut *tx).await? {
+    // Deltas kept by triggers (migration 0003), folded into one row per agent as they are read;
+    // exact here because every claim holds the lock above.
+    for row in sqlx::query(
+        "WITH folded AS (DELETE FROM agent_in_flight RETURNING agent_id, n),
+              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id),
+              kept AS (INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0)
+         SELECT agent_id, n FROM sums WHERE n > 0",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    {
         let agent: String = row.try_get("agent_id")?;
         let n: i32 = row.try_get("n")?;
         in_flight.insert(agent, n.max(0) as u32);

@@ -182,7 +182,7 @@ impl TestEnv {
     /// The trigger-kept in-flight counters (migration 0003) against a count of the rows.
     pub async fn assert_in_flight_consistent(&self) {
         let kept: Vec<(String, i32)> =
-            sqlx::query_as("SELECT agent_id, n FROM agent_in_flight WHERE n <> 0 ORDER BY agent_id").fetch_all(&self.pool).await.unwrap();
+            sqlx::query_as("SELECT agent_id, sum(n)::int4 FROM agent_in_flight GROUP BY agent_id HAVING sum(n) <> 0 ORDER BY agent_id").fetch_all(&self.pool).await.unwrap();
         let counted: Vec<(String, i32)> = sqlx::query_as(
             "SELECT agent_id, count(*)::int4 FROM work_packages WHERE status = 'dispatched' GROUP BY agent_id ORDER BY agent_id",
         )
