@@ -329,9 +329,15 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl)
         .await
         .context("publishing triggers")?;
-    // By primary key: dispatch_id has no index of its own.
+    // By primary key: dispatch_id has no index of its own. SKIP LOCKED: the agent may already be
+    // reporting on the work package, and a completion that holds its row in one order while this
+    // waits for rows in another is a deadlock. A row skipped here is either completed already or
+    // published again, harmlessly (the dispatch_id key makes it a no-op), by `republish_stale`.
     let wp_ids: Vec<&str> = ids.iter().map(|d| d.rsplit_once(':').map_or(d.as_str(), |(wp, _)| wp)).collect();
-    sqlx::query("UPDATE work_packages SET published = TRUE WHERE wp_id = ANY($1) AND dispatch_id = ANY($2)")
+    sqlx::query(
+        "UPDATE work_packages SET published = TRUE WHERE wp_id IN (
+             SELECT wp_id FROM work_packages WHERE wp_id = ANY($1) AND dispatch_id = ANY($2) FOR UPDATE SKIP LOCKED)",
+    )
         .bind(&wp_ids)
         .bind(&ids)
         .execute(&ctx.pool)
