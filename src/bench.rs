@@ -379,6 +379,7 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
     pool.close().await;
 
+    let left_group_after_s = left.await.ok().flatten();
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     let last = l.completed.values().copied().max().unwrap_or(first);
     let held = held_in.len() + held_done.len();
@@ -394,7 +395,7 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
         takeover: Some(Takeover {
             pending_at_kill: held,
             processed_after_s: processed.filter(|_| held > 0).map(|t| (t - killed_us as f64).max(0.0) / 1e6),
-            left_group_after_s: left.await.ok().flatten(),
+            left_group_after_s,
         }),
         ..Default::default()
     })
