@@ -57,7 +57,7 @@ pub async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow:
         })
         .collect();
     let mut redis = ctx.redis.clone();
-    streams::ack_deleted(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
+    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
     ctx.note_deadletters(&dls);
     Ok(())
 }

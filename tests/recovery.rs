@@ -165,30 +165,3 @@ async fn an_unconfirmed_dispatch_is_published_again_but_never_twice() {
     replica.stop().await;
 }
 
-/// A replica paused with a bad entry in hand resumes after a survivor has dead-lettered and
-/// acknowledged it: its own dead-lettering of the same entry must write nothing.
-#[tokio::test]
-async fn an_entry_is_dead_lettered_once_however_often_it_is_handled() {
-    use ge_orchestrator::streams::{self, DeadLetter};
-    let env = TestEnv::start(ROUTING).await;
-    let id = env.submit(&[("wp_id", "bad"), ("agent_id", "../x")]).await;
-    assert_eq!(read_as(&env, "paused", 10).await, vec![id.clone()]);
-    let dl = DeadLetter {
-        reason: "unknown_agent".into(),
-        detail: "no agent ../x".into(),
-        stream: "ge:work:incoming".into(),
-        source_id: id.clone(),
-        fields: vec![(b"wp_id".to_vec(), b"bad".to_vec())],
-    };
-    let mut con = env.con.clone();
-    for _ in 0..2 {
-        streams::ack_with_deadletters(&mut con, "ge:work:incoming", "orchestrator-group", std::slice::from_ref(&id), std::slice::from_ref(&dl), "ge:work:deadletter", 1000)
-            .await
-            .unwrap();
-    }
-    let dls = env.deadletters().await;
-    assert_eq!(dls.len(), 1, "one dead letter, not one per handling: {dls:?}");
-    assert_eq!(dls[0]["source_id"], id);
-    let pending = streams::pending_summary(&mut con, "ge:work:incoming", "orchestrator-group").await.unwrap();
-    assert_eq!(pending.count, 0, "and the entry is acknowledged");
-}
