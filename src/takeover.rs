@@ -55,9 +55,17 @@ async fn take_over(ctx: &Ctx, input: Input, dead: &str) -> anyhow::Result<usize>
         }
         let v: Value = redis::cmd("XCLAIM").arg(&stream).arg(group).arg(&ctx.consumer).arg(0).arg(&ids).query_async(&mut redis).await?;
         let mut entries = streams::parse_entries(&v);
-        // Ids deleted from the stream come back as nothing at all: acknowledge and record them.
+        // An id that comes back as nothing was either deleted from the stream or acknowledged
+        // meanwhile (by `dead` itself, resuming from a pause). Only the first is a loss to record.
         let claimed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let deleted: Vec<String> = ids.iter().filter(|id| !claimed.contains(id.as_str())).cloned().collect();
+        let missing: Vec<String> = ids.iter().filter(|id| !claimed.contains(id.as_str())).cloned().collect();
+        let mut deleted = Vec::new();
+        for id in missing {
+            let v: Value = redis::cmd("XRANGE").arg(&stream).arg(&id).arg(&id).query_async(&mut redis).await?;
+            if streams::parse_entries(&v).is_empty() {
+                deleted.push(id);
+            }
+        }
         if !deleted.is_empty() {
             recover::ack_deleted(ctx, &stream, &deleted).await?;
         }
