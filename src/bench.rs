@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bench_load::{self, AgentLog, Wp, now_us};
 use crate::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
-use crate::procs::ReplicaProcs;
+use crate::procs::{self, ReplicaProcs};
 use crate::{bench_ceiling, store, streams};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -191,6 +191,13 @@ impl Stack {
     }
 }
 
+/// (how many, seconds, per second) of the events in `done`, timed from `first`.
+fn throughput(done: &std::collections::HashMap<String, u64>, first: u64) -> (usize, f64, f64) {
+    let last = done.values().copied().max().unwrap_or(first);
+    let seconds = last.saturating_sub(first) as f64 / 1e6;
+    (done.len(), seconds, done.len() as f64 / seconds.max(1e-6))
+}
+
 fn rss_mb(procs: &ReplicaProcs) -> Vec<f64> {
     (0..procs.len()).map(|s| procs.peak_rss(s).map(|b| b as f64 / 1_048_576.0).unwrap_or(0.0)).collect()
 }
@@ -232,10 +239,7 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
         let _ = a.await;
     }
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
-    let last = l.seen.values().copied().max().unwrap_or(first);
-    run.finished = l.seen.len();
-    run.seconds = (last.saturating_sub(first)) as f64 / 1e6;
-    run.wp_per_s = run.finished as f64 / run.seconds.max(1e-6);
+    (run.finished, run.seconds, run.wp_per_s) = throughput(&l.seen, first);
     run.ingest_to_trigger = Some(Latency::from_us(l.seen.iter().filter_map(|(wp, at)| Some(at.saturating_sub(*l.sent.get(wp)?)))));
     run.duplicates = l.duplicates();
     run.lost = n - run.finished;
@@ -262,10 +266,7 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
         let _ = a.await;
     }
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
-    let last = l.completed.values().copied().max().unwrap_or(first);
-    run.finished = l.completed.len();
-    run.seconds = last.saturating_sub(first) as f64 / 1e6;
-    run.wp_per_s = run.finished as f64 / run.seconds.max(1e-6);
+    (run.finished, run.seconds, run.wp_per_s) = throughput(&l.completed, first);
     run.completion_to_dispatch = Some(Latency::from_us(wps.iter().filter_map(|w: &Wp| {
         let seen = *l.seen.get(&w.wp_id)?;
         let ready = w.prereqs.iter().map(|p| l.completed.get(p).copied()).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
@@ -290,19 +291,10 @@ async fn wp_ids_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, id
     Ok(out)
 }
 
+/// Ids of the entries of `stream` pending at `consumer`.
 async fn pending_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, consumer: &str) -> anyhow::Result<Vec<String>> {
-    let v: redis::Value = redis::cmd("XPENDING").arg(stream).arg("orchestrator-group").arg("-").arg("+").arg(100_000).arg(consumer).query_async(con).await?;
-    let redis::Value::Array(items) = v else { return Ok(Vec::new()) };
-    Ok(items
-        .iter()
-        .filter_map(|i| match i {
-            redis::Value::Array(parts) => match parts.first() {
-                Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect())
+    let pending = streams::delivery_counts(con, stream, "orchestrator-group", "-", "+", 100_000, consumer).await?;
+    Ok(pending.into_iter().map(|(id, _)| id).collect())
 }
 
 /// kill -9 one of the replicas under steady load; time until what it held was processed.
@@ -328,23 +320,10 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     // Send the kill first: any read that lands between the pending snapshot and the kill
     // would otherwise be missed.
     procs.kill(0).await;
-    let killed_us = now_us();
+    let (killed, killed_us) = (std::time::Instant::now(), now_us());
     let pending_in = pending_of(&mut con, INCOMING, &victim).await?;
     let pending_done = pending_of(&mut con, "ge:work:completed", &victim).await?;
-    let left = {
-        let (client, victim) = (client.clone(), victim.clone());
-        tokio::spawn(async move {
-            let Ok(mut c) = client.get_multiplexed_async_connection().await else { return None };
-            for _ in 0..1200 {
-                let present = streams::group_consumers(&mut c, INCOMING, "orchestrator-group").await.map(|cs| cs.iter().any(|(n, _)| *n == victim));
-                if let Ok(false) = present {
-                    return Some(now_us().saturating_sub(killed_us) as f64 / 1e6);
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            None
-        })
-    };
+    let left = tokio::spawn(procs::left_group(client.clone(), victim.clone(), killed));
     let (_, first) = producer.await.context("the takeover producer panicked")??;
     bench_load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
     let pool = store::connect(&stack.database_url, 1).await?;
@@ -379,16 +358,16 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
     pool.close().await;
 
-    let left_group_after_s = left.await.ok().flatten();
+    let left_group_after_s = left.await.ok().flatten().map(|d| d.as_secs_f64());
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
-    let last = l.completed.values().copied().max().unwrap_or(first);
+    let (finished, seconds, wp_per_s) = throughput(&l.completed, first);
     let held = held_in.len() + held_done.len();
     Ok(Run {
         workload: "takeover".into(),
         work_packages: n,
-        finished: l.completed.len(),
-        seconds: last.saturating_sub(first) as f64 / 1e6,
-        wp_per_s: l.completed.len() as f64 / (last.saturating_sub(first) as f64 / 1e6).max(1e-6),
+        finished,
+        seconds,
+        wp_per_s,
         duplicates: l.duplicates(),
         lost: n.saturating_sub(completed.max(0) as usize),
         peak_rss_mb: rss,

@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::chaos_check::{self, AgentLog, Observed, Submitted};
-use crate::procs::ReplicaProcs;
+use crate::procs::{self, ReplicaProcs};
 use crate::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::{store, streams};
 
@@ -200,28 +200,6 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
     }
 }
 
-/// Time until a killed consumer's entries are taken over: it has left the group.
-async fn takeover_time(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
-    let deadline = killed + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-            let mut present = false;
-            let mut answered = true;
-            for s in ["ge:work:incoming", "ge:work:completed", "ge:work:failed"] {
-                match streams::group_consumers(&mut c, s, "orchestrator-group").await {
-                    Ok(cs) => present |= cs.iter().any(|(n, _)| *n == consumer),
-                    Err(_) => answered = false,
-                }
-            }
-            if answered && !present {
-                return Some(killed.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
-
 pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut redis = LocalRedis::start(RedisOptions { persistent: true, ..Default::default() }).await?;
@@ -269,7 +247,7 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
         match kind.as_str() {
             "kill" => {
                 let name = replicas.kill(slot).await;
-                takeovers.push(tokio::spawn(takeover_time(client.clone(), name, Instant::now())));
+                takeovers.push(tokio::spawn(procs::left_group(client.clone(), name, Instant::now())));
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 replicas.spawn(slot)?;
                 *faults.entry("kill -9 + restart").or_default() += 1;

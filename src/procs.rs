@@ -2,7 +2,7 @@
 //! gets its own consumer name and log file, and can be signalled, restarted and measured.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::process::{Child, Command};
@@ -102,4 +102,27 @@ impl ReplicaProcs {
             let _ = tokio::time::timeout(timeout, c.wait()).await;
         }
     }
+}
+
+/// Time from `killed` until the killed replica's consumer has left the group on every input
+/// stream, which a survivor does once it has taken over its entries; None after 60 s.
+pub async fn left_group(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
+    let deadline = killed + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let mut present = false;
+            let mut answered = true;
+            for s in ["ge:work:incoming", "ge:work:completed", "ge:work:failed"] {
+                match crate::streams::group_consumers(&mut c, s, "orchestrator-group").await {
+                    Ok(cs) => present |= cs.iter().any(|(n, _)| *n == consumer),
+                    Err(_) => answered = false,
+                }
+            }
+            if answered && !present {
+                return Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }

@@ -93,7 +93,6 @@ pub async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEntry>) ->
     }
     if !poison.is_empty() {
         let ids: Vec<String> = poison.iter().map(|p| p.source_id.clone()).collect();
-        tracing::warn!(stream = %stream, ids = ?ids, "dead-lettering poison entries");
         streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
         ctx.note_deadletters(&poison);
     }

@@ -296,8 +296,8 @@ fn xadd_fields(pipe: &mut redis::Pipeline, stream: &str, maxlen: Option<u64>, fi
 /// Writes the dead letters and acknowledges `ack_ids` in one MULTI/EXEC, so an entry is never
 /// acknowledged without its dead letter. A replica that resumes after a pause with a batch a
 /// survivor has already handled writes a second copy (same `source_id`); writing a dead
-/// letter only when its own XACK found the entry pending lost 2 of 914 in a chaos run, around a
-/// Redis restart, so a rare duplicate is the price of never losing one.
+/// letter only when its own XACK found the entry pending lost 2 of 914 in a chaos run with
+/// paused replicas, so a rare duplicate is the price of never losing one.
 pub async fn ack_with_deadletters<C: redis::aio::ConnectionLike>(
     con: &mut C,
     stream: &str,
