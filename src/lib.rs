@@ -1,40 +1,18 @@
 //! ge-orchestrator: routes work packages to AI agents over Redis Streams and enforces their
 //! order (dependencies and lanes), with all state in PostgreSQL. See README.md and
-//! ../shared/CONTRACT.md.
+//! docs/CONTRACT.md.
+//!
+//! The layers, each depending only on those above it in this list:
+//! - [`core`]: the rules, with no I/O: routing file, router, fnmatch, entry validation, statuses.
+//! - [`engine`]: one replica's state machine: PostgreSQL store, Redis streams, and the loops.
+//! - [`ops`]: the operators' surface: HTTP, admin API, metrics, dashboard, status, actions.
+//! - [`replica`]: wires the engine's loops and the operators' HTTP surface into one process.
+//! - [`tools`]: what is not the orchestrator: reference agent, plans, local stack, chaos, bench.
+//! - [`cli`]: the command line over all of them.
 
-pub mod agent;
-pub mod bench;
-pub mod bench_ceiling;
-pub mod bench_load;
-pub mod bench_report;
-pub mod chaos;
-pub mod chaos_check;
-pub mod completions;
-pub mod config;
-pub mod config_watch;
-pub mod consumer;
-pub mod context;
-pub mod dev;
-pub mod dispatch;
-pub mod entry;
-pub mod fnmatch;
-pub mod health;
-pub mod admin;
-pub mod http;
-pub mod ingest;
-pub mod localstack;
-pub mod metrics;
-pub mod plan;
-pub mod procs;
-pub mod progress;
-pub mod recover;
-pub mod redact;
-pub mod replica;
+pub mod cli;
+pub mod core;
+pub mod engine;
 pub mod ops;
-pub mod router;
-pub mod scheduler;
-pub mod settings;
-pub mod status;
-pub mod store;
-pub mod streams;
-pub mod takeover;
+pub mod replica;
+pub mod tools;

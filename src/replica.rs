@@ -8,11 +8,13 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config;
-use crate::consumer::{self, Backoff, Input};
-use crate::context::{Ctx, SharedRouting, Stats};
-use crate::settings::RunSettings;
-use crate::{config_watch, health, http, recover, redact, scheduler, store, streams, takeover};
+use crate::core::routing_file;
+use crate::engine::backoff::Backoff;
+use crate::engine::consume;
+use crate::engine::input::Input;
+use crate::engine::context::{Ctx, SharedRouting, Stats};
+use crate::engine::settings::RunSettings;
+use crate::{engine::config_watch, engine::health, ops::http, engine::recover, core::redact, engine::scheduler, engine::store, engine::streams, engine::takeover};
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
 async fn connect(settings: &RunSettings, token: &CancellationToken) -> anyhow::Result<Option<(sqlx::PgPool, redis::Client, redis::aio::ConnectionManager)>> {
@@ -46,7 +48,7 @@ async fn connect(settings: &RunSettings, token: &CancellationToken) -> anyhow::R
 /// in hand, a `stopping` health entry is written, and the consumer leaves the group if it
 /// holds nothing pending.
 pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Result<()> {
-    let routing = config::load(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let routing = routing_file::load(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
     for input in [&settings.names.incoming, &settings.names.completed, &settings.names.failed] {
@@ -67,13 +69,13 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
         gate_held: Default::default(),
-        metrics: crate::metrics::Metrics::new(),
+        metrics: crate::engine::metrics::Metrics::new(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
     let tracker = TaskTracker::new();
     for input in Input::ALL {
-        tracker.spawn(consumer::run(ctx.clone(), input, token.clone()));
+        tracker.spawn(consume::run(ctx.clone(), input, token.clone()));
     }
     tracker.spawn(health::run(ctx.clone(), token.clone()));
     tracker.spawn(recover::run(ctx.clone(), token.clone()));

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ROUTING, Replica, TestEnv, eventually, http_settings, wait_ready};
-use ge_orchestrator::plan::Plan;
+use ge_orchestrator::tools::plan::Plan;
 
 const T: Duration = Duration::from_secs(60);
 const TOKEN: &str = "browser-test-token";
@@ -46,7 +46,7 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
 
     let plan = Plan::load(&root.join("examples/plan.yaml")).expect("the sample plan").with_prefix("e2e.");
     let mut con = env.con.clone();
-    ge_orchestrator::plan::submit(&mut con, "ge:work:incoming", &plan).await.expect("submit the plan");
+    ge_orchestrator::tools::plan::submit(&mut con, "ge:work:incoming", &plan).await.expect("submit the plan");
     // Held: hopper is disabled, so `held` waits as ready and `after-held` is blocked on it.
     env.submit(&[("wp_id", "e2e.held"), ("agent_id", "hopper"), ("lane", "ops")]).await;
     env.submit(&[("wp_id", "e2e.after-held"), ("agent_id", "dolly"), ("lane", "ops")]).await;

@@ -85,7 +85,7 @@ async fn submit_wait_follows_the_plan_to_its_end() {
             let mut done = std::collections::HashSet::new();
             loop {
                 let v: redis::Value = redis::cmd("XRANGE").arg("triggers.dolly").arg("-").arg("+").query_async(&mut con).await.unwrap();
-                for e in ge_orchestrator::streams::parse_entries(&v) {
+                for e in ge_orchestrator::engine::streams::parse_entries(&v) {
                     let f: std::collections::HashMap<String, String> = e
                         .fields
                         .unwrap_or_default()

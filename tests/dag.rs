@@ -51,7 +51,7 @@ async fn fan_out_then_fan_in() {
     wait_status(&env, "b", "completed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.status("join").await.as_deref(), Some("blocked"), "the join waits for every dependency");
-    let view = ge_orchestrator::status::work_packages(&env.pool, Some("join"), 1).await.unwrap();
+    let view = ge_orchestrator::ops::status::work_packages(&env.pool, Some("join"), 1).await.unwrap();
     assert!(view[0].why.contains("c (dispatched)"), "status says what it waits for: {}", view[0].why);
     env.complete(&fanned[2]).await;
     let join = trigger_of(&env, "join", 1).await;
@@ -153,14 +153,14 @@ async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_re
     env.fail(&x2, true).await;
     wait_status(&env, "x", "failed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let views = ge_orchestrator::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let views = ge_orchestrator::ops::status::work_packages(&env.pool, None, 10).await.unwrap();
     let why = |wp: &str| views.iter().find(|v| v.wp_id == wp).unwrap().why.clone();
     assert!(why("y").contains("lane L predecessor x (failed)"), "{}", why("y"));
     assert!(why("z").contains("x (failed)"), "{}", why("z"));
     assert!(why("x").contains("failed after 2"), "{}", why("x"));
     assert!(!dispatched_ids(&env).await.contains("y"));
 
-    assert!(ge_orchestrator::store::retry(&env.pool, "x").await.unwrap());
+    assert!(ge_orchestrator::engine::store::retry(&env.pool, "x").await.unwrap());
     let x3 = trigger_of(&env, "x", 3).await;
     env.complete(&x3).await;
     trigger_of(&env, "y", 1).await;
@@ -182,14 +182,14 @@ async fn cancel_cascades_to_dependents_and_frees_the_lane() {
     wait_status(&env, "p", "failed").await;
     assert_eq!(env.status("r").await.as_deref(), Some("blocked"), "the lane waits behind a failed work package");
 
-    let mut cancelled = ge_orchestrator::store::cancel(&env.pool, "p").await.unwrap();
+    let mut cancelled = ge_orchestrator::engine::store::cancel(&env.pool, "p").await.unwrap();
     cancelled.sort();
     assert_eq!(cancelled, vec!["p", "q", "q2"]);
     trigger_of(&env, "r", 1).await;
     assert!(!dispatched_ids(&env).await.contains("q"), "cancelled dependents never run");
     env.assert_in_flight_consistent().await;
     // Cancelling work in flight frees its agent's slot.
-    ge_orchestrator::store::cancel(&env.pool, "r").await.unwrap();
+    ge_orchestrator::engine::store::cancel(&env.pool, "r").await.unwrap();
     env.assert_in_flight_consistent().await;
     replica.stop().await;
 }
@@ -216,7 +216,7 @@ async fn max_in_flight_is_a_hard_cap_and_disabled_agents_get_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.triggers("ada").await.len(), 2, "never more than max_in_flight out");
     assert!(env.triggers("hopper").await.is_empty(), "a disabled agent gets nothing");
-    let views = ge_orchestrator::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let views = ge_orchestrator::ops::status::work_packages(&env.pool, None, 10).await.unwrap();
     let w4 = views.iter().find(|v| v.wp_id == "w4").unwrap();
     assert_eq!(w4.status, "ready");
     assert!(w4.why.contains("ada"), "says which agent is full: {}", w4.why);

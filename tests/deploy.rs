@@ -18,8 +18,8 @@ fn configmap_routing_matches_the_default_file() {
         .take_while(|l| l.starts_with("    ") || l.is_empty())
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
-    let from_manifest = ge_orchestrator::config::parse(&embedded, "configmap").unwrap_or_else(|e| panic!("{e}"));
-    let from_repo = ge_orchestrator::config::load(&root().join("config/dolly-routing.yaml")).unwrap();
-    let table = |t: &ge_orchestrator::config::RoutingTable| t.describe().lines().skip(1).collect::<Vec<_>>().join("\n");
+    let from_manifest = ge_orchestrator::core::routing_file::parse(&embedded, "configmap").unwrap_or_else(|e| panic!("{e}"));
+    let from_repo = ge_orchestrator::core::routing_file::load(&root().join("config/dolly-routing.yaml")).unwrap();
+    let table = |t: &ge_orchestrator::core::routing_file::RoutingTable| t.describe().lines().skip(1).collect::<Vec<_>>().join("\n");
     assert_eq!(table(&from_manifest), table(&from_repo));
 }

@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use ge_orchestrator::fnmatch::fnmatchcase;
+use ge_orchestrator::core::fnmatch::fnmatchcase;
 
 #[test]
 fn every_fixture_row_matches_cpython() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/fnmatch_cases.tsv");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fnmatch_cases.tsv");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut rows = 0;
     let mut wrong = Vec::new();

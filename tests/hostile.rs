@@ -33,7 +33,7 @@ async fn hostile_entries_are_dead_lettered_and_traffic_flows() {
     let big = "x".repeat(10 * 1024);
     let deps: String = (0..10_000).map(|i| format!("d{i}")).collect::<Vec<_>>().join(",");
     let huge_payload = "p".repeat((1 << 20) + 1);
-    let cases: Vec<(&str, ge_orchestrator::entry::RawFields)> = vec![
+    let cases: Vec<(&str, ge_orchestrator::core::entry::RawFields)> = vec![
         ("invalid", vec![f("wp_id", "")]),
         ("invalid", vec![f("wp_id", &big)]),
         ("invalid", vec![f("wp_id", "a b")]),

@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{ROUTING, TestEnv};
-use ge_orchestrator::entry::WorkPackageSpec;
-use ge_orchestrator::store::{self, IngestOutcome};
+use ge_orchestrator::core::entry::WorkPackageSpec;
+use ge_orchestrator::engine::store::{self, IngestOutcome};
 
 fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
     let mut fields = BTreeMap::new();

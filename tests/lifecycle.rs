@@ -114,7 +114,7 @@ async fn sigterm_drains_and_leaves_nothing_pending() {
     let read_all = format!("{info:?}");
     assert!(ingested > 0 && ingested <= n, "{ingested} ingested; group {read_all}");
     let unread: i64 = {
-        let s = ge_orchestrator::streams::pending_summary(&mut con, "ge:work:incoming", "orchestrator-group").await.unwrap();
+        let s = ge_orchestrator::engine::streams::pending_summary(&mut con, "ge:work:incoming", "orchestrator-group").await.unwrap();
         s.count as i64
     };
     assert_eq!(unread, 0);

@@ -12,8 +12,8 @@ const T: Duration = Duration::from_secs(30);
 /// Reads `count` new entries of the incoming stream as consumer `name`, and never acks them.
 async fn read_as(env: &TestEnv, name: &str, count: usize) -> Vec<String> {
     let mut con = env.con.clone();
-    ge_orchestrator::streams::ensure_group(&mut con, "ge:work:incoming", "orchestrator-group").await.unwrap();
-    ge_orchestrator::streams::read_group(&mut con, "ge:work:incoming", "orchestrator-group", name, count, None, ">")
+    ge_orchestrator::engine::streams::ensure_group(&mut con, "ge:work:incoming", "orchestrator-group").await.unwrap();
+    ge_orchestrator::engine::streams::read_group(&mut con, "ge:work:incoming", "orchestrator-group", name, count, None, ">")
         .await
         .unwrap()
         .into_iter()
@@ -35,7 +35,7 @@ async fn lease(env: &TestEnv, consumer: &str, ttl_ms: u64) {
 
 async fn consumers(env: &TestEnv) -> Vec<String> {
     let mut con = env.con.clone();
-    ge_orchestrator::streams::group_consumers(&mut con, "ge:work:incoming", "orchestrator-group")
+    ge_orchestrator::engine::streams::group_consumers(&mut con, "ge:work:incoming", "orchestrator-group")
         .await
         .unwrap()
         .into_iter()
@@ -77,7 +77,7 @@ async fn a_lane_waits_for_an_earlier_entry_pending_elsewhere_until_it_is_taken_o
     eventually(T, "six ingested", || async { env.status("six").await }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(env.triggers("dolly").await.is_empty(), "six must not start while five is pending with another consumer");
-    let view = ge_orchestrator::status::work_packages(&env.pool, Some("six"), 1).await.unwrap();
+    let view = ge_orchestrator::ops::status::work_packages(&env.pool, Some("six"), 1).await.unwrap();
     assert!(view[0].why.contains("still being ingested"), "{}", view[0].why);
 
     // Once the lease lapses, five is taken over; it runs first.

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{ROUTING, eventually};
-use ge_orchestrator::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions, TlsFiles};
+use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions, TlsFiles};
 
 const T: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
@@ -58,8 +58,8 @@ async fn tls_and_auth_work_and_no_password_leaks() {
     // The test talks TLS with the same CA, through the same client constructor.
     // SAFETY: set before any thread of this test reads the environment.
     unsafe { std::env::set_var("GE_REDIS_CA_CERT", &ca) };
-    let client = ge_orchestrator::streams::client(&redis.url()).unwrap();
-    let mut con = ge_orchestrator::streams::manager(&client).await.unwrap();
+    let client = ge_orchestrator::engine::streams::client(&redis.url()).unwrap();
+    let mut con = ge_orchestrator::engine::streams::manager(&client).await.unwrap();
     let _: String = redis::cmd("XADD").arg("ge:work:incoming").arg("*").arg("wp_id").arg("s1").arg("agent_id").arg("dolly").query_async(&mut con).await.unwrap();
     eventually(T, "dispatched over TLS", || {
         let mut con = con.clone();
@@ -84,7 +84,7 @@ async fn tls_and_auth_work_and_no_password_leaks() {
     redis.kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
     redis.restart().await.unwrap();
-    let mut con = ge_orchestrator::streams::manager(&client).await.unwrap();
+    let mut con = ge_orchestrator::engine::streams::manager(&client).await.unwrap();
     eventually(T, "health entries", || {
         let mut con = con.clone();
         async move {

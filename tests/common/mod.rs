@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ge_orchestrator::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
-use ge_orchestrator::settings::RunSettings;
+use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
+use ge_orchestrator::engine::settings::RunSettings;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
@@ -68,9 +68,9 @@ impl TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("routing.yaml");
         std::fs::write(&config, routing).expect("write routing");
-        let pool = ge_orchestrator::store::connect(&database_url, 4).await.expect("connect to the test database");
+        let pool = ge_orchestrator::engine::store::connect(&database_url, 4).await.expect("connect to the test database");
         let client = redis::Client::open(redis.url()).expect("redis url");
-        let con = ge_orchestrator::streams::manager(&client).await.expect("connect to redis");
+        let con = ge_orchestrator::engine::streams::manager(&client).await.expect("connect to redis");
         TestEnv { redis, own_postgres, database_url, dir, config, pool, con }
     }
 
@@ -137,7 +137,7 @@ impl TestEnv {
     pub async fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
         let mut con = self.con.clone();
         let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.expect("xrange");
-        ge_orchestrator::streams::parse_entries(&v)
+        ge_orchestrator::engine::streams::parse_entries(&v)
             .into_iter()
             .map(|e| {
                 let mut m: HashMap<String, String> = e
@@ -196,9 +196,9 @@ impl TestEnv {
         let mut con = self.con.clone();
         let mut n = 0;
         for s in ["ge:work:incoming", "ge:work:completed", "ge:work:failed"] {
-            match ge_orchestrator::streams::pending_summary(&mut con, s, "orchestrator-group").await {
+            match ge_orchestrator::engine::streams::pending_summary(&mut con, s, "orchestrator-group").await {
                 Ok(summary) => n += summary.count,
-                Err(e) if ge_orchestrator::streams::is_nogroup(&e) => return u64::MAX,
+                Err(e) if ge_orchestrator::engine::streams::is_nogroup(&e) => return u64::MAX,
                 Err(e) => panic!("xpending: {e}"),
             }
         }

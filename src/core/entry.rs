@@ -1,0 +1,235 @@
+//! Validation of entries read from `ge:work:incoming`: raw field bytes in, a work package
+//! spec or a dead-letter reason out. Pure code, no I/O.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::core::limits::Limits;
+
+/// Field/value pairs exactly as Redis returned them: bytes, since producers may send anything.
+pub type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One stream entry. `fields` is `None` when the entry was deleted from the stream while it
+/// was still pending (Redis returns its id with no body).
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub id: String,
+    pub fields: Option<RawFields>,
+}
+
+/// Why an entry cannot become a work package: a contract reason code and a sentence a person
+/// can act on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Rejection { reason, detail: detail.into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkPackageSpec {
+    pub wp_id: String,
+    pub agent_id: Option<String>,
+    pub work_type: Option<String>,
+    pub trigger: Option<String>,
+    pub lane: Option<String>,
+    pub depends_on: Vec<String>,
+    /// Every field as received; passed through to the trigger.
+    pub fields: BTreeMap<String, String>,
+    pub source_id: String,
+    pub source_ms: i64,
+    pub source_seq: i64,
+}
+
+static WP_ID: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._:-]{1,128}$").expect("static regex"));
+
+pub fn is_valid_wp_id(s: &str) -> bool {
+    WP_ID.is_match(s)
+}
+
+/// Parses a stream id `ms-seq` into its two numbers, the order of `ge:work:incoming`.
+pub fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// A printable, bounded rendering of untrusted text for error messages.
+pub fn excerpt(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", s.len())
+    }
+}
+
+/// Turns raw fields into UTF-8 text, rejecting non-UTF-8, duplicates and oversize values.
+pub fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String, String>, Rejection> {
+    if raw.len() > limits.max_fields {
+        return Err(Rejection::new(
+            "invalid",
+            format!("entry has {} fields; at most {} are accepted", raw.len(), limits.max_fields),
+        ));
+    }
+    let mut fields = BTreeMap::new();
+    for (i, (k, v)) in raw.iter().enumerate() {
+        let key = std::str::from_utf8(k).map_err(|_| {
+            Rejection::new("invalid", format!("field name #{} is not valid UTF-8; field names and values must be UTF-8 text", i + 1))
+        })?;
+        let value = std::str::from_utf8(v).map_err(|_| {
+            Rejection::new("invalid", format!("field {} is not valid UTF-8; send text (base64-encode binary payloads)", excerpt(key)))
+        })?;
+        let cap = if key == "payload" { limits.max_payload_bytes } else { limits.max_field_bytes };
+        if value.len() > cap {
+            return Err(Rejection::new(
+                "invalid",
+                format!("field {} is {} bytes; the limit is {cap} bytes", excerpt(key), value.len()),
+            ));
+        }
+        if key.is_empty() || key.len() > 256 {
+            return Err(Rejection::new("invalid", format!("field name {} must be 1 to 256 bytes", excerpt(key))));
+        }
+        if fields.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(Rejection::new("invalid", format!("field {} appears twice in the entry", excerpt(key))));
+        }
+    }
+    Ok(fields)
+}
+
+fn non_empty(fields: &BTreeMap<String, String>, key: &str) -> Option<String> {
+    fields.get(key).filter(|v| !v.is_empty()).cloned()
+}
+
+/// Validates one `ge:work:incoming` entry. Routing is decided elsewhere; this only checks
+/// that the entry is well-formed.
+pub fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
+    let raw = entry
+        .fields
+        .as_ref()
+        .ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
+    let (source_ms, source_seq) = parse_stream_id(&entry.id)
+        .ok_or_else(|| Rejection::new("invalid", format!("stream id {} is not of the form ms-seq", excerpt(&entry.id))))?;
+    let fields = decode_fields(raw, limits)?;
+
+    let wp_id = match fields.get("wp_id") {
+        Some(id) if is_valid_wp_id(id) => id.clone(),
+        Some(id) => {
+            return Err(Rejection::new(
+                "invalid",
+                format!("wp_id {} must match [A-Za-z0-9._:-]{{1,128}}", excerpt(id)),
+            ));
+        }
+        // Derived from the entry id so that a redelivery of the same entry maps to the same
+        // work package rather than a second one.
+        None => format!("auto-{}", entry.id),
+    };
+
+    let lane = non_empty(&fields, "lane");
+    if let Some(l) = &lane
+        && l.len() > 128
+    {
+        return Err(Rejection::new("invalid", format!("lane {} is longer than 128 bytes", excerpt(l))));
+    }
+
+    let mut depends_on: Vec<String> = Vec::new();
+    if let Some(deps) = fields.get("depends_on") {
+        let parts: Vec<&str> = deps.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+        if parts.len() > limits.max_depends_on {
+            return Err(Rejection::new(
+                "invalid",
+                format!("depends_on lists {} work packages; at most {} are accepted", parts.len(), limits.max_depends_on),
+            ));
+        }
+        for d in parts {
+            if !is_valid_wp_id(d) {
+                return Err(Rejection::new(
+                    "invalid",
+                    format!("depends_on entry {} is not a valid wp_id ([A-Za-z0-9._:-]{{1,128}})", excerpt(d)),
+                ));
+            }
+            if d == wp_id {
+                return Err(Rejection::new("cycle", format!("work package {wp_id} depends on itself")));
+            }
+            if !depends_on.iter().any(|x| x == d) {
+                depends_on.push(d.to_string());
+            }
+        }
+    }
+
+    Ok(WorkPackageSpec {
+        wp_id,
+        agent_id: non_empty(&fields, "agent_id"),
+        work_type: non_empty(&fields, "work_type"),
+        trigger: non_empty(&fields, "trigger"),
+        lane,
+        depends_on,
+        fields,
+        source_id: entry.id.clone(),
+        source_ms,
+        source_seq,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pairs: &[(&str, &str)]) -> StreamEntry {
+        StreamEntry {
+            id: "1700000000000-3".into(),
+            fields: Some(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()),
+        }
+    }
+
+    #[test]
+    fn assigns_a_stable_wp_id_when_missing() {
+        let spec = parse_incoming(&entry(&[("work_type", "implement")]), &Limits::default()).unwrap();
+        assert_eq!(spec.wp_id, "auto-1700000000000-3");
+        assert_eq!((spec.source_ms, spec.source_seq), (1700000000000, 3));
+    }
+
+    #[test]
+    fn parses_depends_on_trimming_and_deduplicating() {
+        let spec = parse_incoming(&entry(&[("wp_id", "c"), ("depends_on", " a, b,,a ")]), &Limits::default()).unwrap();
+        assert_eq!(spec.depends_on, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_reasons() {
+        let l = Limits::default();
+        let bad_id = parse_incoming(&entry(&[("wp_id", "../x")]), &l).unwrap_err();
+        assert_eq!(bad_id.reason, "invalid");
+        assert!(bad_id.detail.contains("wp_id"), "{}", bad_id.detail);
+        let own = parse_incoming(&entry(&[("wp_id", "a"), ("depends_on", "a")]), &l).unwrap_err();
+        assert_eq!(own.reason, "cycle");
+        let many = (0..1001).map(|i| format!("d{i}")).collect::<Vec<_>>().join(",");
+        let too_many = parse_incoming(&entry(&[("wp_id", "a"), ("depends_on", &many)]), &l).unwrap_err();
+        assert!(too_many.detail.contains("1001"), "{}", too_many.detail);
+        let big = "x".repeat(l.max_payload_bytes + 1);
+        assert_eq!(parse_incoming(&entry(&[("payload", &big)]), &l).unwrap_err().reason, "invalid");
+        let binary = StreamEntry { id: "1-0".into(), fields: Some(vec![(b"payload".to_vec(), vec![0xff, 0xfe])]) };
+        let e = parse_incoming(&binary, &l).unwrap_err();
+        assert!(e.detail.contains("UTF-8"), "{}", e.detail);
+        let dup = StreamEntry {
+            id: "1-0".into(),
+            fields: Some(vec![(b"a".to_vec(), b"1".to_vec()), (b"a".to_vec(), b"2".to_vec())]),
+        };
+        assert!(parse_incoming(&dup, &l).unwrap_err().detail.contains("twice"));
+        let deleted = StreamEntry { id: "1-0".into(), fields: None };
+        assert_eq!(parse_incoming(&deleted, &l).unwrap_err().reason, "deleted");
+    }
+
+    #[test]
+    fn excerpt_bounds_hostile_strings() {
+        let long = "y".repeat(10_000);
+        assert!(excerpt(&long).len() < 100);
+    }
+}

@@ -1,0 +1,11 @@
+//! The rules of the orchestrator, with no I/O and no async runtime: the routing file, the
+//! router, CPython-compatible fnmatch, validation of stream entries, the statuses of a work
+//! package. Everything here is unit-tested on its own.
+
+pub mod entry;
+pub mod fnmatch;
+pub mod limits;
+pub mod redact;
+pub mod router;
+pub mod routing_file;
+pub mod status;

@@ -1,0 +1,288 @@
+//! The routing decision, pure: (entry fields, routing table, in-flight counts) → where it
+//! goes and why. No I/O; everything it needs is passed in.
+
+use crate::core::routing_file::{RoutingTable, TriggerTarget};
+use crate::core::entry::excerpt;
+
+pub struct RouteRequest<'a> {
+    pub agent_id: Option<&'a str>,
+    pub work_type: Option<&'a str>,
+    pub trigger: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Explicit,
+    WorkType,
+    Trigger,
+    Default,
+}
+
+impl RouteKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteKind::Explicit => "explicit",
+            RouteKind::WorkType => "work_type",
+            RouteKind::Trigger => "trigger",
+            RouteKind::Default => "default",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [RouteKind::Explicit, RouteKind::WorkType, RouteKind::Trigger, RouteKind::Default].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    UnknownAgent,
+    Unroutable,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DeadLetterReason::UnknownAgent => "unknown_agent",
+            DeadLetterReason::Unroutable => "unroutable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Dispatch { agent: String, kind: RouteKind, reason: String },
+    /// Routable, but every candidate is full or disabled: wait as `ready`.
+    Wait { kind: RouteKind, candidates: Vec<String>, reason: String },
+    DeadLetter { reason: DeadLetterReason, detail: String },
+}
+
+fn load_of(table: &RoutingTable, agent: &str, in_flight: &impl Fn(&str) -> u32) -> String {
+    let cap = table.agents.get(agent).and_then(|a| a.max_in_flight).map(|c| c.to_string()).unwrap_or_else(|| "∞".into());
+    format!("{agent} {}/{cap}", in_flight(agent))
+}
+
+/// One named agent: dispatch unless it is disabled or at its cap.
+fn to_agent(table: &RoutingTable, agent: &str, kind: RouteKind, why: String, in_flight: &impl Fn(&str) -> u32) -> Decision {
+    let Some(spec) = table.agents.get(agent) else {
+        // Config validation guarantees trigger and default targets exist; only an explicit
+        // agent_id can get here, and route() checks that first.
+        return Decision::DeadLetter { reason: DeadLetterReason::UnknownAgent, detail: format!("agent {} is not in the registry", excerpt(agent)) };
+    };
+    let load = load_of(table, agent, in_flight);
+    if !spec.enabled {
+        return Decision::Wait { kind, candidates: vec![agent.to_string()], reason: format!("{why}: agent {agent} is disabled") };
+    }
+    if spec.max_in_flight.is_some_and(|cap| in_flight(agent) >= cap) {
+        return Decision::Wait { kind, candidates: vec![agent.to_string()], reason: format!("{why}: agent {agent} is full ({load})") };
+    }
+    Decision::Dispatch { agent: agent.to_string(), kind, reason: format!("{why} -> {agent} ({load})") }
+}
+
+/// The enabled agent of `role` with the fewest in flight below its cap; ties by name.
+fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, in_flight: &impl Fn(&str) -> u32) -> Decision {
+    let all: Vec<(&str, &crate::core::routing_file::AgentSpec)> = table.agents_with_role(role).collect();
+    let loads = all.iter().map(|(n, _)| load_of(table, n, in_flight)).collect::<Vec<_>>().join(", ");
+    let best = all
+        .iter()
+        .filter(|(_, a)| a.enabled)
+        .filter(|(n, a)| a.max_in_flight.is_none_or(|cap| in_flight(n) < cap))
+        .min_by_key(|(n, _)| (in_flight(n), *n));
+    match best {
+        Some((agent, _)) => Decision::Dispatch {
+            agent: agent.to_string(),
+            kind,
+            reason: format!("{why} -> role {role} -> {agent} (candidates: {loads})"),
+        },
+        None => {
+            let disabled: Vec<&str> = all.iter().filter(|(_, a)| !a.enabled).map(|(n, _)| *n).collect();
+            let state = if disabled.len() == all.len() { format!("disabled: {}", disabled.join(", ")) } else { format!("full or disabled: {loads}") };
+            Decision::Wait {
+                kind,
+                candidates: all.iter().map(|(n, _)| n.to_string()).collect(),
+                reason: format!("{why} -> role {role}: every agent is {state}"),
+            }
+        }
+    }
+}
+
+pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl Fn(&str) -> u32) -> Decision {
+    let nonempty = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
+    let (agent_id, work_type, trigger) = (nonempty(req.agent_id), nonempty(req.work_type), nonempty(req.trigger));
+
+    if let Some(agent) = &agent_id {
+        if !table.agents.contains_key(agent) {
+            let known = table.agents.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+            return Decision::DeadLetter {
+                reason: DeadLetterReason::UnknownAgent,
+                detail: format!("agent_id {} is not in the routing registry (known agents: {known}); fix the agent_id or add the agent to the routing file", excerpt(agent)),
+            };
+        }
+        return to_agent(table, agent, RouteKind::Explicit, format!("agent_id {agent}"), in_flight);
+    }
+
+    if let Some(wt) = &work_type
+        && let Some(role) = table.work_types.get(wt)
+    {
+        return to_role(table, role, RouteKind::WorkType, format!("work_type {wt:?}"), in_flight);
+    }
+
+    if let Some(subject) = trigger.as_ref().or(work_type.as_ref())
+        && let Some(rule) = table.triggers.iter().find(|t| t.pattern.is_match(subject)) {
+            let why = format!("{} {} matches pattern {:?}", if trigger.is_some() { "trigger" } else { "work_type" }, excerpt(subject), rule.pattern.as_str());
+            return match &rule.target {
+                TriggerTarget::Role(role) => to_role(table, role, RouteKind::Trigger, why, in_flight),
+                TriggerTarget::Agent(agent) => to_agent(table, agent, RouteKind::Trigger, why, in_flight),
+            };
+        }
+
+    if let Some(default) = &table.default_agent {
+        return to_agent(table, default, RouteKind::Default, "no other route applies: default_agent".into(), in_flight);
+    }
+
+    let given: Vec<String> = [("work_type", &work_type), ("trigger", &trigger)]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", excerpt(v))))
+        .collect();
+    Decision::DeadLetter {
+        reason: DeadLetterReason::Unroutable,
+        detail: format!(
+            "no route for {}: no agent_id, no work_types mapping, no trigger pattern matched, and no default_agent; add a mapping, a pattern or a default_agent to the routing file (or send agent_id)",
+            if given.is_empty() { "an entry with none of agent_id, work_type, trigger".to_string() } else { given.join(", ") }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::routing_file::parse;
+    use std::collections::HashMap;
+
+    const TABLE: &str = r#"version: 1
+agents:
+  dolly:  { roles: [coordinator] }
+  ada:    { roles: [developer], max_in_flight: 2 }
+  turing: { roles: [developer, reviewer] }
+  hopper: { roles: [ops], enabled: false }
+work_types:
+  implement: developer
+  code_review: reviewer
+  deploy: ops
+triggers:
+  - { pattern: "github.pull_request.*", role: reviewer }
+  - { pattern: "alert.*", agent: hopper }
+  - { pattern: "impl*", agent: dolly }
+default_agent: dolly
+"#;
+
+    fn table() -> RoutingTable {
+        parse(TABLE, "t.yaml").unwrap()
+    }
+
+    fn go(agent_id: Option<&str>, work_type: Option<&str>, trigger: Option<&str>, loads: &[(&str, u32)]) -> Decision {
+        let loads: HashMap<String, u32> = loads.iter().map(|(a, n)| (a.to_string(), *n)).collect();
+        route(&RouteRequest { agent_id, work_type, trigger }, &table(), &|a| loads.get(a).copied().unwrap_or(0))
+    }
+
+    fn dispatched(d: &Decision) -> (&str, RouteKind) {
+        match d {
+            Decision::Dispatch { agent, kind, .. } => (agent.as_str(), *kind),
+            other => panic!("expected a dispatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn explicit_agent_wins_over_everything() {
+        let d = go(Some("dolly"), Some("implement"), Some("alert.x"), &[]);
+        assert_eq!(dispatched(&d), ("dolly", RouteKind::Explicit));
+    }
+
+    #[test]
+    fn unknown_explicit_agent_is_dead_lettered_not_rerouted() {
+        match go(Some("../x"), Some("implement"), None, &[]) {
+            Decision::DeadLetter { reason, detail } => {
+                assert_eq!(reason, DeadLetterReason::UnknownAgent);
+                assert!(detail.contains("\"../x\"") && detail.contains("ada"), "{detail}");
+            }
+            d => panic!("{d:?}"),
+        }
+        let huge = "z".repeat(10_000);
+        match go(Some(&huge), None, None, &[]) {
+            Decision::DeadLetter { detail, .. } => assert!(detail.len() < 400, "hostile names are cut in messages"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_agent_id_is_absent() {
+        assert_eq!(dispatched(&go(Some(""), Some("code_review"), None, &[])), ("turing", RouteKind::WorkType));
+    }
+
+    #[test]
+    fn work_type_beats_trigger_and_picks_least_loaded_with_ties_by_name() {
+        assert_eq!(dispatched(&go(None, Some("implement"), Some("alert.x"), &[])), ("ada", RouteKind::WorkType));
+        assert_eq!(dispatched(&go(None, Some("implement"), None, &[("ada", 1)])), ("turing", RouteKind::WorkType));
+        assert_eq!(dispatched(&go(None, Some("implement"), None, &[("ada", 1), ("turing", 1)])), ("ada", RouteKind::WorkType));
+    }
+
+    #[test]
+    fn a_full_agent_is_skipped_and_all_full_waits() {
+        assert_eq!(dispatched(&go(None, Some("implement"), None, &[("ada", 2), ("turing", 5)])), ("turing", RouteKind::WorkType));
+        match go(Some("ada"), None, None, &[("ada", 2)]) {
+            Decision::Wait { kind, candidates, reason } => {
+                assert_eq!(kind, RouteKind::Explicit);
+                assert_eq!(candidates, vec!["ada"]);
+                assert!(reason.contains("full") && reason.contains("2/2"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn disabled_agents_wait() {
+        match go(None, Some("deploy"), None, &[]) {
+            Decision::Wait { kind, reason, .. } => {
+                assert_eq!(kind, RouteKind::WorkType);
+                assert!(reason.contains("disabled"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        assert!(matches!(go(Some("hopper"), None, None, &[]), Decision::Wait { .. }));
+    }
+
+    #[test]
+    fn triggers_first_match_role_or_agent() {
+        assert_eq!(dispatched(&go(None, None, Some("github.pull_request.opened"), &[])), ("turing", RouteKind::Trigger));
+        match go(None, None, Some("alert.disk"), &[]) {
+            Decision::Wait { kind, .. } => assert_eq!(kind, RouteKind::Trigger),
+            d => panic!("alert.* goes to disabled hopper: {d:?}"),
+        }
+    }
+
+    #[test]
+    fn unmapped_work_type_is_the_trigger_subject() {
+        assert_eq!(dispatched(&go(None, Some("implementation"), None, &[])), ("dolly", RouteKind::Trigger));
+        // With a trigger given, the trigger is the subject, not the work_type.
+        assert_eq!(dispatched(&go(None, Some("implementation"), Some("nothing"), &[])), ("dolly", RouteKind::Default));
+    }
+
+    #[test]
+    fn default_then_unroutable() {
+        assert_eq!(dispatched(&go(None, None, Some("nothing.matches"), &[])), ("dolly", RouteKind::Default));
+        assert_eq!(dispatched(&go(None, None, None, &[])), ("dolly", RouteKind::Default));
+        let no_default = parse("version: 1\nagents:\n  ada: { roles: [dev] }\n", "t.yaml").unwrap();
+        match route(&RouteRequest { agent_id: None, work_type: Some("x"), trigger: None }, &no_default, &|_| 0) {
+            Decision::DeadLetter { reason, detail } => {
+                assert_eq!(reason, DeadLetterReason::Unroutable);
+                assert!(detail.contains("work_type=\"x\"") && detail.contains("default_agent"), "{detail}");
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn route_kinds_round_trip() {
+        for k in [RouteKind::Explicit, RouteKind::WorkType, RouteKind::Trigger, RouteKind::Default] {
+            assert_eq!(RouteKind::parse(k.as_str()), Some(k));
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The routing file (`config/dolly-routing.yaml`), parsed strictly: unknown keys, duplicate
+//! keys, wrong types, undefined roles or agents and bad patterns are each an error naming the
+//! file, line and column. The result is a resolved, immutable `RoutingTable`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::core::fnmatch::Pattern;
+
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    pub version: u32,
+    pub agents: BTreeMap<String, AgentSpec>,
+    /// work_type -> role
+    pub work_types: BTreeMap<String, String>,
+    pub triggers: Vec<TriggerRule>,
+    pub default_agent: Option<String>,
+    pub retry: RetryPolicy,
+    /// FNV-1a 64 of the file's bytes, in hex: the same file gives the same version anywhere.
+    pub config_version: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub roles: Vec<String>,
+    /// None: unlimited.
+    pub max_in_flight: Option<u32>,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TriggerRule {
+    pub pattern: Pattern,
+    pub target: TriggerTarget,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TriggerTarget {
+    Role(String),
+    Agent(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial: Duration,
+    pub factor: f64,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 3, initial: Duration::from_secs(10), factor: 2.0, max: Duration::from_secs(600) }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `n` (1-based): initial · factor^(n-1), capped at max.
+    pub fn delay_after(&self, failed_attempt: u32) -> Duration {
+        let exp = failed_attempt.max(1) - 1;
+        let secs = self.initial.as_secs_f64() * self.factor.powi(exp.min(1000) as i32);
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() { self.max } else { Duration::from_secs_f64(secs) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the routing file: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}:{line}:{column}: {message}")]
+    At { file: String, line: u64, column: u64, message: String },
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    version: Spanned<u32>,
+    agents: Spanned<BTreeMap<String, Spanned<RawAgent>>>,
+    #[serde(default)]
+    work_types: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    triggers: Vec<Spanned<RawTrigger>>,
+    #[serde(default)]
+    default_agent: Option<Spanned<String>>,
+    #[serde(default)]
+    retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    max_in_flight: Option<Spanned<u32>>,
+    #[serde(default = "default_true")]
+    enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    pattern: Spanned<String>,
+    #[serde(default)]
+    role: Option<Spanned<String>>,
+    #[serde(default)]
+    agent: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(default)]
+    max_attempts: Option<Spanned<u32>>,
+    #[serde(default)]
+    backoff: Option<RawBackoff>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    #[serde(default)]
+    initial: Option<Spanned<String>>,
+    #[serde(default)]
+    factor: Option<Spanned<f64>>,
+    #[serde(default)]
+    max: Option<Spanned<String>>,
+}
+
+/// Line and column where a value was written.
+fn at<T>(s: &Spanned<T>) -> (u64, u64) {
+    (s.referenced.line(), s.referenced.column())
+}
+
+static AGENT_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._-]{1,64}$").expect("static regex"));
+
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn load(path: &Path) -> Result<RoutingTable, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    parse(&text, &file)
+}
+
+pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigError> {
+    let err_at = |(line, column): (u64, u64), message: String| ConfigError::At { file: origin.to_string(), line, column, message };
+
+    let raw: RawFile = serde_saphyr::from_str(source_text).map_err(|e| {
+        let message = e.without_snippet().to_string();
+        let message = message.lines().next().unwrap_or("invalid YAML").trim().to_string();
+        match e.location() {
+            Some(l) if l.line() > 0 => err_at((l.line(), l.column()), strip_location(&message)),
+            _ => ConfigError::File { file: origin.to_string(), message },
+        }
+    })?;
+
+    if raw.version.value != 1 {
+        return Err(err_at(at(&raw.version), format!("version {} is not supported; this orchestrator reads version 1", raw.version.value)));
+    }
+    if raw.agents.value.is_empty() {
+        return Err(err_at(at(&raw.agents), "agents is empty; define at least one agent".into()));
+    }
+    let mut agents = BTreeMap::new();
+    for (name, spec) in &raw.agents.value {
+        if !AGENT_NAME.is_match(name) {
+            return Err(err_at(
+                at(spec),
+                format!("agent name {name:?} must match [A-Za-z0-9._-]{{1,64}}: it becomes the stream name triggers.{{agent}}"),
+            ));
+        }
+        if let Some(cap) = &spec.value.max_in_flight
+            && cap.value == 0
+        {
+            return Err(err_at(at(cap), format!("agents.{name}.max_in_flight must be at least 1 (leave it out for no limit)")));
+        }
+        agents.insert(
+            name.clone(),
+            AgentSpec {
+                roles: spec.value.roles.clone(),
+                max_in_flight: spec.value.max_in_flight.as_ref().map(|c| c.value),
+                enabled: spec.value.enabled,
+            },
+        );
+    }
+    let roles: BTreeSet<&str> = agents.values().flat_map(|a| a.roles.iter().map(String::as_str)).collect();
+    let role_list = roles.iter().copied().collect::<Vec<_>>().join(", ");
+    let agent_list = agents.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+    let check_role = |role: &Spanned<String>, what: String| {
+        if roles.contains(role.value.as_str()) {
+            Ok(())
+        } else {
+            Err(err_at(at(role), format!("{what} refers to role {:?}, which no agent has (roles defined: {role_list})", role.value)))
+        }
+    };
+    let check_agent = |agent: &Spanned<String>, what: String| {
+        if agents.contains_key(&agent.value) {
+            Ok(())
+        } else {
+            Err(err_at(at(agent), format!("{what} refers to agent {:?}, which is not defined under agents (agents: {agent_list})", agent.value)))
+        }
+    };
+
+    let mut work_types = BTreeMap::new();
+    for (wt, role) in &raw.work_types {
+        check_role(role, format!("work_types.{wt}"))?;
+        work_types.insert(wt.clone(), role.value.clone());
+    }
+
+    let mut triggers = Vec::new();
+    for (n, t) in raw.triggers.iter().enumerate() {
+        let what = format!("triggers[{n}]");
+        let target = match (&t.value.role, &t.value.agent) {
+            (Some(role), None) => {
+                check_role(role, what.clone())?;
+                TriggerTarget::Role(role.value.clone())
+            }
+            (None, Some(agent)) => {
+                check_agent(agent, what.clone())?;
+                TriggerTarget::Agent(agent.value.clone())
+            }
+            _ => return Err(err_at(at(t), format!("{what} needs exactly one of role or agent"))),
+        };
+        let pattern = Pattern::new(&t.value.pattern.value).map_err(|e| err_at(at(&t.value.pattern), format!("{what}.pattern: {e}")))?;
+        triggers.push(TriggerRule { pattern, target });
+    }
+
+    if let Some(d) = &raw.default_agent {
+        check_agent(d, "default_agent".into())?;
+    }
+
+    let mut retry = RetryPolicy::default();
+    if let Some(r) = &raw.retry {
+        if let Some(m) = &r.max_attempts {
+            if m.value == 0 {
+                return Err(err_at(at(m), "retry.max_attempts must be at least 1".into()));
+            }
+            retry.max_attempts = m.value;
+        }
+        if let Some(b) = &r.backoff {
+            let dur = |s: &Spanned<String>, what: &str| {
+                humantime::parse_duration(&s.value)
+                    .map_err(|e| err_at(at(s), format!("retry.backoff.{what} {:?} is not a duration like 10s or 5m: {e}", s.value)))
+            };
+            if let Some(i) = &b.initial {
+                retry.initial = dur(i, "initial")?;
+            }
+            if let Some(m) = &b.max {
+                retry.max = dur(m, "max")?;
+                if retry.max < retry.initial {
+                    return Err(err_at(at(m), format!("retry.backoff.max {:?} is shorter than initial", m.value)));
+                }
+            }
+            if let Some(f) = &b.factor {
+                if !(f.value.is_finite() && f.value >= 1.0) {
+                    return Err(err_at(at(f), format!("retry.backoff.factor must be at least 1, got {}", f.value)));
+                }
+                retry.factor = f.value;
+            }
+        }
+    }
+
+    Ok(RoutingTable {
+        version: raw.version.value,
+        agents,
+        work_types,
+        triggers,
+        default_agent: raw.default_agent.map(|d| d.value),
+        retry,
+        config_version: fnv1a(source_text.as_bytes()),
+        source: origin.to_string(),
+    })
+}
+
+/// serde-saphyr appends " at line L column C" to some messages; the prefix says it already.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].trim_end_matches(',').to_string(),
+        None => message.to_string(),
+    }
+    // Library advice means nothing to the person editing the file.
+    .split(", set DuplicateKeyPolicy")
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
+impl RoutingTable {
+    /// Agents having `role`, sorted by name.
+    pub fn agents_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = (&'a str, &'a AgentSpec)> + 'a {
+        self.agents.iter().filter(move |(_, a)| a.roles.iter().any(|r| r == role)).map(|(n, a)| (n.as_str(), a))
+    }
+
+    /// The resolved table, for `check-config`.
+    pub fn describe(&self) -> String {
+        let mut out = format!("routing {} (version {}, config_version {})\n\nagents:\n", self.source, self.version, self.config_version);
+        for (name, a) in &self.agents {
+            let cap = a.max_in_flight.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into());
+            let state = if a.enabled { "enabled" } else { "DISABLED" };
+            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}\n", a.roles.join(", ")));
+        }
+        out.push_str("\nwork_types:\n");
+        for (wt, role) in &self.work_types {
+            let cands: Vec<&str> = self.agents_with_role(role).filter(|(_, a)| a.enabled).map(|(n, _)| n).collect();
+            out.push_str(&format!("  {wt:<16} -> role {role} -> [{}]\n", cands.join(", ")));
+        }
+        out.push_str("\ntriggers (first match wins):\n");
+        for t in &self.triggers {
+            let target = match &t.target {
+                TriggerTarget::Role(r) => format!("role {r}"),
+                TriggerTarget::Agent(a) => format!("agent {a}"),
+            };
+            out.push_str(&format!("  {:<28} -> {target}\n", t.pattern.as_str()));
+        }
+        out.push_str(&format!(
+            "\ndefault_agent: {}\nretry: max_attempts {}, backoff {} x{} up to {}\n",
+            self.default_agent.as_deref().unwrap_or("(none: unroutable entries are dead-lettered)"),
+            self.retry.max_attempts,
+            humantime::format_duration(self.retry.initial),
+            self.retry.factor,
+            humantime::format_duration(self.retry.max)
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = include_str!("../../config/dolly-routing.yaml");
+
+    fn err(text: &str) -> String {
+        parse(text, "r.yaml").expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn parses_the_default_file() {
+        let t = parse(GOOD, "dolly-routing.yaml").unwrap();
+        assert_eq!(t.agents.len(), 4);
+        assert_eq!(t.agents["ada"].max_in_flight, Some(4));
+        assert!(!t.agents["hopper"].enabled);
+        assert_eq!(t.work_types["code_review"], "reviewer");
+        assert_eq!(t.triggers[1].target, TriggerTarget::Agent("hopper".into()));
+        assert_eq!(t.default_agent.as_deref(), Some("dolly"));
+        assert_eq!(t.retry.initial, Duration::from_secs(10));
+        assert_eq!(t.retry.max, Duration::from_secs(600));
+        assert_eq!(t.config_version, parse(GOOD, "elsewhere").unwrap().config_version, "the version depends on content only");
+        assert_eq!(t.agents_with_role("developer").map(|(n, _)| n).collect::<Vec<_>>(), vec!["ada", "turing"]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = err("version: 1\nagents:\n  ada: { roles: [dev], colour: blue }\n");
+        assert!(e.starts_with("r.yaml:3:"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_key_is_refused() {
+        let e = err("version: 1\nagents:\n  ada: { roles: [dev] }\n  ada: { roles: [ops] }\n");
+        assert!(e.starts_with("r.yaml:4:"), "{e}");
+        assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn undefined_role_and_agent() {
+        let e = err("version: 1\nagents:\n  ada: { roles: [developer] }\nwork_types:\n  implement: reviewr\n");
+        assert!(e.starts_with("r.yaml:5:14:"), "{e}");
+        assert!(e.contains("\"reviewr\"") && e.contains("developer"), "{e}");
+        let e = err("version: 1\nagents:\n  ada: { roles: [developer] }\ndefault_agent: bob\n");
+        assert!(e.starts_with("r.yaml:4:16:"), "{e}");
+        assert!(e.contains("\"bob\""), "{e}");
+        let e = err("version: 1\nagents:\n  ada: { roles: [developer] }\ntriggers:\n  - { pattern: \"a.*\", agent: bob }\n");
+        assert!(e.starts_with("r.yaml:5:"), "{e}");
+        let e = err("version: 1\nagents:\n  ada: { roles: [developer] }\ntriggers:\n  - { pattern: \"a.*\", role: ops }\n");
+        assert!(e.contains("role \"ops\""), "{e}");
+    }
+
+    #[test]
+    fn trigger_needs_exactly_one_target() {
+        let e = err("version: 1\nagents:\n  ada: { roles: [dev] }\ntriggers:\n  - { pattern: \"a\", role: dev, agent: ada }\n");
+        assert!(e.starts_with("r.yaml:5:"), "{e}");
+        assert!(e.contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(err("version: 2\nagents:\n  ada: {}\n").starts_with("r.yaml:1:10:"));
+        assert!(err("version: 1\nagents: {}\n").contains("at least one agent"));
+        assert!(err("version: 1\nagents:\n  \"a b\": {}\n").contains("must match"));
+        assert!(err("version: 1\nagents:\n  ada: { max_in_flight: 0 }\n").starts_with("r.yaml:3:"));
+        assert!(err("version: 1\nagents:\n  ada: { max_in_flight: many }\n").starts_with("r.yaml:3:"));
+        let e = err("version: 1\nagents:\n  ada: {}\nretry: { backoff: { initial: soon } }\n");
+        assert!(e.starts_with("r.yaml:4:") && e.contains("soon"), "{e}");
+        assert!(err("version: 1\nagents:\n  ada: {}\nretry: { max_attempts: 0 }\n").contains("max_attempts"));
+        assert!(err("version: 1\nagents:\n  ada: {}\nretry: { backoff: { initial: 1m, max: 10s } }\n").starts_with("r.yaml:4:"));
+        assert!(err("version: 1\nagents:\n  ada: {}\nretry: { backoff: { factor: 0.5 } }\n").contains("factor"));
+        assert!(err("version: 1\nagents: [\n").starts_with("r.yaml:"));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy { max_attempts: 5, initial: Duration::from_secs(10), factor: 2.0, max: Duration::from_secs(30) };
+        assert_eq!(p.delay_after(1), Duration::from_secs(10));
+        assert_eq!(p.delay_after(2), Duration::from_secs(20));
+        assert_eq!(p.delay_after(3), Duration::from_secs(30));
+        assert_eq!(p.delay_after(60), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn load_names_a_missing_file() {
+        let e = load(Path::new("/nonexistent/routing.yaml")).unwrap_err().to_string();
+        assert!(e.starts_with("/nonexistent/routing.yaml:"), "{e}");
+    }
+
+    /// The fuzz target's property on stable: damaged routing files give errors, not panics,
+    /// and every error names the file.
+    #[test]
+    fn damaged_files_never_panic() {
+        use rand::Rng;
+        let bytes = GOOD.as_bytes();
+        let mut rng = rand::rng();
+        let noise = b"{}[]:,-\"'&*!|>#\n \t0aZ";
+        for _ in 0..3_000 {
+            let mut b = bytes.to_vec();
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..b.len());
+                match rng.random_range(0..3) {
+                    0 => b[i] = noise[rng.random_range(0..noise.len())],
+                    1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, noise[rng.random_range(0..noise.len())]),
+                }
+            }
+            if let Ok(text) = std::str::from_utf8(&b)
+                && let Err(e) = parse(text, "fuzzed.yaml")
+            {
+                assert!(e.to_string().starts_with("fuzzed.yaml"), "{e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! What every loop of a replica shares: settings, connections, the routing in force, counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+
+use crate::core::routing_file::RoutingTable;
+use crate::engine::settings::RunSettings;
+
+/// The routing table in force. A reload swaps the whole table at once; readers hold an `Arc`
+/// to the table they started with.
+#[derive(Clone)]
+pub struct SharedRouting(Arc<RwLock<Arc<RoutingTable>>>);
+
+impl SharedRouting {
+    pub fn new(table: RoutingTable) -> Self {
+        SharedRouting(Arc::new(RwLock::new(Arc::new(table))))
+    }
+    pub fn get(&self) -> Arc<RoutingTable> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+    pub fn set(&self, table: RoutingTable) {
+        let mut g = match self.0.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *g = Arc::new(table);
+    }
+}
+
+/// Counters reported in `system.health`.
+#[derive(Default)]
+pub struct Stats {
+    pub routed: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub deadlettered: AtomicU64,
+    pub reload_failures: AtomicU64,
+    /// Unix seconds of the last loop error; drives `status=degraded`.
+    pub last_error_at: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+    pub fn note_error(&self) {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        self.last_error_at.store(now, Ordering::Relaxed);
+    }
+}
+
+pub struct Ctx {
+    pub settings: RunSettings,
+    pub consumer: String,
+    pub pool: PgPool,
+    pub client: redis::Client,
+    pub redis: ConnectionManager,
+    pub routing: SharedRouting,
+    pub stats: Stats,
+    /// Set once the consumer group exists on every input stream; drives `/readyz`.
+    pub group_joined: AtomicBool,
+    /// Work packages this replica held at the lane gate. Whatever another replica was still
+    /// ingesting is usually done by this replica's next round, which looks at them again
+    /// instead of leaving them to the scheduler's sweep.
+    pub gate_held: std::sync::Mutex<Vec<String>>,
+    /// This replica's Prometheus counters and histograms.
+    pub metrics: crate::engine::metrics::Metrics,
+}
+
+impl Ctx {
+    /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
+    pub fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
+        Stats::add(&self.stats.deadlettered, dls.len() as u64);
+        for dl in dls {
+            let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            let (agent, wp_id, dispatch_id) = (field(b"agent_id"), field(b"wp_id"), field(b"dispatch_id"));
+            self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+            tracing::warn!(
+                wp_id = wp_id.as_deref().unwrap_or(""),
+                dispatch_id = dispatch_id.as_deref().unwrap_or(""),
+                reason = %dl.reason,
+                stream = %dl.stream,
+                source_id = %dl.source_id,
+                detail = %dl.detail,
+                "dead-lettering an entry"
+            );
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Dispatch: choose which held work packages may go now, claim them in PostgreSQL, then
+//! publish their triggers to Redis.
+//!
+//! Exactly-once rests on two things. The claim (status `dispatched`, attempt + 1, a new
+//! `dispatch_id`) is a PostgreSQL transaction under one advisory lock, so only one replica can
+//! claim a given attempt and the `max_in_flight` counts it reads are exact. Publication is a
+//! Redis script that adds the trigger only if its `dispatch_id` key is new, so publishing a
+//! claimed dispatch again (after a crash, or by a replica that was paused) is harmless. A
+//! claim whose publication was not confirmed is published again by the scheduler.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use sqlx::Row;
+
+use crate::engine::context::{Ctx, Stats};
+use crate::core::entry::parse_stream_id;
+use crate::core::router::{self, Decision, RouteRequest};
+use crate::engine::streams::{self, Trigger};
+
+const DISPATCH_LOCK: i64 = 0x6765_0002;
+const ROUND_LIMIT: i64 = 1000;
+
+/// Which held work packages a round looks at.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub wp_ids: Vec<String>,
+    /// Every held work package (the scheduler's sweep).
+    pub all: bool,
+    /// Also every `ready` one: a slot was freed.
+    pub include_ready: bool,
+}
+
+impl Scope {
+    pub fn ids(wp_ids: Vec<String>) -> Self {
+        Scope { wp_ids, all: false, include_ready: false }
+    }
+    pub fn all() -> Self {
+        Scope { wp_ids: Vec::new(), all: true, include_ready: true }
+    }
+}
+
+/// Conditions under which a held work package `w` may go: every dependency completed and
+/// every earlier work package of its lane completed or cancelled, that is, `w` is the first
+/// open one of its lane. Asked that way, the lane's head is one step down the index of open
+/// lane members (migration 0002) instead of a walk over the lane's whole history. Used both to find
+/// candidates and, again, in the claim itself. A macro so the queries stay static strings.
+macro_rules! may_run {
+    () => {
+        "
+    NOT EXISTS (SELECT 1 FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
+                WHERE d.wp_id = w.wp_id AND p.status IS DISTINCT FROM 'completed')
+    AND (w.lane IS NULL OR (w.source_ms, w.source_seq) <= (
+                SELECT e.source_ms, e.source_seq FROM work_packages e
+                WHERE e.lane = w.lane AND e.status NOT IN ('completed', 'cancelled')
+                ORDER BY e.source_ms, e.source_seq LIMIT 1))"
+    };
+}
+
+/// Held work packages in `scope` that may go now, oldest first; `$1` is the limit, `$2` the
+/// wp_ids of the scope.
+macro_rules! candidates_sql {
+    ($scope:literal) => {
+        concat!(
+            "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq,
+                    extract(epoch FROM ",
+            eligible_since!(),
+            ")::float8 AS eligible_since
+             FROM work_packages w
+             WHERE w.status IN ('blocked', 'ready', 'retry_wait')
+               AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
+               AND ",
+            $scope,
+            " AND ",
+            may_run!(),
+            "
+             ORDER BY w.source_ms, w.source_seq
+             LIMIT $1"
+        )
+    };
+}
+
+/// When a held work package `w` became free to run: the latest of its ingest, its last
+/// dependency's completion, its lane predecessor's end and its retry timer.
+macro_rules! eligible_since {
+    () => {
+        "greatest(w.created_at, w.next_attempt_at,
+            (SELECT max(p.completed_at) FROM work_package_deps d JOIN work_packages p ON p.wp_id = d.depends_on
+              WHERE d.wp_id = w.wp_id),
+            (SELECT coalesce(e.completed_at, e.cancelled_at) FROM work_packages e
+              WHERE w.lane IS NOT NULL AND e.lane = w.lane AND (e.source_ms, e.source_seq) < (w.source_ms, w.source_seq)
+              ORDER BY e.source_ms DESC, e.source_seq DESC LIMIT 1))"
+    };
+}
+
+struct Candidate {
+    wp_id: String,
+    requested_agent: Option<String>,
+    work_type: Option<String>,
+    trigger: Option<String>,
+    lane: Option<String>,
+    order: (i64, i64),
+    /// Unix seconds since when it may run, for the dispatch-latency histogram.
+    eligible_since: f64,
+}
+
+/// One dispatch round. Returns how many work packages were dispatched.
+pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
+    let held = std::mem::take(&mut *ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()));
+    let widened;
+    let scope = if held.is_empty() || scope.all {
+        scope
+    } else {
+        widened = Scope { wp_ids: scope.wp_ids.iter().cloned().chain(held).collect(), ..scope.clone() };
+        &widened
+    };
+    if !scope.all && !scope.include_ready && scope.wp_ids.is_empty() {
+        return Ok(0);
+    }
+    let routing = ctx.routing.get();
+    let mut tx = ctx.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK).execute(&mut *tx).await?;
+
+    let mut in_flight: HashMap<String, u32> = HashMap::new();
+    // Deltas kept by triggers (migration 0003), folded into one row per agent as they are read;
+    // exact here because every claim holds the lock above.
+    for row in sqlx::query(
+        "WITH folded AS (DELETE FROM agent_in_flight RETURNING agent_id, n),
+              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id),
+              kept AS (INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0)
+         SELECT agent_id, n FROM sums WHERE n > 0",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    {
+        let agent: String = row.try_get("agent_id")?;
+        let n: i32 = row.try_get("n")?;
+        in_flight.insert(agent, n.max(0) as u32);
+    }
+
+    // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
+    // looks them up by key instead of filtering the whole backlog.
+    let sql = if scope.all {
+        candidates_sql!("cardinality($2::text[]) >= 0")
+    } else if scope.include_ready {
+        candidates_sql!("(w.wp_id = ANY($2) OR w.status = 'ready')")
+    } else {
+        candidates_sql!("w.wp_id = ANY($2)")
+    };
+    let candidates: Vec<Candidate> = sqlx::query(sql)
+        .bind(ROUND_LIMIT)
+        .bind(&scope.wp_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok(Candidate {
+                wp_id: r.try_get("wp_id")?,
+                requested_agent: r.try_get("requested_agent")?,
+                work_type: r.try_get("work_type")?,
+                trigger: r.try_get("trigger_subject")?,
+                lane: r.try_get("lane")?,
+                order: (r.try_get("source_ms")?, r.try_get("source_seq")?),
+                eligible_since: r.try_get("eligible_since")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    if candidates.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+
+    // The lane gate. Two replicas may ingest entries 5 and 6 of one lane in either order; 6 must
+    // not start while 5 is still pending in the group, not yet visible here. Asked after the
+    // candidates were read and re-checked by the claim below: any earlier entry is then either
+    // still pending (held here) or committed before the claim's snapshot (seen by MAY_RUN).
+    // Only lanes have an order to keep; a round without lane members skips the round trip.
+    let gate = if candidates.iter().any(|c| c.lane.is_some()) {
+        let mut redis = ctx.redis.clone();
+        let pending = streams::pending_summary(&mut redis, &ctx.settings.names.incoming, &ctx.settings.names.group)
+            .await
+            .context("reading the pending entries of the incoming stream")?;
+        pending.smallest.as_deref().and_then(parse_stream_id)
+    } else {
+        None
+    };
+
+    let mut claims: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+    let mut waits: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+    let mut gated = Vec::new();
+    for c in &candidates {
+        if let (Some(_), Some(g)) = (&c.lane, gate)
+            && c.order > g
+        {
+            waits.0.push(c.wp_id.clone());
+            waits.1.push(format!(
+                "lane order: an earlier incoming entry ({}-{}) is still being ingested",
+                g.0, g.1
+            ));
+            waits.2.push("blocked".into());
+            gated.push(c.wp_id.clone());
+            continue;
+        }
+        let req = RouteRequest {
+            agent_id: c.requested_agent.as_deref(),
+            work_type: c.work_type.as_deref(),
+            trigger: c.trigger.as_deref(),
+        };
+        let load = |a: &str| in_flight.get(a).copied().unwrap_or(0);
+        match router::route(&req, &routing, &load) {
+            Decision::Dispatch { agent, kind, .. } => {
+                *in_flight.entry(agent.clone()).or_insert(0) += 1;
+                claims.0.push(c.wp_id.clone());
+                claims.1.push(agent);
+                claims.2.push(kind.as_str().to_string());
+            }
+            Decision::Wait { reason, .. } => {
+                waits.0.push(c.wp_id.clone());
+                waits.1.push(reason);
+                waits.2.push("ready".into());
+            }
+            Decision::DeadLetter { detail, .. } => {
+                waits.0.push(c.wp_id.clone());
+                waits.1.push(format!("no route under routing {}: {detail}", routing.config_version));
+                waits.2.push("ready".into());
+            }
+        }
+    }
+
+    if !waits.0.is_empty() {
+        sqlx::query(
+            "UPDATE work_packages w SET status = c.status, wait_reason = c.reason, updated_at = now(),
+                    ready_at = CASE WHEN c.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
+             WHERE w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)",
+        )
+        .bind(&waits.0)
+        .bind(&waits.1)
+        .bind(&waits.2)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let claim_sql = concat!(
+        "UPDATE work_packages w SET status = 'dispatched', agent_id = c.agent, route = c.route,
+                attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
+                dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
+                updated_at = now()
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, agent, route)
+         WHERE w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait') AND ",
+        may_run!(),
+        "
+         RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id"
+    );
+    let claimed = if claims.0.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(claim_sql).bind(&claims.0).bind(&claims.1).bind(&claims.2).fetch_all(&mut *tx).await?
+    };
+    let triggers = claimed.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    tx.commit().await?;
+    // Lost if a round fails before this point; the scheduler's sweep still finds them.
+    ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(gated);
+
+    let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
+    let observed: Vec<(String, String, f64)> = claimed
+        .iter()
+        .filter_map(|r| {
+            let wp: String = r.try_get("wp_id").ok()?;
+            Some((r.try_get("agent_id").ok()?, r.try_get("route").ok()?, since.get(wp.as_str()).copied()?))
+        })
+        .collect();
+    let n = triggers.len();
+    publish(ctx, triggers).await?;
+    Stats::add(&ctx.stats.routed, n as u64);
+    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    for (agent, kind, since) in observed {
+        ctx.metrics.routed(&agent, &kind);
+        ctx.metrics.dispatch_latency(&agent, &kind, now - since);
+    }
+    Ok(n)
+}
+
+/// Builds the trigger entry: every incoming field, then the orchestrator's own fields, which
+/// win over incoming fields of the same name.
+fn trigger_from_row(ctx: &Ctx, r: &sqlx::postgres::PgRow) -> Result<(String, Trigger), sqlx::Error> {
+    let wp_id: String = r.try_get("wp_id")?;
+    let agent: String = r.try_get("agent_id")?;
+    let route: String = r.try_get("route")?;
+    let attempts: i32 = r.try_get("attempts")?;
+    let dispatch_id: String = r.try_get("dispatch_id")?;
+    let source_id: String = r.try_get("source_id")?;
+    let fields: serde_json::Value = r.try_get("fields")?;
+    let own = [
+        ("wp_id", wp_id.clone()),
+        ("agent_id", agent.clone()),
+        ("route", route),
+        ("attempt", attempts.to_string()),
+        ("dispatch_id", dispatch_id.clone()),
+        ("source_id", source_id),
+    ];
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(obj) = fields.as_object() {
+        for (k, v) in obj {
+            if own.iter().any(|(o, _)| o == k) {
+                continue;
+            }
+            out.push((k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())));
+        }
+    }
+    out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
+    tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
+    Ok((
+        dispatch_id.clone(),
+        Trigger {
+            stream: ctx.settings.names.trigger_stream(&agent),
+            dispatch_key: ctx.settings.names.dispatch_key(&dispatch_id),
+            fields: out,
+        },
+    ))
+}
+
+async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<()> {
+    if triggers.is_empty() {
+        return Ok(());
+    }
+    let (ids, triggers): (Vec<String>, Vec<Trigger>) = triggers.into_iter().unzip();
+    let mut redis = ctx.redis.clone();
+    streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl)
+        .await
+        .context("publishing triggers")?;
+    // By primary key: dispatch_id has no index of its own. SKIP LOCKED: the agent may already be
+    // reporting on the work package, and a completion that holds its row in one order while this
+    // waits for rows in another is a deadlock. A row skipped here is either completed already or
+    // published again, harmlessly (the dispatch_id key makes it a no-op), by `republish_stale`.
+    let wp_ids: Vec<&str> = ids.iter().map(|d| d.rsplit_once(':').map_or(d.as_str(), |(wp, _)| wp)).collect();
+    sqlx::query(
+        "UPDATE work_packages SET published = TRUE WHERE wp_id IN (
+             SELECT wp_id FROM work_packages WHERE wp_id = ANY($1) AND dispatch_id = ANY($2) FOR UPDATE SKIP LOCKED)",
+    )
+        .bind(&wp_ids)
+        .bind(&ids)
+        .execute(&ctx.pool)
+        .await
+        .context("recording published triggers")?;
+    Ok(())
+}
+
+/// Publishes claims that no replica confirmed (it crashed or stalled between the claim and the
+/// publication). Idempotent: a trigger already in Redis is not added again.
+pub async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
+    let rows = sqlx::query(
+        "SELECT wp_id, agent_id, route, attempts, dispatch_id, fields, source_id FROM work_packages
+         WHERE status = 'dispatched' AND NOT published
+           AND dispatched_at < now() - make_interval(secs => $1::float8)
+         ORDER BY dispatched_at LIMIT 500",
+    )
+    .bind(ctx.settings.republish_after.as_secs_f64())
+    .fetch_all(&ctx.pool)
+    .await?;
+    let triggers = rows.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    let n = triggers.len();
+    if n > 0 {
+        tracing::warn!(count = n, "publishing dispatches whose publication was not confirmed");
+    }
+    publish(ctx, triggers).await?;
+    Ok(n)
+}

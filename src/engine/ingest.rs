@@ -1,0 +1,69 @@
+//! route_incoming: validate entries of `ge:work:incoming`, persist the work packages and
+//! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
+
+use crate::engine::context::Ctx;
+use crate::engine::dispatch::{self, Scope};
+use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
+use crate::core::router::{self, Decision, RouteRequest};
+use crate::engine::store::{self, IngestOutcome};
+use crate::engine::streams::{self, DeadLetter};
+
+pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
+    let names = &ctx.settings.names;
+    let routing = ctx.routing.get();
+    let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
+    let mut deadletters = Vec::new();
+    let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter {
+        reason: reason.to_string(),
+        detail,
+        stream: names.incoming.clone(),
+        source_id: e.id.clone(),
+        fields: e.fields.clone().unwrap_or_default(),
+    };
+    for e in entries {
+        let spec = match entry::parse_incoming(e, &ctx.settings.limits) {
+            Ok(s) => s,
+            Err(rej) => {
+                deadletters.push(dead(e, rej.reason, rej.detail));
+                continue;
+            }
+        };
+        // Only whether it can be routed at all is decided now; which agent, given the load at
+        // that moment, is decided at dispatch.
+        let req = RouteRequest {
+            agent_id: spec.agent_id.as_deref(),
+            work_type: spec.work_type.as_deref(),
+            trigger: spec.trigger.as_deref(),
+        };
+        if let Decision::DeadLetter { reason, detail } = router::route(&req, &routing, &|_| 0) {
+            deadletters.push(dead(e, reason.as_str(), detail));
+            continue;
+        }
+        specs.push((spec, e));
+    }
+
+    let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
+    let outcomes = store::ingest(&ctx.pool, &plain).await?;
+    let mut inserted = Vec::new();
+    for ((spec, e), outcome) in specs.iter().zip(outcomes) {
+        match outcome {
+            IngestOutcome::Inserted => inserted.push(spec.wp_id.clone()),
+            IngestOutcome::Duplicate => tracing::debug!(wp_id = %spec.wp_id, source_id = %e.id, "resubmission of an identical work package ignored"),
+            IngestOutcome::Rejected(rej) => deadletters.push(dead(e, rej.reason, rej.detail)),
+        }
+    }
+
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut redis = ctx.redis.clone();
+    streams::ack_with_deadletters(&mut redis, &names.incoming, &names.group, &ids, &deadletters, &names.deadletter, ctx.settings.deadletter_maxlen)
+        .await?;
+    ctx.note_deadletters(&deadletters);
+
+    // Already durable and acknowledged: a failure here only delays dispatch until the
+    // scheduler's next sweep.
+    if let Err(e) = dispatch::round(ctx, &Scope::ids(inserted)).await {
+        tracing::warn!(error = format!("{e:#}"), "dispatch after ingest failed; the scheduler will retry");
+        ctx.stats.note_error();
+    }
+    Ok(())
+}

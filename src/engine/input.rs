@@ -1,0 +1,31 @@
+//! The three input streams of the contract, and which loop reads each.
+
+use crate::engine::context::Ctx;
+
+/// The three input streams of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Incoming,
+    Completed,
+    Failed,
+}
+
+impl Input {
+    pub const ALL: [Input; 3] = [Input::Incoming, Input::Completed, Input::Failed];
+
+    pub fn stream<'a>(&self, ctx: &'a Ctx) -> &'a str {
+        let n = &ctx.settings.names;
+        match self {
+            Input::Incoming => &n.incoming,
+            Input::Completed => &n.completed,
+            Input::Failed => &n.failed,
+        }
+    }
+
+    pub fn loop_name(&self) -> &'static str {
+        match self {
+            Input::Incoming => "route_incoming",
+            Input::Completed | Input::Failed => "process_completions",
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The engine of one replica: the PostgreSQL store, the Redis streams, and the loops that read
+//! the input streams, dispatch work, sweep for what became due, recover abandoned entries,
+//! take over dead replicas and report health.
+
+pub mod backoff;
+pub mod completions;
+pub mod config_watch;
+pub mod consume;
+pub mod context;
+pub mod dispatch;
+pub mod health;
+pub mod ingest;
+pub mod input;
+pub mod metrics;
+pub mod recover;
+pub mod scheduler;
+pub mod settings;
+pub mod store;
+pub mod streams;
+pub mod takeover;

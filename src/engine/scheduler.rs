@@ -1,0 +1,29 @@
+//! The scheduler: every interval, dispatch what became possible without an event this
+//! replica saw (retry timers that came due, slots freed, lane gates opened by another
+//! replica, operators' retries and cancels), and publish claims left unconfirmed.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::context::Ctx;
+use crate::engine::dispatch::{self, Scope};
+
+pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.settings.scheduler_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        if let Err(e) = dispatch::republish_stale(&ctx).await {
+            tracing::warn!(error = format!("{e:#}"), "republishing unconfirmed dispatches failed");
+            ctx.stats.note_error();
+        }
+        if let Err(e) = dispatch::round(&ctx, &Scope::all()).await {
+            tracing::warn!(error = format!("{e:#}"), "scheduled dispatch round failed");
+            ctx.stats.note_error();
+        }
+    }
+}

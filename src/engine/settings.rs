@@ -1,0 +1,179 @@
+//! Settings shared by every subcommand: where Redis and PostgreSQL are, the names of the
+//! streams (all configurable, defaults from the contract), and the intervals and limits of a
+//! replica.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::core::limits::Limits;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Redis keys and the consumer group. Defaults are the contract's names.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Names {
+    #[arg(long, env = "GE_GROUP", default_value = "orchestrator-group")]
+    pub group: String,
+    #[arg(long, env = "GE_STREAM_INCOMING", default_value = "ge:work:incoming")]
+    pub incoming: String,
+    #[arg(long, env = "GE_STREAM_COMPLETED", default_value = "ge:work:completed")]
+    pub completed: String,
+    #[arg(long, env = "GE_STREAM_FAILED", default_value = "ge:work:failed")]
+    pub failed: String,
+    #[arg(long, env = "GE_STREAM_DEADLETTER", default_value = "ge:work:deadletter")]
+    pub deadletter: String,
+    #[arg(long, env = "GE_STREAM_HEALTH", default_value = "system.health")]
+    pub health: String,
+    #[arg(long, env = "GE_RELOAD_CHANNEL", default_value = "ge:config:reload")]
+    pub reload_channel: String,
+    /// Prefix of each agent's trigger stream; the agent name follows it.
+    #[arg(long, env = "GE_TRIGGER_PREFIX", default_value = "triggers.")]
+    pub trigger_prefix: String,
+    /// Prefix of the keys that make trigger publication idempotent per dispatch_id.
+    #[arg(long, env = "GE_DISPATCH_KEY_PREFIX", default_value = "ge:dispatched:")]
+    pub dispatch_key_prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            group: "orchestrator-group".into(),
+            incoming: "ge:work:incoming".into(),
+            completed: "ge:work:completed".into(),
+            failed: "ge:work:failed".into(),
+            deadletter: "ge:work:deadletter".into(),
+            health: "system.health".into(),
+            reload_channel: "ge:config:reload".into(),
+            trigger_prefix: "triggers.".into(),
+            dispatch_key_prefix: "ge:dispatched:".into(),
+        }
+    }
+}
+
+impl Names {
+    pub fn trigger_stream(&self, agent: &str) -> String {
+        format!("{}{}", self.trigger_prefix, agent)
+    }
+    pub fn dispatch_key(&self, dispatch_id: &str) -> String {
+        format!("{}{}", self.dispatch_key_prefix, dispatch_id)
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Connections {
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: String,
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+}
+
+/// Everything one replica needs. Every interval and limit is a flag with an env twin.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunSettings {
+    #[command(flatten)]
+    pub conn: Connections,
+    #[command(flatten)]
+    pub names: Names,
+    /// The routing file.
+    #[arg(long = "config", env = "GE_ROUTING_CONFIG", default_value = "config/dolly-routing.yaml")]
+    pub config: PathBuf,
+    /// Consumer name in the group; default hostname plus a random suffix.
+    #[arg(long, env = "GE_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Entries read per XREADGROUP.
+    #[arg(long, env = "GE_BATCH_SIZE", default_value_t = 100)]
+    pub batch_size: usize,
+    /// How long one XREADGROUP blocks; shutdown waits at most this long for a read in flight.
+    #[arg(long, env = "GE_BLOCK", default_value = "5s", value_parser = duration)]
+    pub block: Duration,
+    #[arg(long, env = "GE_HEALTH_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub health_interval: Duration,
+    /// How often the pending-entry sweep runs.
+    #[arg(long, env = "GE_RECOVER_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub recover_interval: Duration,
+    /// An entry pending this long with another consumer is claimed by the sweep.
+    #[arg(long, env = "GE_CLAIM_MIN_IDLE", default_value = "60s", value_parser = duration)]
+    pub claim_min_idle: Duration,
+    /// A replica's lease lives this long unless refreshed; a consumer without a live lease is
+    /// taken over at once.
+    #[arg(long, env = "GE_LEASE_TTL", default_value = "2s", value_parser = duration)]
+    pub lease_ttl: Duration,
+    #[arg(long, env = "GE_LEASE_REFRESH", default_value = "500ms", value_parser = duration)]
+    pub lease_refresh: Duration,
+    #[arg(long, env = "GE_LEASE_PREFIX", default_value = "ge:lease:")]
+    pub lease_prefix: String,
+    /// An entry delivered more often than this is dead-lettered as `poison`.
+    #[arg(long, env = "GE_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u64,
+    /// How often held work (retry timers, freed slots, lane gates) is re-examined.
+    #[arg(long, env = "GE_SCHEDULER_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub scheduler_interval: Duration,
+    /// A dispatch claimed in PostgreSQL but not yet seen published after this long is
+    /// published again (idempotently) by whichever replica notices.
+    #[arg(long, env = "GE_REPUBLISH_AFTER", default_value = "5s", value_parser = duration)]
+    pub republish_after: Duration,
+    /// How long the per-dispatch_id idempotency keys live in Redis.
+    #[arg(long, env = "GE_DISPATCH_KEY_TTL", default_value = "7days", value_parser = duration)]
+    pub dispatch_key_ttl: Duration,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[arg(long, env = "GE_DEADLETTER_MAXLEN", default_value_t = 100_000)]
+    pub deadletter_maxlen: u64,
+    #[arg(long, env = "GE_HEALTH_MAXLEN", default_value_t = 10_000)]
+    pub health_maxlen: u64,
+    /// Address of /healthz, /readyz, /metrics, the admin API and the dashboard; `off` for none.
+    #[arg(long, env = "GE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
+    /// Bearer token that admin API calls which change something must carry. Unset: such
+    /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
+    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub admin_token: Option<String>,
+    /// PostgreSQL connections of this replica.
+    #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
+    pub db_pool: u32,
+}
+
+impl RunSettings {
+    /// Settings with the defaults above, for tests and the dev stack.
+    pub fn new(redis_url: String, database_url: String, config: PathBuf) -> Self {
+        RunSettings {
+            conn: Connections { redis_url, database_url },
+            names: Names::default(),
+            config,
+            consumer: None,
+            batch_size: 100,
+            block: Duration::from_secs(5),
+            health_interval: Duration::from_secs(30),
+            recover_interval: Duration::from_secs(60),
+            claim_min_idle: Duration::from_secs(60),
+            max_deliveries: 5,
+            lease_ttl: Duration::from_secs(2),
+            lease_refresh: Duration::from_millis(500),
+            lease_prefix: "ge:lease:".into(),
+            scheduler_interval: Duration::from_millis(500),
+            republish_after: Duration::from_secs(5),
+            dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
+            limits: Limits::default(),
+            deadletter_maxlen: 100_000,
+            health_maxlen: 10_000,
+            db_pool: 8,
+            http_addr: "off".into(),
+            admin_token: None,
+        }
+    }
+
+    pub fn consumer_name(&self) -> String {
+        self.consumer.clone().unwrap_or_else(default_consumer_name)
+    }
+}
+
+pub fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
+}

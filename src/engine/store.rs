@@ -1,0 +1,388 @@
+//! PostgreSQL state transitions of work packages: ingest, completion, failure and the
+//! operators' retry and cancel. Dispatch, which needs Redis too, is in `dispatch`.
+
+use std::collections::BTreeMap;
+
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::core::routing_file::RetryPolicy;
+use crate::core::entry::{Rejection, WorkPackageSpec};
+
+/// Serialises DAG inserts so two replicas cannot each add half of a cycle.
+const DAG_LOCK: i64 = 0x6765_0001;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Connects and applies the embedded migrations. sqlx takes an advisory lock around them, so
+/// replicas that start together apply each migration once.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", crate::core::redact::url(url)))?;
+    MIGRATOR.run(&pool).await.context("applying database migrations")?;
+    Ok(pool)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestOutcome {
+    Inserted,
+    /// Same wp_id, same fields: a producer's retry, nothing to do.
+    Duplicate,
+    Rejected(Rejection),
+}
+
+fn fields_json(fields: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(fields.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect())
+}
+
+fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (old.as_object(), new.as_object()) else { return vec!["(all)".into()] };
+    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Persists a batch of validated entries in one transaction, in stream order. Each is
+/// inserted, recognised as a duplicate, or rejected (`conflict`, `cycle`).
+///
+/// Work packages without dependencies cannot close a cycle, so they go in one multi-row
+/// statement; those with dependencies are checked and inserted one by one, after them. A batch
+/// that names one wp_id twice keeps strict stream order instead, so the first of the two wins.
+pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if specs.iter().any(|s| !s.depends_on.is_empty()) {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(specs.len());
+    let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
+    let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
+    if !repeats {
+        let plain: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].depends_on.is_empty()).collect();
+        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain).await?) {
+            out[*i] = Some(outcome);
+        }
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        if out[i].is_none() {
+            out[i] = Some(ingest_one(&mut tx, spec).await?);
+        }
+    }
+    tx.commit().await?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// One INSERT for the specs at `idx` (none with dependencies), then one SELECT for those that
+/// were there already, to tell a producer's retry from a conflicting resubmission.
+async fn insert_many(tx: &mut Transaction<'_, Postgres>, specs: &[WorkPackageSpec], idx: &[usize]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+    if idx.is_empty() {
+        return Ok(Vec::new());
+    }
+    let col = |f: fn(&WorkPackageSpec) -> Option<String>| idx.iter().map(|i| f(&specs[*i])).collect::<Vec<_>>();
+    let fields: Vec<serde_json::Value> = idx.iter().map(|i| fields_json(&specs[*i].fields)).collect();
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
+                                    source_id, source_ms, source_seq, ready_at)
+         SELECT t.wp_id, CASE WHEN t.lane IS NULL THEN 'ready' ELSE 'blocked' END, t.agent, t.work_type, t.trig, t.lane,
+                t.fields, t.source_id, t.ms, t.seq, CASE WHEN t.lane IS NULL THEN now() END
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq)
+         ON CONFLICT (wp_id) DO NOTHING
+         RETURNING wp_id",
+    )
+    .bind(col(|s| Some(s.wp_id.clone())))
+    .bind(col(|s| s.agent_id.clone()))
+    .bind(col(|s| s.work_type.clone()))
+    .bind(col(|s| s.trigger.clone()))
+    .bind(col(|s| s.lane.clone()))
+    .bind(&fields)
+    .bind(col(|s| Some(s.source_id.clone())))
+    .bind(idx.iter().map(|i| specs[*i].source_ms).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| specs[*i].source_seq).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let existing_ids: Vec<&str> = idx.iter().map(|i| specs[*i].wp_id.as_str()).filter(|w| !inserted.contains(*w)).collect();
+    let existing: std::collections::HashMap<String, serde_json::Value> = if existing_ids.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_as("SELECT wp_id, fields FROM work_packages WHERE wp_id = ANY($1)").bind(&existing_ids).fetch_all(&mut **tx).await?.into_iter().collect()
+    };
+    Ok(idx
+        .iter()
+        .zip(fields)
+        .map(|(i, f)| {
+            let spec = &specs[*i];
+            if inserted.contains(&spec.wp_id) {
+                return IngestOutcome::Inserted;
+            }
+            match existing.get(&spec.wp_id) {
+                Some(old) => resubmission(spec, old, &f),
+                // Deleted in between (operators do not delete; kept for completeness).
+                None => IngestOutcome::Rejected(Rejection::new("conflict", format!("wp_id {} vanished while being inserted; resubmit it", spec.wp_id))),
+            }
+        })
+        .collect())
+}
+
+/// A wp_id seen before: the same fields are a producer's retry, others a conflict.
+fn resubmission(spec: &WorkPackageSpec, existing: &serde_json::Value, fields: &serde_json::Value) -> IngestOutcome {
+    if existing == fields {
+        return IngestOutcome::Duplicate;
+    }
+    IngestOutcome::Rejected(Rejection::new(
+        "conflict",
+        format!(
+            "wp_id {} was already submitted with different fields (differs in: {}); resubmit with a new wp_id or the original fields",
+            spec.wp_id,
+            differing_keys(existing, fields).join(", ")
+        ),
+    ))
+}
+
+async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) -> Result<IngestOutcome, sqlx::Error> {
+    let fields = fields_json(&spec.fields);
+    if !spec.depends_on.is_empty() {
+        // Does any dependency (transitively) depend on this work package already?
+        let closer: Option<String> = sqlx::query_scalar(
+            "WITH RECURSIVE reach(start, id) AS (
+                 SELECT d, d FROM unnest($1::text[]) AS d
+                 UNION
+                 SELECT r.start, e.depends_on FROM work_package_deps e JOIN reach r ON e.wp_id = r.id)
+             SELECT start FROM reach WHERE id = $2 LIMIT 1",
+        )
+        .bind(&spec.depends_on)
+        .bind(&spec.wp_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(dep) = closer {
+            return Ok(IngestOutcome::Rejected(Rejection::new(
+                "cycle",
+                format!(
+                    "{} depends on {dep}, which already depends (directly or transitively) on {}; remove one of the edges and resubmit",
+                    spec.wp_id, spec.wp_id
+                ),
+            )));
+        }
+    }
+    let initial = if spec.depends_on.is_empty() && spec.lane.is_none() { "ready" } else { "blocked" };
+    let inserted = sqlx::query(
+        "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
+                                    source_id, source_ms, source_seq, ready_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $2 = 'ready' THEN now() END)
+         ON CONFLICT (wp_id) DO NOTHING",
+    )
+    .bind(&spec.wp_id)
+    .bind(initial)
+    .bind(&spec.agent_id)
+    .bind(&spec.work_type)
+    .bind(&spec.trigger)
+    .bind(&spec.lane)
+    .bind(&fields)
+    .bind(&spec.source_id)
+    .bind(spec.source_ms)
+    .bind(spec.source_seq)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        let existing: serde_json::Value =
+            sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = $1").bind(&spec.wp_id).fetch_one(&mut **tx).await?;
+        return Ok(resubmission(spec, &existing, &fields));
+    }
+    if !spec.depends_on.is_empty() {
+        sqlx::query("INSERT INTO work_package_deps (wp_id, depends_on) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING")
+            .bind(&spec.wp_id)
+            .bind(&spec.depends_on)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(IngestOutcome::Inserted)
+}
+
+/// What became of a completion or failure report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportOutcome {
+    Completed,
+    RetryWait { delay_ms: u64 },
+    Failed,
+    /// The work package exists but the report is for an older attempt or was already applied.
+    Stale(String),
+    UnknownWp,
+}
+
+/// Marks a dispatched work package completed. A report for another attempt, or a repeat,
+/// changes nothing.
+pub async fn complete(
+    tx: &mut Transaction<'_, Postgres>,
+    wp_id: &str,
+    dispatch_id: Option<&str>,
+    result: Option<&str>,
+) -> Result<ReportOutcome, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE work_packages SET status = 'completed', completed_at = now(), updated_at = now(), result = $3,
+                wait_reason = NULL
+         WHERE wp_id = $1 AND status = 'dispatched' AND ($2::text IS NULL OR dispatch_id = $2)",
+    )
+    .bind(wp_id)
+    .bind(dispatch_id)
+    .bind(result)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        return Ok(ReportOutcome::Completed);
+    }
+    stale_or_unknown(tx, wp_id, dispatch_id).await
+}
+
+async fn stale_or_unknown(
+    tx: &mut Transaction<'_, Postgres>,
+    wp_id: &str,
+    dispatch_id: Option<&str>,
+) -> Result<ReportOutcome, sqlx::Error> {
+    let row = sqlx::query("SELECT status, dispatch_id FROM work_packages WHERE wp_id = $1")
+        .bind(wp_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match row {
+        None => ReportOutcome::UnknownWp,
+        Some(r) => {
+            let status: String = r.try_get("status")?;
+            let current: Option<String> = r.try_get("dispatch_id")?;
+            ReportOutcome::Stale(format!(
+                "report for {} ignored: work package is {status}, current dispatch {}",
+                dispatch_id.unwrap_or(wp_id),
+                current.as_deref().unwrap_or("none")
+            ))
+        }
+    })
+}
+
+/// Records a failure: back to `retry_wait` while attempts remain and the agent says it is
+/// retryable, else `failed`, where it holds its dependents and lane until an operator acts.
+pub async fn fail(
+    tx: &mut Transaction<'_, Postgres>,
+    wp_id: &str,
+    dispatch_id: Option<&str>,
+    error: &str,
+    retryable: bool,
+    policy: &RetryPolicy,
+) -> Result<ReportOutcome, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT attempts - retry_base AS used FROM work_packages
+         WHERE wp_id = $1 AND status = 'dispatched' AND ($2::text IS NULL OR dispatch_id = $2) FOR UPDATE",
+    )
+    .bind(wp_id)
+    .bind(dispatch_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return stale_or_unknown(tx, wp_id, dispatch_id).await };
+    let used: i32 = row.try_get("used")?;
+    let used = used.max(0) as u32;
+    if retryable && used < policy.max_attempts {
+        let delay = policy.delay_after(used);
+        let delay_ms = delay.as_millis() as u64;
+        sqlx::query(
+            "UPDATE work_packages SET status = 'retry_wait', last_error = $2, updated_at = now(),
+                    next_attempt_at = now() + make_interval(secs => $3::float8 / 1000.0),
+                    wait_reason = 'retry after failure of attempt ' || attempts
+             WHERE wp_id = $1",
+        )
+        .bind(wp_id)
+        .bind(error)
+        .bind(delay_ms as f64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(ReportOutcome::RetryWait { delay_ms })
+    } else {
+        sqlx::query(
+            "UPDATE work_packages SET status = 'failed', last_error = $2, failed_at = now(), updated_at = now(),
+                    wait_reason = NULL
+             WHERE wp_id = $1",
+        )
+        .bind(wp_id)
+        .bind(error)
+        .execute(&mut **tx)
+        .await?;
+        Ok(ReportOutcome::Failed)
+    }
+}
+
+/// Operator retry of a `failed` or `cancelled` work package: it gets a fresh attempt budget
+/// and waits to be dispatched again. Returns false when it was in no such state.
+pub async fn retry(pool: &PgPool, wp_id: &str) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE work_packages SET status = 'blocked', retry_base = attempts, next_attempt_at = NULL,
+                failed_at = NULL, cancelled_at = NULL, wait_reason = 'retried by an operator', updated_at = now()
+         WHERE wp_id = $1 AND status IN ('failed', 'cancelled')",
+    )
+    .bind(wp_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Cancels a work package and, transitively, every work package that depends on it and has
+/// not completed. Returns the ids cancelled (empty when the wp does not exist or is done).
+pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE down(id) AS (
+             SELECT $1::text
+             UNION
+             SELECT d.wp_id FROM work_package_deps d JOIN down ON d.depends_on = down.id)
+         UPDATE work_packages w SET status = 'cancelled', cancelled_at = now(), updated_at = now(),
+                wait_reason = CASE WHEN w.wp_id = $1 THEN 'cancelled by an operator'
+                                   ELSE 'cancelled because ' || $1 || ' was cancelled' END
+         FROM down WHERE w.wp_id = down.id AND w.status NOT IN ('completed', 'cancelled')
+         RETURNING w.wp_id",
+    )
+    .bind(wp_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.
+pub async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = ANY($1)
+         UNION
+         SELECT n.wp_id FROM work_packages w
+           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
+                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
+         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
+    )
+    .bind(wp_ids)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Operator skip: the work package counts as completed without running (its result says so),
+/// so its dependents and its lane go on. Any status but `completed` may be skipped; a report
+/// that arrives later for a skipped dispatch is stale and ignored. Returns the work packages
+/// that the skip may unblock, or None when there was nothing to skip.
+pub async fn skip(pool: &PgPool, wp_id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "UPDATE work_packages SET status = 'completed', completed_at = now(), updated_at = now(),
+                result = 'skipped by an operator', wait_reason = 'skipped by an operator', next_attempt_at = NULL
+         WHERE wp_id = $1 AND status <> 'completed'",
+    )
+    .bind(wp_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Ok(None);
+    }
+    let ids = [wp_id.to_string()];
+    let unblocked = unblocked_by(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(Some(unblocked))
+}

@@ -1,0 +1,143 @@
+//! Fast takeover. Every replica keeps a lease, a key with a short TTL that it refreshes
+//! often. A consumer of the group that holds pending entries but has no live lease is dead
+//! (or paused past its lease): a survivor claims its entries at once, processes them like
+//! fresh ones, and removes it from the group so consumers do not pile up across restarts.
+//! The XAUTOCLAIM sweep in `recover` stays as the backstop.
+//!
+//! Claiming from a replica that is only paused is safe: everything downstream is idempotent
+//! (ingest by wp_id and fields, completion by dispatch_id, publication by the NX key).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::consume;
+use crate::engine::input::Input;
+use crate::engine::context::Ctx;
+use crate::{engine::recover, engine::streams};
+
+pub fn lease_key(ctx: &Ctx, consumer: &str) -> String {
+    format!("{}{}:{}", ctx.settings.lease_prefix, ctx.settings.names.group, consumer)
+}
+
+async fn refresh(ctx: &Ctx) -> redis::RedisResult<()> {
+    let mut redis = ctx.redis.clone();
+    redis::cmd("SET")
+        .arg(lease_key(ctx, &ctx.consumer))
+        .arg(chrono::Utc::now().to_rfc3339())
+        .arg("PX")
+        .arg(ctx.settings.lease_ttl.as_millis() as u64)
+        .query_async(&mut redis)
+        .await
+}
+
+pub async fn release(ctx: &Ctx) {
+    let mut redis = ctx.redis.clone();
+    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(lease_key(ctx, &ctx.consumer)).query_async(&mut redis).await;
+}
+
+/// Claims and processes every pending entry of `dead` on `input`'s stream.
+async fn take_over(ctx: &Ctx, input: Input, dead: &str) -> anyhow::Result<usize> {
+    let stream = input.stream(ctx).to_string();
+    let group = &ctx.settings.names.group;
+    let mut redis = ctx.redis.clone();
+    let mut taken = 0;
+    loop {
+        let ids: Vec<String> = streams::delivery_counts(&mut redis, &stream, group, "-", "+", ctx.settings.batch_size, dead)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(taken);
+        }
+        let v: Value = redis::cmd("XCLAIM").arg(&stream).arg(group).arg(&ctx.consumer).arg(0).arg(&ids).query_async(&mut redis).await?;
+        let mut entries = streams::parse_entries(&v);
+        // An id that comes back as nothing was either deleted from the stream or acknowledged
+        // meanwhile (by `dead` itself, resuming from a pause). Only the first is a loss to record.
+        let claimed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let missing: Vec<String> = ids.iter().filter(|id| !claimed.contains(id.as_str())).cloned().collect();
+        let mut deleted = Vec::new();
+        for id in missing {
+            let v: Value = redis::cmd("XRANGE").arg(&stream).arg(&id).arg(&id).query_async(&mut redis).await?;
+            if streams::parse_entries(&v).is_empty() {
+                deleted.push(id);
+            }
+        }
+        if !deleted.is_empty() {
+            recover::ack_deleted(ctx, &stream, &deleted).await?;
+        }
+        taken += entries.len();
+        entries = recover::split_poison(ctx, &stream, entries).await?;
+        if !entries.is_empty() {
+            consume::handle_batch(ctx, input, &entries).await?;
+        }
+    }
+}
+
+/// One pass: find consumers without a lease, take over their entries, remove them.
+pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, Instant>) -> anyhow::Result<Vec<String>> {
+    let mut redis = ctx.redis.clone();
+    let mut removed = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for input in Input::ALL {
+        for (name, _) in streams::group_consumers(&mut redis, input.stream(ctx), &ctx.settings.names.group).await? {
+            seen.insert(name);
+        }
+    }
+    seen.remove(&ctx.consumer);
+    for name in seen {
+        let alive: bool = redis::cmd("EXISTS").arg(lease_key(ctx, &name)).query_async(&mut redis).await?;
+        if alive {
+            started.remove(&name);
+            continue;
+        }
+        let since = *started.entry(name.clone()).or_insert_with(Instant::now);
+        let mut taken = 0;
+        for input in Input::ALL {
+            taken += take_over(ctx, input, &name).await?;
+        }
+        if taken > 0 {
+            tracing::warn!(consumer = %name, entries = taken, took_ms = since.elapsed().as_millis() as u64, "took over the pending entries of a consumer whose lease lapsed");
+        }
+        // A consumer that is only paused re-creates itself on its next read.
+        for input in Input::ALL {
+            let _: redis::RedisResult<i64> =
+                redis::cmd("XGROUP").arg("DELCONSUMER").arg(input.stream(ctx)).arg(&ctx.settings.names.group).arg(&name).query_async(&mut redis).await;
+        }
+        started.remove(&name);
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// Refreshes this replica's lease and looks for dead consumers, every `lease_refresh`.
+pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.settings.lease_refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut started = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        if let Err(e) = refresh(&ctx).await {
+            tracing::warn!(error = %e, "cannot refresh the lease");
+            ctx.stats.note_error();
+            continue;
+        }
+        if let Err(e) = sweep(&ctx, &mut started).await {
+            tracing::warn!(error = format!("{e:#}"), "takeover sweep failed");
+            ctx.stats.note_error();
+        }
+    }
+}
+
+/// Sets the lease once before the loops start reading, so no survivor mistakes a starting
+/// replica for a dead one.
+pub async fn acquire(ctx: &Ctx) -> redis::RedisResult<()> {
+    refresh(ctx).await
+}

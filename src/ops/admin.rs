@@ -1,0 +1,301 @@
+//! The admin API: JSON over HTTP under `/api`, described by `openapi.json` (served at
+//! `/api/openapi.json`). Reads are open, like `/metrics`; every call that changes something
+//! needs `Authorization: Bearer $GE_ADMIN_TOKEN`, and is refused outright when the replica
+//! has no token configured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engine::context::Ctx;
+use crate::engine::dispatch::{self, Scope};
+use crate::core::entry;
+use crate::engine::{config_watch, store, streams};
+use crate::ops::{actions, status};
+
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// An error answer: a status and a sentence for the operator.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<actions::OpsError> for ApiError {
+    fn from(e: actions::OpsError) -> Self {
+        tracing::warn!(error = %e, "admin API call failed");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        actions::OpsError::from(e).into()
+    }
+}
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        actions::OpsError::from(e).into()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// `Query` whose rejection is a JSON error like every other answer of the API.
+pub struct Q<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(t)) => Ok(Q(t)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
+/// One path parameter, with a JSON rejection.
+pub struct P(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for P {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(t)) => Ok(P(t)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
+fn check_limit(limit: Option<i64>, max: i64) -> Result<(), ApiError> {
+    match limit {
+        Some(n) if !(1..=max).contains(&n) => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit must be between 1 and {max}"))),
+        _ => Ok(()),
+    }
+}
+
+fn ok(v: impl serde::Serialize) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess was
+/// right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = ctx.settings.admin_token.as_deref() else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "this replica has no admin token; set GE_ADMIN_TOKEN in its environment to allow changes through the API".into(),
+        ));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same(t.trim().as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(ApiError(StatusCode::UNAUTHORIZED, "send Authorization: Bearer <GE_ADMIN_TOKEN>".into())),
+    }
+}
+
+fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
+    if entry::is_valid_wp_id(wp_id) { Ok(()) } else { Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a valid wp_id", entry::excerpt(wp_id)))) }
+}
+
+/// Dispatches what an operator's action may have made possible now, rather than at the
+/// scheduler's next sweep: `wp_ids` and whatever waits for a slot, or (None) every held
+/// work package.
+async fn nudge(ctx: &Ctx, wp_ids: Option<Vec<String>>) {
+    let scope = match wp_ids {
+        Some(wp_ids) => Scope { wp_ids, all: false, include_ready: true },
+        None => Scope::all(),
+    };
+    if let Err(e) = dispatch::round(ctx, &scope).await {
+        tracing::warn!(error = format!("{e:#}"), "dispatch after an operator action failed; the scheduler will retry");
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
+    let mut redis = ctx.redis.clone();
+    let deadletters = streams::len(&mut redis, &ctx.settings.names.deadletter).await?;
+    let counts: serde_json::Map<String, serde_json::Value> = status::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
+    let routing = ctx.routing.get();
+    ok(json!({
+        "counts": counts,
+        "deadletters": deadletters,
+        "config_version": routing.config_version,
+        "replica": ctx.consumer,
+    }))
+}
+
+async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<status::Filter>) -> ApiResult {
+    check_limit(f.limit, 100_000)?;
+    if let Some(s) = f.status.as_deref().filter(|s| !status::STATUSES.contains(s)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), status::STATUSES.join(", "))));
+    }
+    // PostgreSQL text cannot hold NUL, so no stored value has one; it would only make the
+    // query fail.
+    let filters = [&f.wp_id, &f.status, &f.lane, &f.agent, &f.prefix];
+    if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
+        return ok(Vec::<status::WpView>::new());
+    }
+    ok(status::list(&ctx.pool, &f).await?)
+}
+
+async fn one_wp(State(ctx): State<Arc<Ctx>>, P(wp_id): P) -> ApiResult {
+    valid_wp(&wp_id)?;
+    let views = status::work_packages(&ctx.pool, Some(&wp_id), 1).await?;
+    let (Some(view), Some(detail)) = (views.into_iter().next(), actions::detail(&ctx.pool, &wp_id).await?) else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no work package {wp_id}")));
+    };
+    let history = actions::history(&ctx.pool, &wp_id).await?;
+    let mut v = serde_json::to_value(view).unwrap_or_default();
+    if let (Some(obj), Ok(serde_json::Value::Object(d))) = (v.as_object_mut(), serde_json::to_value(detail)) {
+        obj.extend(d);
+        obj.insert("history".into(), serde_json::to_value(history).unwrap_or_default());
+    }
+    ok(v)
+}
+
+async fn retry(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    valid_wp(&wp_id)?;
+    if !store::retry(&ctx.pool, &wp_id).await? {
+        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is not failed or cancelled (or does not exist); nothing to retry")));
+    }
+    tracing::info!(wp_id = %wp_id, "retried by an operator");
+    nudge(&ctx, Some(vec![wp_id.clone()])).await;
+    ok(json!({ "wp_id": wp_id, "retried": true }))
+}
+
+async fn cancel(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    valid_wp(&wp_id)?;
+    let cancelled = store::cancel(&ctx.pool, &wp_id).await?;
+    if cancelled.is_empty() {
+        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is already completed or cancelled (or does not exist); nothing to cancel")));
+    }
+    tracing::info!(wp_id = %wp_id, cascade = cancelled.len(), "cancelled by an operator");
+    // A cancelled work package counts as done for its lane: its successor may go.
+    nudge(&ctx, None).await;
+    ok(json!({ "wp_id": wp_id, "cancelled": cancelled }))
+}
+
+async fn skip(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    valid_wp(&wp_id)?;
+    let Some(unblocked) = store::skip(&ctx.pool, &wp_id).await? else {
+        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is already completed (or does not exist); nothing to skip")));
+    };
+    tracing::info!(wp_id = %wp_id, "skipped by an operator");
+    nudge(&ctx, Some(unblocked.clone())).await;
+    ok(json!({ "wp_id": wp_id, "skipped": true, "may_unblock": unblocked }))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterQuery {
+    limit: Option<i64>,
+    reason: Option<String>,
+}
+
+async fn list_deadletters(State(ctx): State<Arc<Ctx>>, Q(q): Q<DeadLetterQuery>) -> ApiResult {
+    let mut redis = ctx.redis.clone();
+    check_limit(q.limit, 10_000)?;
+    let reason = q.reason.as_deref().filter(|r| !r.is_empty());
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    ok(actions::deadletters(&mut redis, &ctx.settings.names.deadletter, limit, reason).await?)
+}
+
+/// `ms-seq`, digits only: anything else Redis would refuse, and that is the caller's error.
+fn valid_stream_id(id: &str) -> Result<(), ApiError> {
+    let digits = |s: &str| (1..=19).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    match id.split_once('-') {
+        Some((ms, seq)) if digits(ms) && digits(seq) => Ok(()),
+        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a stream entry id (like 1700000000000-0)", entry::excerpt(id)))),
+    }
+}
+
+async fn requeue_one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(id): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    valid_stream_id(&id)?;
+    let mut redis = ctx.redis.clone();
+    let outcome = actions::requeue(&mut redis, &ctx.settings.names, &id).await?;
+    match &outcome {
+        actions::Requeue::Requeued { stream, new_id, .. } => {
+            tracing::info!(deadletter_id = %id, stream = %stream, new_id = %new_id, "dead letter requeued by an operator");
+            ok(outcome)
+        }
+        actions::Requeue::NotFound { .. } => Err(ApiError(StatusCode::NOT_FOUND, format!("no dead letter {id} (already requeued?)"))),
+        actions::Requeue::Empty { .. } => Err(ApiError(StatusCode::CONFLICT, format!("dead letter {id} has no original fields to send again"))),
+    }
+}
+
+async fn requeue_all(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Q(q): Q<DeadLetterQuery>) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    let mut redis = ctx.redis.clone();
+    let outcomes = actions::requeue_all(&mut redis, &ctx.settings.names, q.reason.as_deref().filter(|r| !r.is_empty())).await?;
+    let requeued = outcomes.iter().filter(|o| matches!(o, actions::Requeue::Requeued { .. })).count();
+    tracing::info!(requeued, "dead letters requeued by an operator");
+    ok(json!({ "requeued": requeued, "results": outcomes }))
+}
+
+async fn agents(State(ctx): State<Arc<Ctx>>) -> ApiResult {
+    ok(actions::agents(&ctx.pool, &ctx.routing.get()).await?)
+}
+
+async fn replicas(State(ctx): State<Arc<Ctx>>) -> ApiResult {
+    let mut redis = ctx.redis.clone();
+    // Three missed heartbeats (of this replica's interval) make a replica not live.
+    let stale = (ctx.settings.health_interval * 3).max(Duration::from_secs(3));
+    ok(actions::replicas(&mut redis, &ctx.settings.names.health, stale, 1000).await?)
+}
+
+async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    // This replica reloads now, so the answer says whether the file was taken; the others
+    // follow the signal.
+    let taken = config_watch::reload(&ctx);
+    let mut redis = ctx.redis.clone();
+    let receivers = streams::request_reload(&mut redis, &ctx.settings.names.reload_channel).await?;
+    let routing = ctx.routing.get();
+    if !taken {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the routing file is invalid and was refused (see the replica's log); routing {} stays in force", routing.config_version),
+        ));
+    }
+    nudge(&ctx, None).await;
+    ok(json!({ "config_version": routing.config_version, "signalled": receivers }))
+}
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/overview", get(overview))
+        .route("/api/work-packages", get(list_wps))
+        .route("/api/work-packages/{wp_id}", get(one_wp))
+        .route("/api/work-packages/{wp_id}/retry", post(retry))
+        .route("/api/work-packages/{wp_id}/cancel", post(cancel))
+        .route("/api/work-packages/{wp_id}/skip", post(skip))
+        .route("/api/deadletters", get(list_deadletters))
+        .route("/api/deadletters/requeue", post(requeue_all))
+        .route("/api/deadletters/{id}/requeue", post(requeue_one))
+        .route("/api/agents", get(agents))
+        .route("/api/replicas", get(replicas))
+        .route("/api/reload", post(reload))
+        .with_state(ctx)
+}

@@ -1,0 +1,137 @@
+//! `/metrics` in the Prometheus text format: what the replica recorded (see
+//! `engine::metrics`), then gauges read at scrape time. Gauges (stream lag, pending entries, work packages
+//! by status, in-flight and capacity per agent) are read from Redis and PostgreSQL at scrape
+//! time and rendered directly, so a consumer that left or an agent that was removed does not
+//! linger as a stale series.
+
+use std::fmt::Write as _;
+
+use sqlx::Row;
+
+use crate::engine::input::Input;
+use crate::engine::context::{Ctx, Stats};
+use crate::engine::streams;
+
+/// Escapes a label value for the text format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn num(v: f64) -> String {
+    if v.is_infinite() { if v > 0.0 { "+Inf".into() } else { "-Inf".into() } } else { format!("{v}") }
+}
+
+/// Gauge families rendered at scrape time.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
+        if l.is_empty() {
+            let _ = writeln!(self.0, "{name} {}", num(v));
+        } else {
+            let _ = writeln!(self.0, "{name}{{{}}} {}", l.join(","), num(v));
+        }
+    }
+}
+
+/// The lag of the group on a stream (`XINFO GROUPS`, Redis 7+): entries not yet delivered.
+async fn group_lag(con: &mut redis::aio::ConnectionManager, stream: &str, group: &str) -> redis::RedisResult<Option<f64>> {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(con).await?;
+    for g in groups {
+        let name: Option<String> = g.get("name").and_then(|v| redis::from_redis_value_ref(v).ok());
+        if name.as_deref() == Some(group) {
+            return Ok(g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).map(|n| n as f64));
+        }
+    }
+    Ok(None)
+}
+
+/// The whole exposition: recorded counters and histograms, then gauges read now. A source
+/// that does not answer leaves its families out and sets `ge_scrape_errors`.
+pub async fn render(ctx: &Ctx) -> String {
+    let mut out = Out(String::new());
+    let mut errors = 0u32;
+    let names = &ctx.settings.names;
+    let mut redis = ctx.redis.clone();
+
+    out.family("ge_stream_lag", "gauge", "Entries of an input stream not yet delivered to the consumer group.");
+    for input in Input::ALL {
+        let s = input.stream(ctx);
+        match group_lag(&mut redis, s, &names.group).await {
+            Ok(Some(lag)) => out.sample("ge_stream_lag", &[("stream", s)], lag),
+            Ok(None) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    out.family("ge_pending_entries", "gauge", "Entries delivered but not yet acknowledged, per stream and consumer.");
+    for input in Input::ALL {
+        let s = input.stream(ctx);
+        match streams::pending_summary(&mut redis, s, &names.group).await {
+            Ok(p) => {
+                for (c, n) in p.consumers {
+                    out.sample("ge_pending_entries", &[("stream", s), ("consumer", &c)], n as f64);
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    match streams::len(&mut redis, &names.deadletter).await {
+        Ok(n) => {
+            out.family("ge_deadletter_entries", "gauge", "Entries in the dead-letter stream.");
+            out.sample("ge_deadletter_entries", &[], n as f64);
+        }
+        Err(_) => errors += 1,
+    }
+
+    match sqlx::query("SELECT status, count(*) AS n FROM work_packages GROUP BY status").fetch_all(&ctx.pool).await {
+        Ok(rows) => {
+            out.family("ge_work_packages", "gauge", "Work packages by status.");
+            let mut by: std::collections::BTreeMap<String, i64> =
+                crate::ops::status::STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+            for r in rows {
+                if let (Ok(s), Ok(n)) = (r.try_get::<String, _>("status"), r.try_get::<i64, _>("n")) {
+                    by.insert(s, n);
+                }
+            }
+            for (s, n) in by {
+                out.sample("ge_work_packages", &[("status", &s)], n as f64);
+            }
+        }
+        Err(_) => errors += 1,
+    }
+
+    let routing = ctx.routing.get();
+    match crate::ops::actions::in_flight(&ctx.pool).await {
+        Ok(in_flight) => {
+            out.family("ge_agent_in_flight", "gauge", "Work packages dispatched to an agent and not yet reported.");
+            for agent in routing.agents.keys() {
+                out.sample("ge_agent_in_flight", &[("agent", agent)], in_flight.get(agent).copied().unwrap_or(0) as f64);
+            }
+        }
+        Err(_) => errors += 1,
+    }
+    out.family("ge_agent_capacity", "gauge", "max_in_flight of an agent (+Inf: no cap; 0: disabled).");
+    for (agent, spec) in &routing.agents {
+        let cap = if !spec.enabled { 0.0 } else { spec.max_in_flight.map(f64::from).unwrap_or(f64::INFINITY) };
+        out.sample("ge_agent_capacity", &[("agent", agent)], cap);
+    }
+
+    out.family("ge_config_info", "gauge", "The routing file in force (1 for its config_version).");
+    out.sample("ge_config_info", &[("config_version", &routing.config_version)], 1.0);
+    out.family("ge_config_reload_failures_total", "counter", "Reloads refused because the routing file was invalid.");
+    out.sample("ge_config_reload_failures_total", &[], Stats::get(&ctx.stats.reload_failures) as f64);
+    out.family("ge_scrape_errors", "gauge", "Sources that did not answer during this scrape.");
+    out.sample("ge_scrape_errors", &[], f64::from(errors));
+
+    let mut text = ctx.metrics.render_recorded();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&out.0);
+    text
+}

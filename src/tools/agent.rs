@@ -1,0 +1,187 @@
+//! The reference agent: reads `triggers.NAME` with its own consumer group, runs a command once
+//! per trigger (payload on stdin, fields in the environment) and reports the outcome to
+//! `ge:work:completed` or `ge:work:failed` by exit status.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::backoff::Backoff;
+use crate::core::entry::StreamEntry;
+use crate::engine::settings::Names;
+use crate::engine::streams;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The agent's name in the routing file; it reads `triggers.NAME`.
+    pub name: String,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: String,
+    /// Consumer group of this agent on its trigger stream; default `agent-NAME`.
+    #[arg(long)]
+    pub agent_group: Option<String>,
+    #[arg(long)]
+    pub consumer: Option<String>,
+    #[command(flatten)]
+    pub names: Names,
+    /// The command to run for each trigger, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+const MAX_REPORT_BYTES: usize = 64 << 10;
+
+fn env_name(field: &str) -> String {
+    let cleaned: String = field.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("GE_{cleaned}")
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim_end();
+    if s.len() <= MAX_REPORT_BYTES {
+        return s.to_string();
+    }
+    let mut start = s.len() - MAX_REPORT_BYTES;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}
+
+/// Runs the command for one trigger and returns the report: (stream, fields).
+async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, Vec<(&'static str, String)>) {
+    let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    for (k, v) in fields {
+        if v.len() <= 128 << 10 && !v.contains('\0') {
+            cmd.env(env_name(k), v);
+        }
+    }
+    cmd.env("GE_FIELDS_JSON", serde_json::to_string(fields).unwrap_or_default());
+    let mut report = vec![("wp_id", get("wp_id")), ("dispatch_id", get("dispatch_id")), ("agent_id", args.name.clone())];
+    let outcome = async {
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {:?}", args.command[0]))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let payload = get("payload");
+            // A command that does not read stdin closes it early; that is not a failure.
+            let _ = stdin.write_all(payload.as_bytes()).await;
+        }
+        child.wait_with_output().await.context("waiting for the command")
+    }
+    .await;
+    match outcome {
+        Ok(out) if out.status.success() => {
+            report.push(("result", tail(&out.stdout)));
+            (true, report)
+        }
+        Ok(out) => {
+            let err = tail(&out.stderr);
+            report.push(("error", format!("exit status {}: {err}", out.status)));
+            report.push(("retryable", "true".into()));
+            (false, report)
+        }
+        Err(e) => {
+            report.push(("error", format!("{e:#}")));
+            report.push(("retryable", "false".into()));
+            (false, report)
+        }
+    }
+}
+
+fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
+    e.fields
+        .iter()
+        .flatten()
+        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+        .collect()
+}
+
+/// Reports and acknowledges together, so a crash cannot report twice or lose the report.
+async fn send_report(
+    con: &mut redis::aio::ConnectionManager,
+    target: &str,
+    report: &[(&'static str, String)],
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let add = pipe.cmd("XADD").arg(target).arg("*");
+    for (k, v) in report {
+        add.arg(*k).arg(v);
+    }
+    add.ignore();
+    pipe.cmd("XACK").arg(stream).arg(group).arg(id).ignore();
+    pipe.query_async::<()>(con).await
+}
+
+pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()> {
+    let client = streams::client(&args.redis_url)?;
+    let stream = args.names.trigger_stream(&args.name);
+    let group = args.agent_group.clone().unwrap_or_else(|| format!("agent-{}", args.name));
+    let consumer = args.consumer.clone().unwrap_or_else(crate::engine::settings::default_consumer_name);
+    let mut manager = streams::manager(&client).await.context("connecting to Redis")?;
+    streams::ensure_group(&mut manager, &stream, &group).await.context("creating the agent's consumer group")?;
+    tracing::info!(agent = %args.name, stream = %stream, "agent started");
+    let mut reader = None;
+    let mut backoff = Backoff::default();
+    let mut cursor = "0";
+    while !token.is_cancelled() {
+        let con = match reader.as_mut() {
+            Some(c) => c,
+            None => match streams::blocking(&client).await {
+                Ok(c) => reader.insert(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent cannot connect; retrying");
+                    backoff.wait(&token).await;
+                    continue;
+                }
+            },
+        };
+        let block = (cursor == ">").then_some(Duration::from_secs(1));
+        let entries = match streams::read_group(con, &stream, &group, &consumer, 16, block, cursor).await {
+            Ok(e) => e,
+            Err(e) => {
+                if streams::is_nogroup(&e) {
+                    let _ = streams::ensure_group(con, &stream, &group).await;
+                } else {
+                    reader = None;
+                }
+                tracing::warn!(error = %e, "agent read failed; retrying");
+                backoff.wait(&token).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            cursor = ">";
+            continue;
+        }
+        for e in &entries {
+            let fields = decode(e);
+            let (ok, report) = run_one(&args, &fields).await;
+            let target = if ok { &args.names.completed } else { &args.names.failed };
+            tracing::info!(
+                wp_id = fields.get("wp_id").map(String::as_str).unwrap_or(""),
+                dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or(""),
+                ok,
+                "trigger handled"
+            );
+            while let Err(err) = send_report(&mut manager, target, &report, &stream, &group, &e.id).await {
+                tracing::warn!(error = %err, "agent cannot report; retrying");
+                if token.is_cancelled() {
+                    return Ok(());
+                }
+                backoff.wait(&token).await;
+            }
+            backoff.reset();
+        }
+    }
+    Ok(())
+}

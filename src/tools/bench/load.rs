@@ -1,0 +1,194 @@
+//! The benchmark's side of the traffic: the work it submits, a producer that fills the
+//! incoming stream in pipelines, and fake agents that note when each trigger arrived and,
+//! when asked, complete it at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::streams;
+
+/// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// One work package to submit, and which others must finish before it may start (its
+/// dependencies and its lane predecessor), for the completion-to-dispatch latency.
+#[derive(Debug, Clone)]
+pub struct Wp {
+    pub wp_id: String,
+    pub fields: Vec<(&'static str, String)>,
+    pub prereqs: Vec<String>,
+}
+
+/// `n` independent work packages.
+pub fn independent(n: usize, prefix: &str) -> Vec<Wp> {
+    (0..n)
+        .map(|i| Wp { wp_id: format!("{prefix}{i}"), fields: vec![("work_type", "build".into())], prereqs: Vec::new() })
+        .collect()
+}
+
+/// `plans` plans of 10: a root; two lanes of three that start from it; a fan-in of both lanes;
+/// then a lane of two after the fan-in.
+pub fn plans(plans: usize, prefix: &str) -> Vec<Wp> {
+    let mut out = Vec::with_capacity(plans * 10);
+    for p in 0..plans {
+        let id = |i: usize| format!("{prefix}{p}.{i}");
+        let wp = |i: usize, lane: Option<&str>, deps: &[usize], prev: Option<usize>| {
+            let mut fields = vec![("work_type", "build".to_string())];
+            if let Some(l) = lane {
+                fields.push(("lane", format!("{prefix}{p}-{l}")));
+            }
+            if !deps.is_empty() {
+                fields.push(("depends_on", deps.iter().map(|d| id(*d)).collect::<Vec<_>>().join(",")));
+            }
+            let prereqs = deps.iter().chain(prev.iter()).map(|d| id(*d)).collect();
+            Wp { wp_id: id(i), fields, prereqs }
+        };
+        out.push(wp(0, None, &[], None));
+        out.push(wp(1, Some("a"), &[0], None));
+        out.push(wp(2, Some("a"), &[], Some(1)));
+        out.push(wp(3, Some("a"), &[], Some(2)));
+        out.push(wp(4, Some("b"), &[0], None));
+        out.push(wp(5, Some("b"), &[], Some(4)));
+        out.push(wp(6, Some("b"), &[], Some(5)));
+        out.push(wp(7, None, &[3, 6], None));
+        out.push(wp(8, Some("c"), &[7], None));
+        out.push(wp(9, Some("c"), &[], Some(8)));
+    }
+    out
+}
+
+/// Submits `wps` in stream order, in pipelines, each entry stamped with its send time. With a
+/// rate, sends a slice every 10 ms to hold it; without, as fast as Redis takes them. Returns
+/// the entry id of each work package and the time the first was sent.
+pub async fn produce(
+    con: &mut MultiplexedConnection,
+    stream: &str,
+    wps: &[Wp],
+    rate: Option<u32>,
+    token: &CancellationToken,
+) -> redis::RedisResult<(Vec<(String, String)>, u64)> {
+    const TICK: Duration = Duration::from_millis(10);
+    let chunk = match rate {
+        Some(r) => ((r as usize) / 100).max(1),
+        None => 500,
+    };
+    let started = tokio::time::Instant::now();
+    let first = now_us();
+    let mut ids = Vec::with_capacity(wps.len());
+    for (n, slice) in wps.chunks(chunk).enumerate() {
+        if token.is_cancelled() {
+            break;
+        }
+        if rate.is_some() {
+            tokio::time::sleep_until(started + TICK * n as u32).await;
+        }
+        let sent = now_us().to_string();
+        let mut pipe = redis::pipe();
+        for wp in slice {
+            let cmd = pipe.cmd("XADD").arg(stream).arg("*").arg("wp_id").arg(&wp.wp_id).arg("bench_sent_us").arg(&sent);
+            for (k, v) in &wp.fields {
+                cmd.arg(*k).arg(v);
+            }
+        }
+        let replies: Vec<String> = pipe.query_async(con).await?;
+        ids.extend(slice.iter().map(|w| w.wp_id.clone()).zip(replies));
+    }
+    Ok((ids, first))
+}
+
+/// What the fake agents saw, in microseconds of `now_us`.
+#[derive(Default)]
+pub struct AgentLog {
+    /// When each work package's trigger arrived.
+    pub seen: HashMap<String, u64>,
+    /// The trigger's `bench_sent_us`: when its incoming entry was sent.
+    pub sent: HashMap<String, u64>,
+    /// When each work package's completion was sent.
+    pub completed: HashMap<String, u64>,
+    /// Triggers per dispatch_id; more than one is a duplicate.
+    pub dispatch_ids: HashMap<String, u32>,
+}
+
+impl AgentLog {
+    pub fn duplicates(&self) -> usize {
+        self.dispatch_ids.values().filter(|n| **n > 1).count()
+    }
+}
+
+/// A fake agent on `triggers.{agent}`: records each trigger, and completes it at once when
+/// `complete` is set. Its own consumer group, as the reference agent has.
+pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
+    let stream = format!("triggers.{agent}");
+    let group = format!("bench-{agent}");
+    let Ok(mut con) = streams::blocking(&client).await else { return };
+    let _ = streams::ensure_group(&mut con, &stream, &group).await;
+    while !token.is_cancelled() {
+        let entries = match streams::read_group(&mut con, &stream, &group, "bench", 1000, Some(Duration::from_millis(200)), ">").await {
+            Ok(e) => e,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            continue;
+        }
+        let at = now_us();
+        let mut done = Vec::with_capacity(entries.len());
+        {
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &entries {
+                let get = |name: &str| {
+                    e.fields.as_ref()?.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                };
+                let (Some(wp), Some(dispatch)) = (get("wp_id"), get("dispatch_id")) else { continue };
+                *l.dispatch_ids.entry(dispatch.clone()).or_default() += 1;
+                if let Some(sent) = get("bench_sent_us").and_then(|s| s.parse().ok()) {
+                    l.sent.entry(wp.clone()).or_insert(sent);
+                }
+                l.seen.entry(wp.clone()).or_insert(at);
+                done.push((wp, dispatch));
+            }
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let mut pipe = redis::pipe();
+        if complete {
+            for (wp, dispatch) in &done {
+                pipe.cmd("XADD").arg("ge:work:completed").arg("*").arg("wp_id").arg(wp).arg("dispatch_id").arg(dispatch).arg("agent_id").arg(&agent).ignore();
+            }
+        }
+        pipe.cmd("XACK").arg(&stream).arg(&group).arg(&ids).ignore();
+        let sent_at = now_us();
+        if pipe.query_async::<()>(&mut con).await.is_ok() && complete {
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            for (wp, _) in done {
+                l.completed.entry(wp).or_insert(sent_at);
+            }
+        }
+    }
+}
+
+/// Starts one fake agent per name; they stop with `token`.
+pub fn agents(client: &redis::Client, names: &[&str], complete: bool, log: &Arc<Mutex<AgentLog>>, token: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    names.iter().map(|a| tokio::spawn(agent(client.clone(), a.to_string(), complete, log.clone(), token.clone()))).collect()
+}
+
+/// Waits until `done(log)` holds, or `timeout`. Returns whether it held.
+pub async fn wait_for(log: &Arc<Mutex<AgentLog>>, timeout: Duration, done: impl Fn(&AgentLog) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done(&log.lock().unwrap_or_else(|p| p.into_inner())) {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,360 @@
+//! `ge-orchestrator bench`: throughput, latency, takeover and memory of real replica
+//! processes, beside the Redis ceiling measured in the same run. Prints a table and, with
+//! `--json`, writes the figures for tooling. The method is in BENCHMARKS.md.
+
+mod ceiling;
+mod load;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
+use crate::tools::procs::{self, ReplicaProcs};
+use crate::engine::{store, streams};
+
+use load::{AgentLog, Wp, now_us};
+use report::{Latency, Run, Takeover};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Use this Redis instead of starting one. Its data is wiped between workloads.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Use this PostgreSQL database instead of starting one. Its work packages are wiped.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Workloads to run, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover")]
+    pub workloads: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Work packages of the route and ceiling workloads.
+    #[arg(long, default_value_t = 100_000)]
+    pub route: usize,
+    /// Plans of 10 work packages in the dag workloads.
+    #[arg(long, default_value_t = 1000)]
+    pub dag_plans: usize,
+    /// Work packages per second of dag-paced and of the takeover load.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// How long the takeover load runs; the kill comes at a third of it.
+    #[arg(long, default_value = "9s", value_parser = humantime::parse_duration)]
+    pub takeover_load: Duration,
+    /// Entries per XREADGROUP, for the replicas and the ceiling alike.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Longest wait for one workload to finish.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+const AGENTS: [&str; 4] = ["b1", "b2", "b3", "b4"];
+const ROUTING: &str = "version: 1
+agents:
+  b1: { roles: [worker] }
+  b2: { roles: [worker] }
+  b3: { roles: [worker] }
+  b4: { roles: [worker] }
+work_types:
+  build: worker
+default_agent: b1
+";
+const INCOMING: &str = "ge:work:incoming";
+
+struct Stack {
+    redis: Option<LocalRedis>,
+    postgres: Option<LocalPostgres>,
+    redis_url: String,
+    database_url: String,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Stack {
+    async fn start(args: &BenchArgs) -> anyhow::Result<Stack> {
+        let dir = std::env::temp_dir().join(format!("ge-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("routing.yaml");
+        std::fs::write(&config, ROUTING)?;
+        let (redis, redis_url) = match &args.redis_url {
+            Some(u) => (None, u.clone()),
+            None => {
+                let r = LocalRedis::start(RedisOptions::default()).await?;
+                let u = r.url();
+                (Some(r), u)
+            }
+        };
+        let (postgres, database_url) = match &args.database_url {
+            Some(u) => (None, u.clone()),
+            None => {
+                let p = LocalPostgres::start(PostgresOptions::default()).await?;
+                let u = p.create_database("bench").await?;
+                (Some(p), u)
+            }
+        };
+        Ok(Stack { redis, postgres, redis_url, database_url, dir, config })
+    }
+
+    /// Empties Redis and the work-package tables, so each workload starts alike.
+    async fn reset(&self, client: &redis::Client) -> anyhow::Result<()> {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        redis::cmd("FLUSHALL").query_async::<()>(&mut con).await?;
+        let pool = store::connect(&self.database_url, 1).await?;
+        sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events").execute(&pool).await?;
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Starts the replicas and waits until each has joined the group.
+    async fn replicas(&self, args: &BenchArgs, client: &redis::Client, name: &str) -> anyhow::Result<ReplicaProcs> {
+        let env = vec![
+            ("REDIS_URL".into(), self.redis_url.clone()),
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("GE_ROUTING_CONFIG".into(), self.config.to_string_lossy().into_owned()),
+        ];
+        let batch = args.batch_size.to_string();
+        let flags = ["--block", "1s", "--http-addr", "off", "--log-format", "json", "--batch-size", batch.as_str()];
+        let mut procs = ReplicaProcs::new(env, &flags, self.dir.clone(), name)?;
+        for slot in 0..args.replicas {
+            procs.spawn(slot)?;
+        }
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let joined = streams::group_consumers(&mut con, INCOMING, "orchestrator-group").await.unwrap_or_default();
+            if (0..procs.len()).all(|s| joined.iter().any(|(n, _)| n == procs.name(s))) {
+                return Ok(procs);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "replicas did not join the group within 30 s; logs in {}", self.dir.display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// (how many, seconds, per second) of the events in `done`, timed from `first`.
+fn throughput(done: &std::collections::HashMap<String, u64>, first: u64) -> (usize, f64, f64) {
+    let last = done.values().copied().max().unwrap_or(first);
+    let seconds = last.saturating_sub(first) as f64 / 1e6;
+    (done.len(), seconds, done.len() as f64 / seconds.max(1e-6))
+}
+
+fn rss_mb(procs: &ReplicaProcs) -> Vec<f64> {
+    (0..procs.len()).map(|s| procs.peak_rss(s).map(|b| b as f64 / 1_048_576.0).unwrap_or(0.0)).collect()
+}
+
+/// Route or ceiling: `n` independent work packages sent as fast as Redis takes them, timed from
+/// the first send to the last trigger seen.
+async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling: bool) -> anyhow::Result<Run> {
+    stack.reset(client).await?;
+    let token = CancellationToken::new();
+    let mut procs = None;
+    let mut workers = Vec::new();
+    if ceiling {
+        for i in 0..args.replicas {
+            let agents = AGENTS.iter().map(|a| a.to_string()).collect();
+            workers.push(tokio::spawn(ceiling::consumer(client.clone(), INCOMING.into(), format!("ceiling-{i}"), agents, args.batch_size, token.clone())));
+        }
+    } else {
+        procs = Some(stack.replicas(args, client, "bench-route").await?);
+    }
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let agents = load::agents(client, &AGENTS, false, &log, &token);
+    let wps = load::independent(args.route, "r");
+    let mut con = streams::blocking(client).await?;
+    let (_, first) = load::produce(&mut con, INCOMING, &wps, None, &token).await?;
+    let n = wps.len();
+    load::wait_for(&log, args.timeout, |l| l.seen.len() >= n).await;
+    token.cancel();
+    let mut run = Run { workload: if ceiling { "ceiling" } else { "route" }.into(), work_packages: n, ..Default::default() };
+    if let Some(p) = procs.as_mut() {
+        run.peak_rss_mb = rss_mb(p);
+        p.stop_all(Duration::from_secs(10)).await;
+    }
+    for w in workers {
+        if let Ok(Err(e)) = w.await {
+            anyhow::bail!("the ceiling loop failed: {e:#}");
+        }
+    }
+    for a in agents {
+        let _ = a.await;
+    }
+    let l = log.lock().unwrap_or_else(|p| p.into_inner());
+    (run.finished, run.seconds, run.wp_per_s) = throughput(&l.seen, first);
+    run.ingest_to_trigger = Some(Latency::from_us(l.seen.iter().filter_map(|(wp, at)| Some(at.saturating_sub(*l.sent.get(wp)?)))));
+    run.duplicates = l.duplicates();
+    run.lost = n - run.finished;
+    Ok(run)
+}
+
+/// Plans with lanes and dependencies, agents that complete at once; paced or as fast as it goes.
+async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Option<u32>) -> anyhow::Result<Run> {
+    stack.reset(client).await?;
+    let mut procs = stack.replicas(args, client, "bench-dag").await?;
+    let token = CancellationToken::new();
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let agents = load::agents(client, &AGENTS, true, &log, &token);
+    let wps = load::plans(args.dag_plans, "d");
+    let mut con = streams::blocking(client).await?;
+    let (_, first) = load::produce(&mut con, INCOMING, &wps, rate, &token).await?;
+    let n = wps.len();
+    load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
+    token.cancel();
+    let mut run = Run { workload: if rate.is_some() { "dag-paced" } else { "dag" }.into(), work_packages: n, ..Default::default() };
+    run.peak_rss_mb = rss_mb(&procs);
+    procs.stop_all(Duration::from_secs(10)).await;
+    for a in agents {
+        let _ = a.await;
+    }
+    let l = log.lock().unwrap_or_else(|p| p.into_inner());
+    (run.finished, run.seconds, run.wp_per_s) = throughput(&l.completed, first);
+    run.completion_to_dispatch = Some(Latency::from_us(wps.iter().filter_map(|w: &Wp| {
+        let seen = *l.seen.get(&w.wp_id)?;
+        let ready = w.prereqs.iter().map(|p| l.completed.get(p).copied()).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
+        Some(seen.saturating_sub(ready))
+    })));
+    run.duplicates = l.duplicates();
+    run.lost = n - run.finished;
+    Ok(run)
+}
+
+/// Which of `ids` in `stream` name which work package.
+async fn wp_ids_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, ids: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for id in ids {
+        let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(con).await?;
+        for e in streams::parse_entries(&v) {
+            if let Some((_, wp)) = e.fields.unwrap_or_default().into_iter().find(|(k, _)| k == b"wp_id") {
+                out.push(String::from_utf8_lossy(&wp).into_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Ids of the entries of `stream` pending at `consumer`.
+async fn pending_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, consumer: &str) -> anyhow::Result<Vec<String>> {
+    let pending = streams::delivery_counts(con, stream, "orchestrator-group", "-", "+", 100_000, consumer).await?;
+    Ok(pending.into_iter().map(|(id, _)| id).collect())
+}
+
+/// kill -9 one of the replicas under steady load; time until what it held was processed.
+async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> anyhow::Result<Run> {
+    stack.reset(client).await?;
+    let mut procs = stack.replicas(args, client, "bench-takeover").await?;
+    let token = CancellationToken::new();
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let agents = load::agents(client, &AGENTS, true, &log, &token);
+    let n = (args.takeover_load.as_secs_f64() * f64::from(args.rate)) as usize;
+    let wps = load::independent(n, "t");
+    let producer = {
+        let (client, token, rate) = (client.clone(), token.clone(), args.rate);
+        tokio::spawn(async move {
+            let mut con = streams::blocking(&client).await?;
+            load::produce(&mut con, INCOMING, &wps, Some(rate), &token).await.map_err(anyhow::Error::from)
+        })
+    };
+    tokio::time::sleep(args.takeover_load / 3).await;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let victim = procs.name(0).to_string();
+    let mut rss = rss_mb(&procs);
+    // Send the kill first: any read that lands between the pending snapshot and the kill
+    // would otherwise be missed.
+    procs.kill(0).await;
+    let (killed, killed_us) = (std::time::Instant::now(), now_us());
+    let pending_in = pending_of(&mut con, INCOMING, &victim).await?;
+    let pending_done = pending_of(&mut con, "ge:work:completed", &victim).await?;
+    let left = tokio::spawn(procs::left_group(client.clone(), victim.clone(), killed));
+    let (_, first) = producer.await.context("the takeover producer panicked")??;
+    load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
+    let pool = store::connect(&stack.database_url, 1).await?;
+    // The agents have sent every completion; lost is what PostgreSQL never records as completed.
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    while tokio::time::Instant::now() < deadline {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
+        if done >= n as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    token.cancel();
+    rss.extend(rss_mb(&procs).into_iter().skip(1));
+    procs.stop_all(Duration::from_secs(10)).await;
+    for a in agents {
+        let _ = a.await;
+    }
+    let held_in = wp_ids_of(&mut con, INCOMING, &pending_in).await?;
+    let held_done = wp_ids_of(&mut con, "ge:work:completed", &pending_done).await?;
+    // When the survivor acted on each held entry: the dispatch of an ingested work package,
+    // the completion of a reported one. Times from PostgreSQL's clock, the same machine's.
+    let processed: Option<f64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM max(t)) * 1e6)::float8 FROM (
+             SELECT dispatched_at AS t FROM work_packages WHERE wp_id = ANY($1)
+             UNION ALL SELECT completed_at FROM work_packages WHERE wp_id = ANY($2)) x",
+    )
+    .bind(&held_in)
+    .bind(&held_done)
+    .fetch_one(&pool)
+    .await?;
+    let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
+    pool.close().await;
+
+    let left_group_after_s = left.await.ok().flatten().map(|d| d.as_secs_f64());
+    let l = log.lock().unwrap_or_else(|p| p.into_inner());
+    let (finished, seconds, wp_per_s) = throughput(&l.completed, first);
+    let held = held_in.len() + held_done.len();
+    Ok(Run {
+        workload: "takeover".into(),
+        work_packages: n,
+        finished,
+        seconds,
+        wp_per_s,
+        duplicates: l.duplicates(),
+        lost: n.saturating_sub(completed.max(0) as usize),
+        peak_rss_mb: rss,
+        takeover: Some(Takeover {
+            pending_at_kill: held,
+            processed_after_s: processed.filter(|_| held > 0).map(|t| (t - killed_us as f64).max(0.0) / 1e6),
+            left_group_after_s,
+        }),
+        ..Default::default()
+    })
+}
+
+pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
+    let stack = Stack::start(&args).await?;
+    let client = streams::client(&stack.redis_url)?;
+    // Migrations once, before any replica starts.
+    store::connect(&stack.database_url, 1).await?.close().await;
+    println!("bench: {} replicas, batch {}; Redis {}, PostgreSQL {}; logs in {}", args.replicas, args.batch_size,
+        if stack.redis.is_some() { "local" } else { "given" }, if stack.postgres.is_some() { "local" } else { "given" }, stack.dir.display());
+    let mut runs = Vec::new();
+    for w in &args.workloads {
+        if token.is_cancelled() {
+            break;
+        }
+        let run = match w.as_str() {
+            "route" => route(&args, &stack, &client, false).await?,
+            "ceiling" => route(&args, &stack, &client, true).await?,
+            "dag" => dag(&args, &stack, &client, None).await?,
+            "dag-paced" => dag(&args, &stack, &client, Some(args.rate)).await?,
+            "takeover" => takeover(&args, &stack, &client).await?,
+            other => anyhow::bail!("unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover)"),
+        };
+        println!("  {}", report::line(&run));
+        runs.push(run);
+    }
+    let report = report::Report::new(args.replicas, args.batch_size, runs);
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.sound() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

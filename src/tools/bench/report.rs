@@ -1,0 +1,174 @@
+//! The benchmark's results: one line per workload as it finishes, then a table of every figure
+//! beside its target, and the same as JSON.
+
+use serde::Serialize;
+
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub(crate) fn from_us(samples: impl Iterator<Item = u64>) -> Latency {
+        let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) else { return Latency::default() };
+        for s in samples {
+            let _ = h.record(s.max(1));
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// The figures of one workload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Run {
+    pub workload: String,
+    pub work_packages: usize,
+    /// Work packages whose trigger (route, ceiling) or completion (dag) was seen.
+    pub finished: usize,
+    pub seconds: f64,
+    pub wp_per_s: f64,
+    /// route and ceiling: from sending the incoming entry to seeing its trigger.
+    pub ingest_to_trigger: Option<Latency>,
+    /// dag: from the completion of a work package's last prerequisite to its trigger.
+    pub completion_to_dispatch: Option<Latency>,
+    pub duplicates: usize,
+    pub lost: usize,
+    /// Peak RSS of each replica, in MB.
+    pub peak_rss_mb: Vec<f64>,
+    pub takeover: Option<Takeover>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Takeover {
+    /// Entries of the killed replica pending at the kill (incoming and completed streams).
+    pub pending_at_kill: usize,
+    /// From the kill until the last of those was processed by the survivor.
+    pub processed_after_s: Option<f64>,
+    /// From the kill until the dead consumer left the group.
+    pub left_group_after_s: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub name: &'static str,
+    pub target: String,
+    pub measured: Option<f64>,
+    pub unit: &'static str,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub replicas: usize,
+    pub batch_size: usize,
+    pub runs: Vec<Run>,
+    /// route WP/s divided by ceiling WP/s.
+    pub route_ceiling_ratio: Option<f64>,
+    pub targets: Vec<Target>,
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs, {model}")
+}
+
+pub fn line(r: &Run) -> String {
+    let lat = r
+        .ingest_to_trigger
+        .as_ref()
+        .map(|l| format!("ingest->trigger p50 {:.1} ms p99 {:.1} ms", l.p50_ms, l.p99_ms))
+        .or_else(|| r.completion_to_dispatch.as_ref().map(|l| format!("completion->dispatch p50 {:.2} ms p99 {:.2} ms", l.p50_ms, l.p99_ms)))
+        .unwrap_or_default();
+    format!("{:<10} {}/{} WP in {:.2} s = {:.0} WP/s  {lat}", r.workload, r.finished, r.work_packages, r.seconds, r.wp_per_s)
+}
+
+impl Report {
+    pub fn new(replicas: usize, batch_size: usize, runs: Vec<Run>) -> Report {
+        let get = |w: &str| runs.iter().find(|r| r.workload == w);
+        let ratio = match (get("route"), get("ceiling")) {
+            (Some(r), Some(c)) if c.wp_per_s > 0.0 => Some(r.wp_per_s / c.wp_per_s),
+            _ => None,
+        };
+        let takeover = get("takeover").and_then(|r| r.takeover.as_ref()).and_then(|t| t.processed_after_s.or(t.left_group_after_s));
+        let rss = runs.iter().flat_map(|r| r.peak_rss_mb.iter().copied()).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        let at_least = |name, target: f64, measured: Option<f64>, unit| Target {
+            name,
+            target: format!(">= {target}"),
+            measured,
+            unit,
+            met: measured.map(|m| m >= target),
+        };
+        let at_most = |name, target: f64, measured: Option<f64>, unit| Target {
+            name,
+            target: format!("<= {target}"),
+            measured,
+            unit,
+            met: measured.map(|m| m <= target),
+        };
+        let targets = vec![
+            at_least("route throughput", 30_000.0, get("route").map(|r| r.wp_per_s), "WP/s"),
+            at_least("route / ceiling", 0.3, ratio, "ratio"),
+            at_most("completion->dispatch p99 (dag-paced)", 5.0, get("dag-paced").and_then(|r| r.completion_to_dispatch.as_ref()).map(|l| l.p99_ms), "ms"),
+            at_most("peak RSS per replica", 50.0, rss, "MB"),
+            at_most("takeover after kill -9", 3.0, takeover, "s"),
+        ];
+        Report { machine: machine(), replicas, batch_size, runs, route_ceiling_ratio: ratio, targets }
+    }
+
+    /// Every workload finished with nothing lost or doubled. Speed is reported, not judged.
+    pub fn sound(&self) -> bool {
+        self.runs.iter().all(|r| r.lost == 0 && r.duplicates == 0 && r.finished == r.work_packages)
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = format!("\nmachine: {}; {} replicas, batch {}\n\n", self.machine, self.replicas, self.batch_size);
+        s += &format!("{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n", "workload", "WP", "WP/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "dup", "peak RSS MB");
+        for r in &self.runs {
+            let l = r.ingest_to_trigger.as_ref().or(r.completion_to_dispatch.as_ref());
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+            let rss = r.peak_rss_mb.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / ");
+            s += &format!(
+                "{:<10} {:>8} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
+                r.workload, r.finished, r.wp_per_s, f(l.map(|l| l.p50_ms)), f(l.map(|l| l.p99_ms)), f(l.map(|l| l.p999_ms)), f(l.map(|l| l.max_ms)), r.lost, r.duplicates,
+                if rss.is_empty() { "-".into() } else { rss }
+            );
+        }
+        s += "\nlatency: route and ceiling from sending the incoming entry to seeing its trigger (queueing included);\n         dag from the completion of the last prerequisite to seeing the next trigger.\n";
+        if let Some(t) = self.runs.iter().find_map(|r| r.takeover.as_ref()) {
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+            s += &format!(
+                "takeover: {} entries pending at the kill, processed {} after it; the dead consumer left the group after {}\n",
+                t.pending_at_kill, f(t.processed_after_s), f(t.left_group_after_s)
+            );
+        }
+        s += "\ntarget                                  goal       measured   met\n";
+        for t in &self.targets {
+            let m = t.measured.map(|m| format!("{m:.2} {}", t.unit)).unwrap_or_else(|| "-".into());
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            };
+            s += &format!("{:<39} {:<10} {:<10} {met}\n", t.name, t.target, m);
+        }
+        s
+    }
+}

@@ -1,0 +1,385 @@
+//! `ge-orchestrator chaos`: N replica processes and fake agents under load, with faults
+//! injected at random moments — kill -9 of a replica (then a restart), SIGSTOP past its lease
+//! and SIGCONT, a Redis restart (AOF, fsync always), a PostgreSQL restart — and, at the end,
+//! the invariants of `chaos_check`. Bounded in time; prints a table, optionally JSON.
+
+mod check;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use check::{AgentLog, Observed, Submitted};
+use crate::tools::procs::{self, ReplicaProcs};
+use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
+use crate::{engine::store, engine::streams};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosArgs {
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Work packages submitted per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Mean time between faults.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub fault_interval: Duration,
+    /// Fault kinds to inject.
+    #[arg(long, value_delimiter = ',', default_value = "kill,stop,redis,postgres")]
+    pub faults: Vec<String>,
+    /// One bad entry (dead-lettered on purpose) per this many work packages.
+    #[arg(long, default_value_t = 50)]
+    pub bad_every: u32,
+    /// Longest wait for the work to finish after the faults stop.
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Short sweep intervals, so the backstop also gets exercised within a run.
+const REPLICA_ARGS: [&str; 14] = [
+    "--block", "1s", "--http-addr", "off", "--scheduler-interval", "200ms", "--recover-interval", "5s",
+    "--claim-min-idle", "5s", "--republish-after", "2s", "--log-format", "json",
+];
+const AGENTS: [&str; 3] = ["w1", "w2", "w3"];
+const ROUTING: &str = "version: 1
+agents:
+  w1: { roles: [worker] }
+  w2: { roles: [worker] }
+  w3: { roles: [worker] }
+work_types:
+  build: worker
+default_agent: w1
+retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
+";
+
+/// A fake agent: completes every trigger at once and records what it saw.
+async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
+    let stream = format!("triggers.{agent}");
+    let group = format!("agent-{agent}");
+    let mut conn = None;
+    let mut cursor = "0";
+    while !token.is_cancelled() {
+        let con = match conn.as_mut() {
+            Some(c) => c,
+            None => match streams::blocking(&client).await {
+                Ok(c) => conn.insert(c),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = streams::ensure_group(con, &stream, &group).await;
+        let block = (cursor == ">").then_some(Duration::from_millis(500));
+        let entries = match streams::read_group(con, &stream, &group, "chaos", 64, block, cursor).await {
+            Ok(e) => e,
+            Err(_) => {
+                conn = None;
+                cursor = "0";
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            cursor = ">";
+            continue;
+        }
+        for e in entries {
+            let fields: HashMap<String, String> = e
+                .fields
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                .collect();
+            let (Some(wp), Some(dispatch)) = (fields.get("wp_id"), fields.get("dispatch_id")) else { continue };
+            {
+                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                if l.received.contains_key(dispatch) {
+                    l.redelivered += 1;
+                } else {
+                    l.received.insert(dispatch.clone(), (wp.clone(), Instant::now()));
+                }
+            }
+            loop {
+                // Stamped before sending: the orchestrator may act on the completion (and the
+                // next trigger reach another agent) before this call returns.
+                let sending = Instant::now();
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("XADD").arg("ge:work:completed").arg("*").arg("wp_id").arg(wp).arg("dispatch_id").arg(dispatch).arg("agent_id").arg(agent).ignore()
+                    .cmd("XACK").arg(&stream).arg(&group).arg(&e.id).ignore();
+                let sent = match conn.as_mut() {
+                    Some(c) => pipe.query_async::<()>(c).await.is_ok(),
+                    None => false,
+                };
+                if sent {
+                    log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
+                    break;
+                }
+                if token.is_cancelled() {
+                    return;
+                }
+                conn = streams::blocking(&client).await.ok();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// XADD with retries, as a producer does while Redis restarts.
+async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, fields: &[(String, String)]) {
+    loop {
+        if con.is_none() {
+            *con = streams::blocking(client).await.ok();
+        }
+        if let Some(c) = con.as_mut() {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg("ge:work:incoming").arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            if cmd.query_async::<String>(c).await.is_ok() {
+                return;
+            }
+        }
+        *con = None;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Plans of 10: five in a lane (lanes shared between plans), four fanned out from the first,
+/// one fan-in. Plus, now and then, an entry that must be dead-lettered.
+async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submitted>>, token: CancellationToken) {
+    let mut con = None;
+    let per_wp = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let mut n = 0u64;
+    let mut count = 0u32;
+    while !token.is_cancelled() {
+        let plan = format!("p{n}");
+        let lane = format!("lane-{}", n % 7);
+        for i in 0..10 {
+            let wp = format!("{plan}.{i}");
+            let mut fields = vec![("wp_id".to_string(), wp.clone()), ("work_type".to_string(), "build".to_string())];
+            let mut deps = Vec::new();
+            match i {
+                0..=4 => fields.push(("lane".into(), lane.clone())),
+                5..=8 => deps.push(format!("{plan}.0")),
+                _ => deps.extend((5..=8).map(|d| format!("{plan}.{d}"))),
+            }
+            if !deps.is_empty() {
+                fields.push(("depends_on".into(), deps.join(",")));
+            }
+            xadd(&client, &mut con, &fields).await;
+            {
+                let mut s = submitted.lock().unwrap_or_else(|p| p.into_inner());
+                s.wp_ids.push(wp.clone());
+                if i <= 4 {
+                    s.lanes.entry(lane.clone()).or_default().push(wp.clone());
+                }
+                s.deps.extend(deps.into_iter().map(|d| (wp.clone(), d)));
+            }
+            count += 1;
+            if count.is_multiple_of(args.bad_every.max(1)) {
+                let bad = format!("bad-{count}");
+                // An agent name no routing file has: dead-lettered as unknown_agent.
+                xadd(&client, &mut con, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
+                submitted.lock().unwrap_or_else(|p| p.into_inner()).bad.insert(bad);
+            }
+            tokio::time::sleep(per_wp).await;
+        }
+        n += 1;
+    }
+}
+
+pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut redis = LocalRedis::start(RedisOptions { persistent: true, ..Default::default() }).await?;
+    let mut postgres = LocalPostgres::start(PostgresOptions::default()).await?;
+    let database_url = postgres.create_database("chaos").await?;
+    let dir = tempfile_dir()?;
+    let config = dir.join("routing.yaml");
+    std::fs::write(&config, ROUTING)?;
+    let pool = store::connect(&database_url, 2).await?;
+    let client = redis::Client::open(redis.url())?;
+
+    let env = vec![
+        ("REDIS_URL".into(), redis.url()),
+        ("DATABASE_URL".into(), database_url.clone()),
+        ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
+    ];
+    let mut replicas = ReplicaProcs::new(env, &REPLICA_ARGS, dir.clone(), "chaos")?;
+    for slot in 0..args.replicas {
+        replicas.spawn(slot)?;
+    }
+    println!("chaos: {} replicas, {} WP/s for {:?}, a fault every ~{:?} ({}); logs in {}", args.replicas, args.rate, args.duration, args.fault_interval, args.faults.join(","), dir.display());
+
+    let work = CancellationToken::new();
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let submitted = Arc::new(Mutex::new(Submitted::default()));
+    let mut tasks = Vec::new();
+    for agent in AGENTS {
+        tasks.push(tokio::spawn(fake_agent(client.clone(), agent, log.clone(), work.clone())));
+    }
+    let load_token = CancellationToken::new();
+    let loader = tokio::spawn(load(client.clone(), args.clone(), submitted.clone(), load_token.clone()));
+
+    let mut faults: HashMap<&'static str, u32> = HashMap::new();
+    let mut takeovers = Vec::new();
+    let mut rng = rand::rng();
+    // Kinds take turns, from a random start, so even a short run injects every kind; the
+    // replica and the moment are random.
+    let mut turn = rng.random_range(0..args.faults.len().max(1));
+    while started.elapsed() < args.duration && !token.is_cancelled() {
+        let wait = args.fault_interval.mul_f64(rng.random_range(0.5..1.5));
+        tokio::time::sleep(wait).await;
+        let kind = args.faults[turn % args.faults.len()].clone();
+        turn += 1;
+        let slot = rng.random_range(0..args.replicas);
+        match kind.as_str() {
+            "kill" => {
+                let name = replicas.kill(slot).await;
+                takeovers.push(tokio::spawn(procs::left_group(client.clone(), name, Instant::now())));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                replicas.spawn(slot)?;
+                *faults.entry("kill -9 + restart").or_default() += 1;
+            }
+            "stop" => {
+                replicas.signal(slot, libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                replicas.signal(slot, libc::SIGCONT);
+                *faults.entry("SIGSTOP 3s + SIGCONT").or_default() += 1;
+            }
+            "redis" => {
+                redis.kill();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                redis.restart().await?;
+                *faults.entry("Redis kill -9 + restart").or_default() += 1;
+            }
+            "postgres" => {
+                postgres.kill();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                postgres.restart().await?;
+                *faults.entry("PostgreSQL kill -9 + restart").or_default() += 1;
+            }
+            other => anyhow::bail!("unknown fault kind {other:?} (kill, stop, redis, postgres)"),
+        }
+    }
+    load_token.cancel();
+    let _ = loader.await;
+
+    // Let the work drain.
+    let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
+    let settle_start = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+        if done >= total || settle_start.elapsed() > args.settle || token.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A moment more for stragglers (duplicates, late dead letters) to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let drained = settle_start.elapsed();
+    work.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    replicas.stop_all(Duration::from_secs(15)).await;
+
+    let observed = observe(&pool, &client).await?;
+    let (invariants, submitted_count, bad_count, redelivered) = {
+        let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
+        let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        (check::check(&sub, &log, &observed), sub.wp_ids.len(), sub.bad.len(), log.redelivered)
+    };
+    let mut times: Vec<Duration> = Vec::new();
+    let mut unmeasured = 0;
+    for t in takeovers {
+        match t.await {
+            Ok(Some(d)) => times.push(d),
+            _ => unmeasured += 1,
+        }
+    }
+    times.sort();
+
+    println!("\nfaults injected ({} in {:.0} s):", faults.values().sum::<u32>(), args.duration.as_secs_f64());
+    let mut kinds: Vec<_> = faults.iter().collect();
+    kinds.sort();
+    for (k, n) in kinds {
+        println!("  {k:<32} {n}");
+    }
+    println!("\ninvariants ({submitted_count} work packages, {bad_count} bad inputs, drained {:.1} s after the faults stopped):", drained.as_secs_f64());
+    for i in &invariants {
+        println!("  {:<46} {:<6}  {}", i.name, if i.held { "held" } else { "BROKEN" }, i.detail);
+    }
+    let p = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
+    println!("\ntakeover after kill -9 (until the dead consumer's entries are taken over and it left the group):");
+    println!("  kills {}  p50 {}  max {}{}", times.len(), p(0.5), p(1.0), if unmeasured > 0 { format!("  ({unmeasured} not measured)") } else { String::new() });
+    println!("  agent redeliveries after Redis restarts: {redelivered}");
+
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "duration_s": args.duration.as_secs_f64(),
+            "replicas": args.replicas,
+            "work_packages": submitted_count,
+            "bad_inputs": bad_count,
+            "faults": faults,
+            "invariants": invariants,
+            "takeover_s": { "count": times.len(), "p50": times.get(times.len() / 2).map(Duration::as_secs_f64), "max": times.last().map(Duration::as_secs_f64) },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let ok = invariants.iter().all(|i| i.held);
+    println!("\n{}", if ok { "chaos: all invariants held" } else { "chaos: INVARIANTS BROKEN" });
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<Observed> {
+    use sqlx::Row;
+    let states = sqlx::query("SELECT wp_id, status, attempts FROM work_packages")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("wp_id")?, (r.try_get("status")?, r.try_get("attempts")?))))
+        .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut trigger_counts: HashMap<String, usize> = HashMap::new();
+    for agent in AGENTS {
+        let v: redis::Value = redis::cmd("XRANGE").arg(format!("triggers.{agent}")).arg("-").arg("+").query_async(&mut con).await?;
+        for e in streams::parse_entries(&v) {
+            let d = e.fields.unwrap_or_default().into_iter().find(|(k, _)| k == b"dispatch_id").map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+            *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
+        }
+    }
+    let v: redis::Value = redis::cmd("XRANGE").arg("ge:work:deadletter").arg("-").arg("+").query_async(&mut con).await?;
+    let deadletters = streams::parse_entries(&v)
+        .into_iter()
+        .map(|e| {
+            let f: HashSet<(String, String)> =
+                e.fields.unwrap_or_default().into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned())).collect();
+            let get = |name: &str| f.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+            (get("reason"), get("wp_id"))
+        })
+        .collect();
+    Ok(Observed { states, trigger_counts, deadletters })
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ge-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

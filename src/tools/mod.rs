@@ -1,0 +1,12 @@
+//! What is not the orchestrator but ships with it: the reference agent, plans and their
+//! submission, the local stack (throwaway Redis and PostgreSQL), and the chaos and benchmark
+//! harnesses.
+
+pub mod agent;
+pub mod bench;
+pub mod chaos;
+pub mod dev;
+pub mod localstack;
+pub mod plan;
+pub mod procs;
+pub mod progress;
