@@ -11,13 +11,19 @@ use tokio_util::task::TaskTracker;
 use crate::core::routing_file;
 use crate::engine::backoff::Backoff;
 use crate::engine::consume;
-use crate::engine::input::Input;
 use crate::engine::context::{Ctx, SharedRouting, Stats};
+use crate::engine::input::Input;
 use crate::engine::settings::RunSettings;
-use crate::{engine::config_watch, engine::health, ops::http, engine::recover, core::redact, engine::scheduler, engine::store, engine::streams, engine::takeover};
+use crate::{
+    core::redact, engine::config_watch, engine::health, engine::recover, engine::scheduler, engine::store, engine::streams,
+    engine::takeover, ops::http,
+};
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
-async fn connect(settings: &RunSettings, token: &CancellationToken) -> anyhow::Result<Option<(sqlx::PgPool, redis::Client, redis::aio::ConnectionManager)>> {
+async fn connect(
+    settings: &RunSettings,
+    token: &CancellationToken,
+) -> anyhow::Result<Option<(sqlx::PgPool, redis::Client, redis::aio::ConnectionManager)>> {
     let client = streams::client(&settings.conn.redis_url)?;
     let mut backoff = Backoff::default();
     let pool = loop {

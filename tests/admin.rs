@@ -19,10 +19,8 @@ async fn start(env: &TestEnv, token: Option<&str>) -> (Replica, u16) {
 }
 
 async fn trigger_of(env: &TestEnv, agent: &str, wp: &str) -> std::collections::HashMap<String, String> {
-    eventually(T, &format!("a trigger of {wp} on {agent}"), || async {
-        env.triggers(agent).await.into_iter().find(|t| t["wp_id"] == wp)
-    })
-    .await
+    eventually(T, &format!("a trigger of {wp} on {agent}"), || async { env.triggers(agent).await.into_iter().find(|t| t["wp_id"] == wp) })
+        .await
 }
 
 #[tokio::test]

@@ -31,7 +31,10 @@ async fn the_admin_api_conforms_to_its_openapi_document() {
         // schemathesis keeps a cache of past failures in its working directory.
         .current_dir(env.dir.path())
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(600), out).await.expect("schemathesis finished in time").expect("run schemathesis (scripts/setup.sh installs it)");
+    let out = tokio::time::timeout(Duration::from_secs(600), out)
+        .await
+        .expect("schemathesis finished in time")
+        .expect("run schemathesis (scripts/setup.sh installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");

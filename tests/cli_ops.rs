@@ -62,7 +62,8 @@ async fn the_cli_lists_and_requeues_dead_letters_and_skips() {
 
     let skip = cli(&env, &["skip", "c-a"]);
     assert!(skip.status.success(), "{}", String::from_utf8_lossy(&skip.stderr));
-    eventually(T, "c-b dispatched after the skip", || async { (env.status("c-b").await.as_deref() == Some("dispatched")).then_some(()) }).await;
+    eventually(T, "c-b dispatched after the skip", || async { (env.status("c-b").await.as_deref() == Some("dispatched")).then_some(()) })
+        .await;
 
     let agents = stdout(&cli(&env, &["agents"]));
     assert!(agents.lines().any(|l| l.starts_with("dolly") && l.contains("1 / no cap")), "{agents}");
@@ -76,7 +77,8 @@ async fn submit_wait_follows_the_plan_to_its_end() {
     let env = TestEnv::start(ROUTING).await;
     let replica = env.replica("cli-2");
     let plan = env.dir.path().join("plan.yaml");
-    std::fs::write(&plan, "work_packages:\n  - { wp_id: one, agent_id: dolly }\n  - { wp_id: two, agent_id: dolly, depends_on: [one] }\n").unwrap();
+    std::fs::write(&plan, "work_packages:\n  - { wp_id: one, agent_id: dolly }\n  - { wp_id: two, agent_id: dolly, depends_on: [one] }\n")
+        .unwrap();
     // A stand-in agent: completes whatever reaches dolly.
     let agent = tokio::spawn({
         let env_con = env.con.clone();
@@ -111,7 +113,15 @@ async fn submit_wait_follows_the_plan_to_its_end() {
     });
     let out = tokio::task::spawn_blocking({
         let (r, d, p) = (env.redis.url(), env.database_url.clone(), plan.clone());
-        move || Command::new(BIN).args(["submit", "--wait", "--prefix", "w."]).arg(&p).env("REDIS_URL", r).env("DATABASE_URL", d).output().unwrap()
+        move || {
+            Command::new(BIN)
+                .args(["submit", "--wait", "--prefix", "w."])
+                .arg(&p)
+                .env("REDIS_URL", r)
+                .env("DATABASE_URL", d)
+                .output()
+                .unwrap()
+        }
     })
     .await
     .unwrap();

@@ -67,7 +67,8 @@ async fn auto_agent(env: &TestEnv, expected: usize) -> HashMap<String, Vec<Strin
     let start = std::time::Instant::now();
     while seen.len() < expected {
         assert!(start.elapsed() < Duration::from_secs(90), "only {} of {expected} dispatched", seen.len());
-        let mut fresh: Vec<HashMap<String, String>> = env.all_triggers().await.into_iter().filter(|t| !seen.contains(&t["dispatch_id"])).collect();
+        let mut fresh: Vec<HashMap<String, String>> =
+            env.all_triggers().await.into_iter().filter(|t| !seen.contains(&t["dispatch_id"])).collect();
         fresh.sort_by(|a, b| a["_id"].cmp(&b["_id"]));
         let mut lanes_out: HashSet<String> = HashSet::new();
         for t in &fresh {
@@ -137,10 +138,11 @@ async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_re
     let x1 = trigger_of(&env, "x", 1).await;
     env.fail(&x1, true).await;
     wait_status(&env, "x", "retry_wait").await;
-    let wait_ms: f64 = sqlx::query_scalar("SELECT (extract(epoch FROM next_attempt_at - updated_at) * 1000)::float8 FROM work_packages WHERE wp_id = 'x'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let wait_ms: f64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM next_attempt_at - updated_at) * 1000)::float8 FROM work_packages WHERE wp_id = 'x'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert!((250.0..=400.0).contains(&wait_ms), "first backoff is the initial 300ms, got {wait_ms}");
 
     let x2 = trigger_of(&env, "x", 2).await;

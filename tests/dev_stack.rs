@@ -22,7 +22,12 @@ fn dev_runs_the_sample_plan_to_completion() {
     assert!(stdout.contains("[backend]") && stdout.contains("dispatched"), "{stdout}");
     let order: Vec<&str> = ["api-schema", "api-endpoint", "api-tests"]
         .iter()
-        .map(|wp| stdout.lines().find(|l| l.contains(&format!(".{wp} ")) && l.contains("dispatched")).unwrap_or_else(|| panic!("{wp} never dispatched: {stdout}")))
+        .map(|wp| {
+            stdout
+                .lines()
+                .find(|l| l.contains(&format!(".{wp} ")) && l.contains("dispatched"))
+                .unwrap_or_else(|| panic!("{wp} never dispatched: {stdout}"))
+        })
         .collect();
     let at = |line: &str| line.split_whitespace().next().and_then(|t| t.trim_end_matches('s').parse::<f64>().ok()).unwrap();
     assert!(at(order[0]) <= at(order[1]) && at(order[1]) <= at(order[2]), "backend lane in order: {order:?}");

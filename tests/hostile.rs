@@ -84,7 +84,8 @@ async fn hostile_entries_are_dead_lettered_and_traffic_flows() {
 
     // Ordinary traffic went through all along.
     for wp in &normal {
-        eventually(T, &format!("{wp} dispatched"), || async { (env.status(wp).await.as_deref() == Some("dispatched")).then_some(()) }).await;
+        eventually(T, &format!("{wp} dispatched"), || async { (env.status(wp).await.as_deref() == Some("dispatched")).then_some(()) })
+            .await;
     }
     eventually(T, "nothing pending", || async { (env.pending().await == 0).then_some(()) }).await;
     let dls = env.deadletters().await;

@@ -43,22 +43,26 @@ async fn batched_ingest_decides_like_one_by_one() {
     assert_eq!(first.iter().map(reason).collect::<Vec<_>>(), ["inserted", "inserted"]);
 
     // New, retry, conflict and a dependent one, all in one batch.
-    let second = store::ingest(&env.pool, &[spec("a", 3, "p", &[]), spec("x", 4, "p", &[]), spec("y", 5, "other", &[]), spec("b", 6, "p", &["a"])])
-        .await
-        .unwrap();
+    let second =
+        store::ingest(&env.pool, &[spec("a", 3, "p", &[]), spec("x", 4, "p", &[]), spec("y", 5, "other", &[]), spec("b", 6, "p", &["a"])])
+            .await
+            .unwrap();
     assert_eq!(second.iter().map(reason).collect::<Vec<_>>(), ["inserted", "duplicate", "conflict", "inserted"]);
     let IngestOutcome::Rejected(r) = &second[2] else { unreachable!() };
     assert!(r.detail.contains("payload"), "the conflict names the differing field: {}", r.detail);
 
     // One wp_id twice in a batch: the first is inserted, the second compared with it.
-    let third = store::ingest(&env.pool, &[spec("z", 7, "one", &[]), spec("z", 8, "two", &[]), spec("w", 9, "p", &[]), spec("w", 10, "p", &[])])
-        .await
-        .unwrap();
+    let third =
+        store::ingest(&env.pool, &[spec("z", 7, "one", &[]), spec("z", 8, "two", &[]), spec("w", 9, "p", &[]), spec("w", 10, "p", &[])])
+            .await
+            .unwrap();
     assert_eq!(third.iter().map(reason).collect::<Vec<_>>(), ["inserted", "conflict", "inserted", "duplicate"]);
-    let stored: serde_json::Value = sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = 'z'").fetch_one(&env.pool).await.unwrap();
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = 'z'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(stored["payload"], "one");
 
-    let ready: Vec<String> = sqlx::query_scalar("SELECT wp_id FROM work_packages WHERE status = 'ready' ORDER BY wp_id").fetch_all(&env.pool).await.unwrap();
+    let ready: Vec<String> =
+        sqlx::query_scalar("SELECT wp_id FROM work_packages WHERE status = 'ready' ORDER BY wp_id").fetch_all(&env.pool).await.unwrap();
     assert_eq!(ready, ["a", "w", "x", "y", "z"], "no lane, no dependency: ready at once");
     let b: String = sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = 'b'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(b, "blocked");

@@ -101,7 +101,8 @@ async fn sigterm_drains_and_leaves_nothing_pending() {
 
     assert_eq!(env.pending().await, 0, "nothing left pending");
     let mut con = env.con.clone();
-    let consumers: redis::Value = redis::cmd("XINFO").arg("CONSUMERS").arg("ge:work:incoming").arg("orchestrator-group").query_async(&mut con).await.unwrap();
+    let consumers: redis::Value =
+        redis::cmd("XINFO").arg("CONSUMERS").arg("ge:work:incoming").arg("orchestrator-group").query_async(&mut con).await.unwrap();
     assert!(!format!("{consumers:?}").contains("proc-1"), "the consumer left the group: {consumers:?}");
     let health = env.entries("system.health").await;
     assert!(

@@ -10,7 +10,8 @@ use common::{ROUTING, TestEnv, eventually, free_port, http_get};
 const T: Duration = Duration::from_secs(40);
 
 async fn dispatched(env: &TestEnv, wp: &str) {
-    eventually(T, &format!("{wp} dispatched"), || async { env.all_triggers().await.into_iter().find(|t| t["wp_id"] == wp).map(|_| ()) }).await
+    eventually(T, &format!("{wp} dispatched"), || async { env.all_triggers().await.into_iter().find(|t| t["wp_id"] == wp).map(|_| ()) })
+        .await
 }
 
 async fn readiness(port: u16) -> (u16, String) {

@@ -164,4 +164,3 @@ async fn an_unconfirmed_dispatch_is_published_again_but_never_twice() {
     assert_eq!(t["dispatch_id"], "x:1");
     replica.stop().await;
 }
-

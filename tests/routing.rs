@@ -13,7 +13,9 @@ const T: Duration = Duration::from_secs(20);
 async fn routes_by_priority_and_passes_fields_through() {
     let env = TestEnv::start(ROUTING).await;
     let replica = env.replica("r1");
-    let explicit = env.submit(&[("wp_id", "e1"), ("agent_id", "dolly"), ("work_type", "implement"), ("payload", "{\"x\":1}"), ("extra", "kept")]).await;
+    let explicit = env
+        .submit(&[("wp_id", "e1"), ("agent_id", "dolly"), ("work_type", "implement"), ("payload", "{\"x\":1}"), ("extra", "kept")])
+        .await;
     env.submit(&[("wp_id", "w1"), ("work_type", "code_review"), ("trigger", "alert.disk")]).await;
     env.submit(&[("wp_id", "t1"), ("trigger", "github.pull_request.opened")]).await;
     env.submit(&[("wp_id", "t2"), ("work_type", "github.pull_request.closed")]).await;
@@ -90,7 +92,14 @@ async fn each_bad_entry_is_dead_lettered_with_its_reason() {
     let no_wp = env.report("ge:work:failed", &[("error", "x")]).await;
     {
         let mut con = env.con.clone();
-        let _: String = redis::cmd("XADD").arg("ge:work:incoming").arg("*").arg("payload").arg(&[0xffu8, 0xfe][..]).query_async(&mut con).await.unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg("ge:work:incoming")
+            .arg("*")
+            .arg("payload")
+            .arg(&[0xffu8, 0xfe][..])
+            .query_async(&mut con)
+            .await
+            .unwrap();
     }
 
     let dls = eventually(T, "nine dead letters", || async {
@@ -100,7 +109,10 @@ async fn each_bad_entry_is_dead_lettered_with_its_reason() {
     .await;
     // Entry ids are per stream, so the same id can appear in two streams.
     let reason_in = |stream: &str, id: &str| {
-        let d = dls.iter().find(|d| d["source_id"] == id && d["stream"] == stream).unwrap_or_else(|| panic!("no dead letter for {id}: {dls:?}"));
+        let d = dls
+            .iter()
+            .find(|d| d["source_id"] == id && d["stream"] == stream)
+            .unwrap_or_else(|| panic!("no dead letter for {id}: {dls:?}"));
         assert!(d["detail"].len() > 10, "a detail a person can act on: {d:?}");
         d["reason"].clone()
     };

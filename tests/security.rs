@@ -24,7 +24,23 @@ fn certificates(dir: &Path) -> TlsFiles {
     run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ge-test-ca"]);
     run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
     TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), ca: dir.join("ca.pem") }
 }
 
@@ -33,7 +49,8 @@ async fn tls_and_auth_work_and_no_password_leaks() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let tls = certificates(dir.path());
-    let mut redis = LocalRedis::start(RedisOptions { password: Some(REDIS_PW.into()), tls: Some(tls.clone()), persistent: true }).await.unwrap();
+    let mut redis =
+        LocalRedis::start(RedisOptions { password: Some(REDIS_PW.into()), tls: Some(tls.clone()), persistent: true }).await.unwrap();
     let pg = LocalPostgres::start(PostgresOptions { tls: Some(tls.clone()), ..Default::default() }).await.unwrap();
     pg.create_database("secure").await.unwrap();
     let ca = tls.ca.to_string_lossy().to_string();
@@ -60,7 +77,16 @@ async fn tls_and_auth_work_and_no_password_leaks() {
     unsafe { std::env::set_var("GE_REDIS_CA_CERT", &ca) };
     let client = ge_orchestrator::engine::streams::client(&redis.url()).unwrap();
     let mut con = ge_orchestrator::engine::streams::manager(&client).await.unwrap();
-    let _: String = redis::cmd("XADD").arg("ge:work:incoming").arg("*").arg("wp_id").arg("s1").arg("agent_id").arg("dolly").query_async(&mut con).await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("ge:work:incoming")
+        .arg("*")
+        .arg("wp_id")
+        .arg("s1")
+        .arg("agent_id")
+        .arg("dolly")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     eventually(T, "dispatched over TLS", || {
         let mut con = con.clone();
         async move {

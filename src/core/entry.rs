@@ -74,10 +74,7 @@ pub fn excerpt(s: &str) -> String {
 /// Turns raw fields into UTF-8 text, rejecting non-UTF-8, duplicates and oversize values.
 pub fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String, String>, Rejection> {
     if raw.len() > limits.max_fields {
-        return Err(Rejection::new(
-            "invalid",
-            format!("entry has {} fields; at most {} are accepted", raw.len(), limits.max_fields),
-        ));
+        return Err(Rejection::new("invalid", format!("entry has {} fields; at most {} are accepted", raw.len(), limits.max_fields)));
     }
     let mut fields = BTreeMap::new();
     for (i, (k, v)) in raw.iter().enumerate() {
@@ -89,10 +86,7 @@ pub fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String
         })?;
         let cap = if key == "payload" { limits.max_payload_bytes } else { limits.max_field_bytes };
         if value.len() > cap {
-            return Err(Rejection::new(
-                "invalid",
-                format!("field {} is {} bytes; the limit is {cap} bytes", excerpt(key), value.len()),
-            ));
+            return Err(Rejection::new("invalid", format!("field {} is {} bytes; the limit is {cap} bytes", excerpt(key), value.len())));
         }
         if key.is_empty() || key.len() > 256 {
             return Err(Rejection::new("invalid", format!("field name {} must be 1 to 256 bytes", excerpt(key))));
@@ -111,10 +105,8 @@ fn non_empty(fields: &BTreeMap<String, String>, key: &str) -> Option<String> {
 /// Validates one `ge:work:incoming` entry. Routing is decided elsewhere; this only checks
 /// that the entry is well-formed.
 pub fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
-    let raw = entry
-        .fields
-        .as_ref()
-        .ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
+    let raw =
+        entry.fields.as_ref().ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
     let (source_ms, source_seq) = parse_stream_id(&entry.id)
         .ok_or_else(|| Rejection::new("invalid", format!("stream id {} is not of the form ms-seq", excerpt(&entry.id))))?;
     let fields = decode_fields(raw, limits)?;
@@ -122,10 +114,7 @@ pub fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackag
     let wp_id = match fields.get("wp_id") {
         Some(id) if is_valid_wp_id(id) => id.clone(),
         Some(id) => {
-            return Err(Rejection::new(
-                "invalid",
-                format!("wp_id {} must match [A-Za-z0-9._:-]{{1,128}}", excerpt(id)),
-            ));
+            return Err(Rejection::new("invalid", format!("wp_id {} must match [A-Za-z0-9._:-]{{1,128}}", excerpt(id))));
         }
         // Derived from the entry id so that a redelivery of the same entry maps to the same
         // work package rather than a second one.
@@ -218,10 +207,7 @@ mod tests {
         let binary = StreamEntry { id: "1-0".into(), fields: Some(vec![(b"payload".to_vec(), vec![0xff, 0xfe])]) };
         let e = parse_incoming(&binary, &l).unwrap_err();
         assert!(e.detail.contains("UTF-8"), "{}", e.detail);
-        let dup = StreamEntry {
-            id: "1-0".into(),
-            fields: Some(vec![(b"a".to_vec(), b"1".to_vec()), (b"a".to_vec(), b"2".to_vec())]),
-        };
+        let dup = StreamEntry { id: "1-0".into(), fields: Some(vec![(b"a".to_vec(), b"1".to_vec()), (b"a".to_vec(), b"2".to_vec())]) };
         assert!(parse_incoming(&dup, &l).unwrap_err().detail.contains("twice"));
         let deleted = StreamEntry { id: "1-0".into(), fields: None };
         assert_eq!(parse_incoming(&deleted, &l).unwrap_err().reason, "deleted");

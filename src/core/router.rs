@@ -1,8 +1,8 @@
 //! The routing decision, pure: (entry fields, routing table, in-flight counts) → where it
 //! goes and why. No I/O; everything it needs is passed in.
 
-use crate::core::routing_file::{RoutingTable, TriggerTarget};
 use crate::core::entry::excerpt;
+use crate::core::routing_file::{RoutingTable, TriggerTarget};
 
 pub struct RouteRequest<'a> {
     pub agent_id: Option<&'a str>,
@@ -49,10 +49,21 @@ impl DeadLetterReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    Dispatch { agent: String, kind: RouteKind, reason: String },
+    Dispatch {
+        agent: String,
+        kind: RouteKind,
+        reason: String,
+    },
     /// Routable, but every candidate is full or disabled: wait as `ready`.
-    Wait { kind: RouteKind, candidates: Vec<String>, reason: String },
-    DeadLetter { reason: DeadLetterReason, detail: String },
+    Wait {
+        kind: RouteKind,
+        candidates: Vec<String>,
+        reason: String,
+    },
+    DeadLetter {
+        reason: DeadLetterReason,
+        detail: String,
+    },
 }
 
 fn load_of(table: &RoutingTable, agent: &str, in_flight: &impl Fn(&str) -> u32) -> String {
@@ -65,7 +76,10 @@ fn to_agent(table: &RoutingTable, agent: &str, kind: RouteKind, why: String, in_
     let Some(spec) = table.agents.get(agent) else {
         // Config validation guarantees trigger and default targets exist; only an explicit
         // agent_id can get here, and route() checks that first.
-        return Decision::DeadLetter { reason: DeadLetterReason::UnknownAgent, detail: format!("agent {} is not in the registry", excerpt(agent)) };
+        return Decision::DeadLetter {
+            reason: DeadLetterReason::UnknownAgent,
+            detail: format!("agent {} is not in the registry", excerpt(agent)),
+        };
     };
     let load = load_of(table, agent, in_flight);
     if !spec.enabled {
@@ -87,14 +101,16 @@ fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, in_fl
         .filter(|(n, a)| a.max_in_flight.is_none_or(|cap| in_flight(n) < cap))
         .min_by_key(|(n, _)| (in_flight(n), *n));
     match best {
-        Some((agent, _)) => Decision::Dispatch {
-            agent: agent.to_string(),
-            kind,
-            reason: format!("{why} -> role {role} -> {agent} (candidates: {loads})"),
-        },
+        Some((agent, _)) => {
+            Decision::Dispatch { agent: agent.to_string(), kind, reason: format!("{why} -> role {role} -> {agent} (candidates: {loads})") }
+        }
         None => {
             let disabled: Vec<&str> = all.iter().filter(|(_, a)| !a.enabled).map(|(n, _)| *n).collect();
-            let state = if disabled.len() == all.len() { format!("disabled: {}", disabled.join(", ")) } else { format!("full or disabled: {loads}") };
+            let state = if disabled.len() == all.len() {
+                format!("disabled: {}", disabled.join(", "))
+            } else {
+                format!("full or disabled: {loads}")
+            };
             Decision::Wait {
                 kind,
                 candidates: all.iter().map(|(n, _)| n.to_string()).collect(),
@@ -113,7 +129,10 @@ pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl Fn(&str)
             let known = table.agents.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
             return Decision::DeadLetter {
                 reason: DeadLetterReason::UnknownAgent,
-                detail: format!("agent_id {} is not in the routing registry (known agents: {known}); fix the agent_id or add the agent to the routing file", excerpt(agent)),
+                detail: format!(
+                    "agent_id {} is not in the routing registry (known agents: {known}); fix the agent_id or add the agent to the routing file",
+                    excerpt(agent)
+                ),
             };
         }
         return to_agent(table, agent, RouteKind::Explicit, format!("agent_id {agent}"), in_flight);
@@ -126,13 +145,19 @@ pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl Fn(&str)
     }
 
     if let Some(subject) = trigger.as_ref().or(work_type.as_ref())
-        && let Some(rule) = table.triggers.iter().find(|t| t.pattern.is_match(subject)) {
-            let why = format!("{} {} matches pattern {:?}", if trigger.is_some() { "trigger" } else { "work_type" }, excerpt(subject), rule.pattern.as_str());
-            return match &rule.target {
-                TriggerTarget::Role(role) => to_role(table, role, RouteKind::Trigger, why, in_flight),
-                TriggerTarget::Agent(agent) => to_agent(table, agent, RouteKind::Trigger, why, in_flight),
-            };
-        }
+        && let Some(rule) = table.triggers.iter().find(|t| t.pattern.is_match(subject))
+    {
+        let why = format!(
+            "{} {} matches pattern {:?}",
+            if trigger.is_some() { "trigger" } else { "work_type" },
+            excerpt(subject),
+            rule.pattern.as_str()
+        );
+        return match &rule.target {
+            TriggerTarget::Role(role) => to_role(table, role, RouteKind::Trigger, why, in_flight),
+            TriggerTarget::Agent(agent) => to_agent(table, agent, RouteKind::Trigger, why, in_flight),
+        };
+    }
 
     if let Some(default) = &table.default_agent {
         return to_agent(table, default, RouteKind::Default, "no other route applies: default_agent".into(), in_flight);

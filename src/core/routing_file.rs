@@ -216,7 +216,10 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
         if agents.contains_key(&agent.value) {
             Ok(())
         } else {
-            Err(err_at(at(agent), format!("{what} refers to agent {:?}, which is not defined under agents (agents: {agent_list})", agent.value)))
+            Err(err_at(
+                at(agent),
+                format!("{what} refers to agent {:?}, which is not defined under agents (agents: {agent_list})", agent.value),
+            ))
         }
     };
 

@@ -1,10 +1,10 @@
 //! process_completions: apply `ge:work:completed` and `ge:work:failed` reports, then dispatch
 //! what they unblock (dependents, the lane's next work package, work waiting for a slot).
 
-use crate::engine::input::Input;
+use crate::core::entry::{self, StreamEntry};
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::dispatch::{self, Scope};
-use crate::core::entry::{self, StreamEntry};
+use crate::engine::input::Input;
 use crate::engine::store::{self, ReportOutcome};
 use crate::engine::streams::{self, DeadLetter};
 
@@ -113,16 +113,20 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
 }
 
 /// (agent, route kind) of each reported work package, in the order given.
-async fn routes_of(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, reported: &[(String, bool)]) -> Result<Vec<(String, String)>, sqlx::Error> {
+async fn routes_of(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    reported: &[(String, bool)],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
     use sqlx::Row;
     if reported.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<String> = reported.iter().map(|(w, _)| w.clone()).collect();
-    let rows = sqlx::query("SELECT wp_id, coalesce(agent_id, '') AS agent, coalesce(route, '') AS route FROM work_packages WHERE wp_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
+    let rows =
+        sqlx::query("SELECT wp_id, coalesce(agent_id, '') AS agent, coalesce(route, '') AS route FROM work_packages WHERE wp_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
     let mut by: std::collections::HashMap<String, (String, String)> = std::collections::HashMap::new();
     for r in rows {
         by.insert(r.try_get("wp_id")?, (r.try_get("agent")?, r.try_get("route")?));

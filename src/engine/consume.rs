@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::context::Ctx;
 use crate::core::entry::StreamEntry;
-use crate::engine::streams;
 use crate::engine::backoff::Backoff;
+use crate::engine::context::Ctx;
 use crate::engine::input::Input;
+use crate::engine::streams;
 use crate::engine::{completions, ingest};
 
 /// Processes one batch and acknowledges it. An error means nothing of the batch was

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use anyhow::Context;
 use sqlx::Row;
 
-use crate::engine::context::{Ctx, Stats};
 use crate::core::entry::parse_stream_id;
 use crate::core::router::{self, Decision, RouteRequest};
+use crate::engine::context::{Ctx, Stats};
 use crate::engine::streams::{self, Trigger};
 
 const DISPATCH_LOCK: i64 = 0x6765_0002;
@@ -193,19 +193,12 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
             && c.order > g
         {
             waits.0.push(c.wp_id.clone());
-            waits.1.push(format!(
-                "lane order: an earlier incoming entry ({}-{}) is still being ingested",
-                g.0, g.1
-            ));
+            waits.1.push(format!("lane order: an earlier incoming entry ({}-{}) is still being ingested", g.0, g.1));
             waits.2.push("blocked".into());
             gated.push(c.wp_id.clone());
             continue;
         }
-        let req = RouteRequest {
-            agent_id: c.requested_agent.as_deref(),
-            work_type: c.work_type.as_deref(),
-            trigger: c.trigger.as_deref(),
-        };
+        let req = RouteRequest { agent_id: c.requested_agent.as_deref(), work_type: c.work_type.as_deref(), trigger: c.trigger.as_deref() };
         let load = |a: &str| in_flight.get(a).copied().unwrap_or(0);
         match router::route(&req, &routing, &load) {
             Decision::Dispatch { agent, kind, .. } => {
@@ -326,9 +319,7 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     }
     let (ids, triggers): (Vec<String>, Vec<Trigger>) = triggers.into_iter().unzip();
     let mut redis = ctx.redis.clone();
-    streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl)
-        .await
-        .context("publishing triggers")?;
+    streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl).await.context("publishing triggers")?;
     // By primary key: dispatch_id has no index of its own. SKIP LOCKED: the agent may already be
     // reporting on the work package, and a completion that holds its row in one order while this
     // waits for rows in another is a deadlock. A row skipped here is either completed already or
@@ -338,11 +329,11 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
         "UPDATE work_packages SET published = TRUE WHERE wp_id IN (
              SELECT wp_id FROM work_packages WHERE wp_id = ANY($1) AND dispatch_id = ANY($2) FOR UPDATE SKIP LOCKED)",
     )
-        .bind(&wp_ids)
-        .bind(&ids)
-        .execute(&ctx.pool)
-        .await
-        .context("recording published triggers")?;
+    .bind(&wp_ids)
+    .bind(&ids)
+    .execute(&ctx.pool)
+    .await
+    .context("recording published triggers")?;
     Ok(())
 }
 

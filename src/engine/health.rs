@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::input::Input;
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::input::Input;
 use crate::engine::streams;
 
 /// This consumer's pending entries over the three input streams.

@@ -1,10 +1,10 @@
 //! route_incoming: validate entries of `ge:work:incoming`, persist the work packages and
 //! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
 
-use crate::engine::context::Ctx;
-use crate::engine::dispatch::{self, Scope};
 use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::core::router::{self, Decision, RouteRequest};
+use crate::engine::context::Ctx;
+use crate::engine::dispatch::{self, Scope};
 use crate::engine::store::{self, IngestOutcome};
 use crate::engine::streams::{self, DeadLetter};
 
@@ -30,11 +30,8 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         };
         // Only whether it can be routed at all is decided now; which agent, given the load at
         // that moment, is decided at dispatch.
-        let req = RouteRequest {
-            agent_id: spec.agent_id.as_deref(),
-            work_type: spec.work_type.as_deref(),
-            trigger: spec.trigger.as_deref(),
-        };
+        let req =
+            RouteRequest { agent_id: spec.agent_id.as_deref(), work_type: spec.work_type.as_deref(), trigger: spec.trigger.as_deref() };
         if let Decision::DeadLetter { reason, detail } = router::route(&req, &routing, &|_| 0) {
             deadletters.push(dead(e, reason.as_str(), detail));
             continue;
@@ -48,15 +45,25 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     for ((spec, e), outcome) in specs.iter().zip(outcomes) {
         match outcome {
             IngestOutcome::Inserted => inserted.push(spec.wp_id.clone()),
-            IngestOutcome::Duplicate => tracing::debug!(wp_id = %spec.wp_id, source_id = %e.id, "resubmission of an identical work package ignored"),
+            IngestOutcome::Duplicate => {
+                tracing::debug!(wp_id = %spec.wp_id, source_id = %e.id, "resubmission of an identical work package ignored")
+            }
             IngestOutcome::Rejected(rej) => deadletters.push(dead(e, rej.reason, rej.detail)),
         }
     }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, &names.incoming, &names.group, &ids, &deadletters, &names.deadletter, ctx.settings.deadletter_maxlen)
-        .await?;
+    streams::ack_with_deadletters(
+        &mut redis,
+        &names.incoming,
+        &names.group,
+        &ids,
+        &deadletters,
+        &names.deadletter,
+        ctx.settings.deadletter_maxlen,
+    )
+    .await?;
     ctx.note_deadletters(&deadletters);
 
     // Already durable and acknowledged: a failure here only delays dispatch until the

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::consume;
-use crate::engine::input::Input;
-use crate::engine::context::Ctx;
 use crate::core::entry::StreamEntry;
+use crate::engine::consume;
+use crate::engine::context::Ctx;
+use crate::engine::input::Input;
 use crate::engine::streams::{self, DeadLetter};
 
 /// One full sweep of every input stream. Returns how many entries were taken over.
@@ -58,7 +58,8 @@ pub async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow:
         })
         .collect();
     let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
+    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen)
+        .await?;
     ctx.note_deadletters(&dls);
     Ok(())
 }
@@ -94,7 +95,8 @@ pub async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEntry>) ->
     }
     if !poison.is_empty() {
         let ids: Vec<String> = poison.iter().map(|p| p.source_id.clone()).collect();
-        streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
+        streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen)
+            .await?;
         ctx.note_deadletters(&poison);
     }
     Ok(live)

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
-use crate::core::routing_file::RetryPolicy;
 use crate::core::entry::{Rejection, WorkPackageSpec};
+use crate::core::routing_file::RetryPolicy;
 
 /// Serialises DAG inserts so two replicas cannot each add half of a cycle.
 const DAG_LOCK: i64 = 0x6765_0001;
@@ -78,7 +78,11 @@ pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<Inge
 
 /// One INSERT for the specs at `idx` (none with dependencies), then one SELECT for those that
 /// were there already, to tell a producer's retry from a conflicting resubmission.
-async fn insert_many(tx: &mut Transaction<'_, Postgres>, specs: &[WorkPackageSpec], idx: &[usize]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+async fn insert_many(
+    tx: &mut Transaction<'_, Postgres>,
+    specs: &[WorkPackageSpec],
+    idx: &[usize],
+) -> Result<Vec<IngestOutcome>, sqlx::Error> {
     if idx.is_empty() {
         return Ok(Vec::new());
     }
@@ -110,7 +114,12 @@ async fn insert_many(tx: &mut Transaction<'_, Postgres>, specs: &[WorkPackageSpe
     let existing: std::collections::HashMap<String, serde_json::Value> = if existing_ids.is_empty() {
         Default::default()
     } else {
-        sqlx::query_as("SELECT wp_id, fields FROM work_packages WHERE wp_id = ANY($1)").bind(&existing_ids).fetch_all(&mut **tx).await?.into_iter().collect()
+        sqlx::query_as("SELECT wp_id, fields FROM work_packages WHERE wp_id = ANY($1)")
+            .bind(&existing_ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect()
     };
     Ok(idx
         .iter()
@@ -123,7 +132,10 @@ async fn insert_many(tx: &mut Transaction<'_, Postgres>, specs: &[WorkPackageSpe
             match existing.get(&spec.wp_id) {
                 Some(old) => resubmission(spec, old, &f),
                 // Deleted in between (operators do not delete; kept for completeness).
-                None => IngestOutcome::Rejected(Rejection::new("conflict", format!("wp_id {} vanished while being inserted; resubmit it", spec.wp_id))),
+                None => IngestOutcome::Rejected(Rejection::new(
+                    "conflict",
+                    format!("wp_id {} vanished while being inserted; resubmit it", spec.wp_id),
+                )),
             }
         })
         .collect())
@@ -208,7 +220,9 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportOutcome {
     Completed,
-    RetryWait { delay_ms: u64 },
+    RetryWait {
+        delay_ms: u64,
+    },
     Failed,
     /// The work package exists but the report is for an older attempt or was already applied.
     Stale(String),
@@ -245,10 +259,7 @@ async fn stale_or_unknown(
     wp_id: &str,
     dispatch_id: Option<&str>,
 ) -> Result<ReportOutcome, sqlx::Error> {
-    let row = sqlx::query("SELECT status, dispatch_id FROM work_packages WHERE wp_id = $1")
-        .bind(wp_id)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let row = sqlx::query("SELECT status, dispatch_id FROM work_packages WHERE wp_id = $1").bind(wp_id).fetch_optional(&mut **tx).await?;
     Ok(match row {
         None => ReportOutcome::UnknownWp,
         Some(r) => {

@@ -36,17 +36,14 @@ pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
 /// Connection for one blocking reader. It has no response timeout: the default 500 ms would
 /// fail every `XREADGROUP ... BLOCK` longer than that and leave the connection wedged.
 pub async fn blocking(client: &Client) -> RedisResult<MultiplexedConnection> {
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(None);
+    let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
     client.get_multiplexed_async_connection_with_config(&cfg).await
 }
 
 /// Creates the group (and the stream) if needed. Starting at `0` means entries written before
 /// the first replica ever started are still delivered.
 pub async fn ensure_group<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, group: &str) -> RedisResult<()> {
-    let res: RedisResult<Value> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(con).await;
+    let res: RedisResult<Value> = redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(con).await;
     match res {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -194,15 +191,7 @@ pub async fn delivery_counts<C: redis::aio::ConnectionLike>(
     count: usize,
     consumer: &str,
 ) -> RedisResult<Vec<(String, u64)>> {
-    let v: Value = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg(group)
-        .arg(start)
-        .arg(end)
-        .arg(count)
-        .arg(consumer)
-        .query_async(con)
-        .await?;
+    let v: Value = redis::cmd("XPENDING").arg(stream).arg(group).arg(start).arg(end).arg(count).arg(consumer).query_async(con).await?;
     let Value::Array(rows) = v else { return Ok(Vec::new()) };
     Ok(rows
         .iter()

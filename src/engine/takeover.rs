@@ -15,8 +15,8 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::consume;
-use crate::engine::input::Input;
 use crate::engine::context::Ctx;
+use crate::engine::input::Input;
 use crate::{engine::recover, engine::streams};
 
 pub fn lease_key(ctx: &Ctx, consumer: &str) -> String {
@@ -105,8 +105,13 @@ pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, In
         }
         // A consumer that is only paused re-creates itself on its next read.
         for input in Input::ALL {
-            let _: redis::RedisResult<i64> =
-                redis::cmd("XGROUP").arg("DELCONSUMER").arg(input.stream(ctx)).arg(&ctx.settings.names.group).arg(&name).query_async(&mut redis).await;
+            let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(input.stream(ctx))
+                .arg(&ctx.settings.names.group)
+                .arg(&name)
+                .query_async(&mut redis)
+                .await;
         }
         started.remove(&name);
         removed.push(name);

@@ -64,7 +64,13 @@ pub async fn agents(pool: &PgPool, routing: &RoutingTable) -> Result<Vec<AgentVi
         .collect();
     let mut gone: Vec<_> = load.into_iter().collect();
     gone.sort();
-    out.extend(gone.into_iter().map(|(name, n)| AgentView { agent_id: name, roles: vec![], enabled: false, max_in_flight: Some(0), in_flight: n }));
+    out.extend(gone.into_iter().map(|(name, n)| AgentView {
+        agent_id: name,
+        roles: vec![],
+        enabled: false,
+        max_in_flight: Some(0),
+        in_flight: n,
+    }));
     Ok(out)
 }
 
@@ -141,9 +147,7 @@ pub struct ReplicaView {
 }
 
 fn text_fields(raw: &crate::core::entry::RawFields) -> BTreeMap<String, String> {
-    raw.iter()
-        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
-        .collect()
+    raw.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
 /// Replicas seen in the last `scan` heartbeats, newest first; `live` when the last one is
@@ -249,10 +253,18 @@ return {target, id}
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Requeue {
-    Requeued { id: String, stream: String, new_id: String },
-    NotFound { id: String },
+    Requeued {
+        id: String,
+        stream: String,
+        new_id: String,
+    },
+    NotFound {
+        id: String,
+    },
     /// A dead letter with no original fields (e.g. `deleted`) has nothing to send again.
-    Empty { id: String },
+    Empty {
+        id: String,
+    },
 }
 
 pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, id: &str) -> Result<Requeue, redis::RedisError> {
@@ -277,7 +289,11 @@ pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, 
 
 /// Requeues every dead letter (of one reason, if given), oldest first so the incoming order
 /// is kept. Returns what became of each.
-pub async fn requeue_all<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, reason: Option<&str>) -> Result<Vec<Requeue>, redis::RedisError> {
+pub async fn requeue_all<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    names: &Names,
+    reason: Option<&str>,
+) -> Result<Vec<Requeue>, redis::RedisError> {
     let mut all = deadletters(con, &names.deadletter, 100_000, reason).await?;
     all.reverse();
     let mut out = Vec::with_capacity(all.len());

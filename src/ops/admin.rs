@@ -15,9 +15,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::core::entry;
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
-use crate::core::entry;
 use crate::engine::{config_watch, store, streams};
 use crate::ops::{actions, status};
 
@@ -109,7 +109,11 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
-    if entry::is_valid_wp_id(wp_id) { Ok(()) } else { Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a valid wp_id", entry::excerpt(wp_id)))) }
+    if entry::is_valid_wp_id(wp_id) {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a valid wp_id", entry::excerpt(wp_id))))
+    }
 }
 
 /// Dispatches what an operator's action may have made possible now, rather than at the
@@ -132,7 +136,8 @@ async fn openapi() -> Response {
 async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     let mut redis = ctx.redis.clone();
     let deadletters = streams::len(&mut redis, &ctx.settings.names.deadletter).await?;
-    let counts: serde_json::Map<String, serde_json::Value> = status::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
+    let counts: serde_json::Map<String, serde_json::Value> =
+        status::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
     let routing = ctx.routing.get();
     ok(json!({
         "counts": counts,
@@ -145,7 +150,10 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
 async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<status::Filter>) -> ApiResult {
     check_limit(f.limit, 100_000)?;
     if let Some(s) = f.status.as_deref().filter(|s| !status::STATUSES.contains(s)) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), status::STATUSES.join(", "))));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("unknown status {}; one of {}", entry::excerpt(s), status::STATUSES.join(", ")),
+        ));
     }
     // PostgreSQL text cannot hold NUL, so no stored value has one; it would only make the
     // query fail.
@@ -187,7 +195,10 @@ async fn cancel(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) ->
     valid_wp(&wp_id)?;
     let cancelled = store::cancel(&ctx.pool, &wp_id).await?;
     if cancelled.is_empty() {
-        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is already completed or cancelled (or does not exist); nothing to cancel")));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("{wp_id} is already completed or cancelled (or does not exist); nothing to cancel"),
+        ));
     }
     tracing::info!(wp_id = %wp_id, cascade = cancelled.len(), "cancelled by an operator");
     // A cancelled work package counts as done for its lane: its successor may go.
@@ -240,7 +251,9 @@ async fn requeue_one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(id): P) 
             ok(outcome)
         }
         actions::Requeue::NotFound { .. } => Err(ApiError(StatusCode::NOT_FOUND, format!("no dead letter {id} (already requeued?)"))),
-        actions::Requeue::Empty { .. } => Err(ApiError(StatusCode::CONFLICT, format!("dead letter {id} has no original fields to send again"))),
+        actions::Requeue::Empty { .. } => {
+            Err(ApiError(StatusCode::CONFLICT, format!("dead letter {id} has no original fields to send again")))
+        }
     }
 }
 
@@ -275,7 +288,10 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
     if !taken {
         return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the routing file is invalid and was refused (see the replica's log); routing {} stays in force", routing.config_version),
+            format!(
+                "the routing file is invalid and was refused (see the replica's log); routing {} stays in force",
+                routing.config_version
+            ),
         ));
     }
     nudge(&ctx, None).await;

@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use sqlx::Row;
 
-use crate::engine::input::Input;
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::input::Input;
 use crate::engine::streams;
 
 /// Escapes a label value for the text format.
@@ -91,8 +91,7 @@ pub async fn render(ctx: &Ctx) -> String {
     match sqlx::query("SELECT status, count(*) AS n FROM work_packages GROUP BY status").fetch_all(&ctx.pool).await {
         Ok(rows) => {
             out.family("ge_work_packages", "gauge", "Work packages by status.");
-            let mut by: std::collections::BTreeMap<String, i64> =
-                crate::ops::status::STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+            let mut by: std::collections::BTreeMap<String, i64> = crate::ops::status::STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
             for r in rows {
                 if let (Ok(s), Ok(n)) = (r.try_get::<String, _>("status"), r.try_get::<i64, _>("n")) {
                     by.insert(s, n);

@@ -10,8 +10,8 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::backoff::Backoff;
 use crate::core::entry::StreamEntry;
+use crate::engine::backoff::Backoff;
 use crate::engine::settings::Names;
 use crate::engine::streams;
 
@@ -95,11 +95,7 @@ async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, 
 }
 
 fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
-    e.fields
-        .iter()
-        .flatten()
-        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
-        .collect()
+    e.fields.iter().flatten().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
 /// Reports and acknowledges together, so a crash cannot report twice or lose the report.

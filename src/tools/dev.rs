@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
-use crate::{core::routing_file, tools::plan, ops::status, engine::store, engine::streams};
+use crate::{core::routing_file, engine::store, engine::streams, ops::status, tools::plan};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DevArgs {
@@ -114,7 +114,8 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
     };
     let config_path = args.config.to_string_lossy().to_string();
     // The dashboard's actions need a token; a local stack makes one up unless given one.
-    let admin_token = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| format!("dev-{:016x}", rand::random::<u64>()));
+    let admin_token =
+        std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| format!("dev-{:016x}", rand::random::<u64>()));
     let env = [
         ("REDIS_URL", redis_url.as_str()),
         ("DATABASE_URL", database_url.as_str()),
@@ -128,7 +129,8 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
     let mut ports = Vec::new();
     for i in 1..=args.replicas {
         let name = format!("replica-{i}");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).context("finding a free port")?;
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).context("finding a free port")?;
         let http = format!("127.0.0.1:{port}");
         let settings = ["run", "--consumer", name.as_str(), "--block", "1s", "--log-format", "json", "--http-addr", http.as_str()];
         stack.children.push(spawn(&args.log_dir, &name, &settings, &env)?);
@@ -142,7 +144,12 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
         let a = ["agent", agent.as_str(), "--", "sh", "-c", args.agent_command.as_str()];
         stack.children.push(spawn(&args.log_dir, &name, &a, &env)?);
     }
-    println!("{} replicas and {} demo agents running; logs in {}/", args.replicas, stack.children.len() - args.replicas, args.log_dir.display());
+    println!(
+        "{} replicas and {} demo agents running; logs in {}/",
+        args.replicas,
+        stack.children.len() - args.replicas,
+        args.log_dir.display()
+    );
     println!("dashboards (also /metrics, /api): {}", ports.join("  "));
     println!("admin token for the dashboard's actions: {admin_token}");
 

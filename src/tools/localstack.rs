@@ -58,9 +58,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
-        .unwrap_or(None)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file())).unwrap_or(None)
 }
 
 pub fn find_redis_server() -> anyhow::Result<PathBuf> {
@@ -434,7 +432,9 @@ impl LocalPostgres {
         use sqlx::Executor;
         let pool = sqlx::PgPool::connect(&self.url()).await.context("connecting to the local postgres")?;
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"))).await.with_context(|| format!("creating database {name}"))?;
+        pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
         pool.close().await;
         Ok(format!("postgres://postgres@127.0.0.1:{}/{name}", self.port))
     }

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use ge_orchestrator::engine::settings::RunSettings;
+use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
@@ -47,9 +47,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh Redis, a fresh database and a routing file with `routing` in it.
     pub async fn start(routing: &str) -> TestEnv {
-        let pg = POSTGRES
-            .get_or_init(|| async { LocalPostgres::start(PostgresOptions::default()).await.expect("start postgres") })
-            .await;
+        let pg = POSTGRES.get_or_init(|| async { LocalPostgres::start(PostgresOptions::default()).await.expect("start postgres") }).await;
         let name = format!("t_{:016x}", rand::random::<u64>());
         let database_url = pg.create_database(&name).await.expect("create database");
         Self::with(routing, database_url, None, RedisOptions::default()).await
@@ -182,7 +180,10 @@ impl TestEnv {
     /// The trigger-kept in-flight counters (migration 0003) against a count of the rows.
     pub async fn assert_in_flight_consistent(&self) {
         let kept: Vec<(String, i32)> =
-            sqlx::query_as("SELECT agent_id, sum(n)::int4 FROM agent_in_flight GROUP BY agent_id HAVING sum(n) <> 0 ORDER BY agent_id").fetch_all(&self.pool).await.unwrap();
+            sqlx::query_as("SELECT agent_id, sum(n)::int4 FROM agent_in_flight GROUP BY agent_id HAVING sum(n) <> 0 ORDER BY agent_id")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
         let counted: Vec<(String, i32)> = sqlx::query_as(
             "SELECT agent_id, count(*)::int4 FROM work_packages WHERE status = 'dispatched' GROUP BY agent_id ORDER BY agent_id",
         )

@@ -13,7 +13,14 @@ use crate::engine::streams::{self, Trigger};
 pub const GROUP: &str = "orchestrator-group";
 
 /// One consumer of the ceiling loop; run as many as there are replicas.
-pub async fn consumer(client: redis::Client, stream: String, name: String, agents: Vec<String>, batch: usize, token: CancellationToken) -> anyhow::Result<()> {
+pub async fn consumer(
+    client: redis::Client,
+    stream: String,
+    name: String,
+    agents: Vec<String>,
+    batch: usize,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
     let mut con = streams::blocking(&client).await?;
     let mut manager = streams::manager(&client).await?;
     streams::ensure_group(&mut con, &stream, GROUP).await?;

@@ -27,9 +27,7 @@ pub struct Wp {
 
 /// `n` independent work packages.
 pub fn independent(n: usize, prefix: &str) -> Vec<Wp> {
-    (0..n)
-        .map(|i| Wp { wp_id: format!("{prefix}{i}"), fields: vec![("work_type", "build".into())], prereqs: Vec::new() })
-        .collect()
+    (0..n).map(|i| Wp { wp_id: format!("{prefix}{i}"), fields: vec![("work_type", "build".into())], prereqs: Vec::new() }).collect()
 }
 
 /// `plans` plans of 10: a root; two lanes of three that start from it; a fan-in of both lanes;
@@ -160,7 +158,16 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
         let mut pipe = redis::pipe();
         if complete {
             for (wp, dispatch) in &done {
-                pipe.cmd("XADD").arg("ge:work:completed").arg("*").arg("wp_id").arg(wp).arg("dispatch_id").arg(dispatch).arg("agent_id").arg(&agent).ignore();
+                pipe.cmd("XADD")
+                    .arg("ge:work:completed")
+                    .arg("*")
+                    .arg("wp_id")
+                    .arg(wp)
+                    .arg("dispatch_id")
+                    .arg(dispatch)
+                    .arg("agent_id")
+                    .arg(&agent)
+                    .ignore();
             }
         }
         pipe.cmd("XACK").arg(&stream).arg(&group).arg(&ids).ignore();
@@ -175,7 +182,13 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
 }
 
 /// Starts one fake agent per name; they stop with `token`.
-pub fn agents(client: &redis::Client, names: &[&str], complete: bool, log: &Arc<Mutex<AgentLog>>, token: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn agents(
+    client: &redis::Client,
+    names: &[&str],
+    complete: bool,
+    log: &Arc<Mutex<AgentLog>>,
+    token: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     names.iter().map(|a| tokio::spawn(agent(client.clone(), a.to_string(), complete, log.clone(), token.clone()))).collect()
 }
 

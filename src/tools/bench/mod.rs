@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::{store, streams};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
-use crate::engine::{store, streams};
 
 use load::{AgentLog, Wp, now_us};
 use report::{Latency, Run, Takeover};
@@ -133,7 +133,11 @@ impl Stack {
             if (0..procs.len()).all(|s| joined.iter().any(|(n, _)| n == procs.name(s))) {
                 return Ok(procs);
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "replicas did not join the group within 30 s; logs in {}", self.dir.display());
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "replicas did not join the group within 30 s; logs in {}",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -160,7 +164,14 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
     if ceiling {
         for i in 0..args.replicas {
             let agents = AGENTS.iter().map(|a| a.to_string()).collect();
-            workers.push(tokio::spawn(ceiling::consumer(client.clone(), INCOMING.into(), format!("ceiling-{i}"), agents, args.batch_size, token.clone())));
+            workers.push(tokio::spawn(ceiling::consumer(
+                client.clone(),
+                INCOMING.into(),
+                format!("ceiling-{i}"),
+                agents,
+                args.batch_size,
+                token.clone(),
+            )));
         }
     } else {
         procs = Some(stack.replicas(args, client, "bench-route").await?);
@@ -333,8 +344,14 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
     let client = streams::client(&stack.redis_url)?;
     // Migrations once, before any replica starts.
     store::connect(&stack.database_url, 1).await?.close().await;
-    println!("bench: {} replicas, batch {}; Redis {}, PostgreSQL {}; logs in {}", args.replicas, args.batch_size,
-        if stack.redis.is_some() { "local" } else { "given" }, if stack.postgres.is_some() { "local" } else { "given" }, stack.dir.display());
+    println!(
+        "bench: {} replicas, batch {}; Redis {}, PostgreSQL {}; logs in {}",
+        args.replicas,
+        args.batch_size,
+        if stack.redis.is_some() { "local" } else { "given" },
+        if stack.postgres.is_some() { "local" } else { "given" },
+        stack.dir.display()
+    );
     let mut runs = Vec::new();
     for w in &args.workloads {
         if token.is_cancelled() {

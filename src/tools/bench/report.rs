@@ -3,7 +3,6 @@
 
 use serde::Serialize;
 
-
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Latency {
@@ -95,7 +94,9 @@ pub fn line(r: &Run) -> String {
         .ingest_to_trigger
         .as_ref()
         .map(|l| format!("ingest->trigger p50 {:.1} ms p99 {:.1} ms", l.p50_ms, l.p99_ms))
-        .or_else(|| r.completion_to_dispatch.as_ref().map(|l| format!("completion->dispatch p50 {:.2} ms p99 {:.2} ms", l.p50_ms, l.p99_ms)))
+        .or_else(|| {
+            r.completion_to_dispatch.as_ref().map(|l| format!("completion->dispatch p50 {:.2} ms p99 {:.2} ms", l.p50_ms, l.p99_ms))
+        })
         .unwrap_or_default();
     format!("{:<10} {}/{} WP in {:.2} s = {:.0} WP/s  {lat}", r.workload, r.finished, r.work_packages, r.seconds, r.wp_per_s)
 }
@@ -126,7 +127,12 @@ impl Report {
         let targets = vec![
             at_least("route throughput", 30_000.0, get("route").map(|r| r.wp_per_s), "WP/s"),
             at_least("route / ceiling", 0.3, ratio, "ratio"),
-            at_most("completion->dispatch p99 (dag-paced)", 5.0, get("dag-paced").and_then(|r| r.completion_to_dispatch.as_ref()).map(|l| l.p99_ms), "ms"),
+            at_most(
+                "completion->dispatch p99 (dag-paced)",
+                5.0,
+                get("dag-paced").and_then(|r| r.completion_to_dispatch.as_ref()).map(|l| l.p99_ms),
+                "ms",
+            ),
             at_most("peak RSS per replica", 50.0, rss, "MB"),
             at_most("takeover after kill -9", 3.0, takeover, "s"),
         ];
@@ -140,14 +146,25 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut s = format!("\nmachine: {}; {} replicas, batch {}\n\n", self.machine, self.replicas, self.batch_size);
-        s += &format!("{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n", "workload", "WP", "WP/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "dup", "peak RSS MB");
+        s += &format!(
+            "{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
+            "workload", "WP", "WP/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "dup", "peak RSS MB"
+        );
         for r in &self.runs {
             let l = r.ingest_to_trigger.as_ref().or(r.completion_to_dispatch.as_ref());
             let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
             let rss = r.peak_rss_mb.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / ");
             s += &format!(
                 "{:<10} {:>8} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
-                r.workload, r.finished, r.wp_per_s, f(l.map(|l| l.p50_ms)), f(l.map(|l| l.p99_ms)), f(l.map(|l| l.p999_ms)), f(l.map(|l| l.max_ms)), r.lost, r.duplicates,
+                r.workload,
+                r.finished,
+                r.wp_per_s,
+                f(l.map(|l| l.p50_ms)),
+                f(l.map(|l| l.p99_ms)),
+                f(l.map(|l| l.p999_ms)),
+                f(l.map(|l| l.max_ms)),
+                r.lost,
+                r.duplicates,
                 if rss.is_empty() { "-".into() } else { rss }
             );
         }
@@ -156,7 +173,9 @@ impl Report {
             let f = |v: Option<f64>| v.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
             s += &format!(
                 "takeover: {} entries pending at the kill, processed {} after it; the dead consumer left the group after {}\n",
-                t.pending_at_kill, f(t.processed_after_s), f(t.left_group_after_s)
+                t.pending_at_kill,
+                f(t.processed_after_s),
+                f(t.left_group_after_s)
             );
         }
         s += "\ntarget                                  goal       measured   met\n";

@@ -36,7 +36,8 @@ pub struct Invariant {
 
 fn inv(name: &'static str, broken: &[String], ok: String) -> Invariant {
     let held = broken.is_empty();
-    let detail = if held { ok } else { format!("{} broken: {}", broken.len(), broken.iter().take(5).cloned().collect::<Vec<_>>().join("; ")) };
+    let detail =
+        if held { ok } else { format!("{} broken: {}", broken.len(), broken.iter().take(5).cloned().collect::<Vec<_>>().join("; ")) };
     Invariant { name, held, detail }
 }
 
@@ -58,7 +59,11 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
         .filter(|w| obs.states.get(*w).map(|(s, _)| s.as_str()) != Some("completed"))
         .map(|w| format!("{w} is {}", obs.states.get(w).map(|(s, _)| s.as_str()).unwrap_or("missing")))
         .collect();
-    out.push(inv("0 lost: every work package completed", &lost, format!("{} of {} completed", sub.wp_ids.len() - lost.len(), sub.wp_ids.len())));
+    out.push(inv(
+        "0 lost: every work package completed",
+        &lost,
+        format!("{} of {} completed", sub.wp_ids.len() - lost.len(), sub.wp_ids.len()),
+    ));
 
     let dups: Vec<String> = obs.trigger_counts.iter().filter(|(_, n)| **n > 1).map(|(d, n)| format!("{d} x{n}")).collect();
     out.push(inv("0 duplicate dispatch_ids", &dups, format!("{} trigger entries, all distinct", obs.trigger_counts.len())));
@@ -91,11 +96,17 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
     }
     out.push(inv("dependency and lane order", &order, format!("{} edges and {} lanes in order", sub.deps.len(), sub.lanes.len())));
 
-    let unexpected: Vec<String> = obs.deadletters.iter().filter(|(_, wp)| !sub.bad.contains(wp)).map(|(r, wp)| format!("{r} for {wp:?}")).collect();
+    let unexpected: Vec<String> =
+        obs.deadletters.iter().filter(|(_, wp)| !sub.bad.contains(wp)).map(|(r, wp)| format!("{r} for {wp:?}")).collect();
     let dead_wps: HashSet<&str> = obs.deadletters.iter().map(|(_, w)| w.as_str()).collect();
-    let missing: Vec<String> = sub.bad.iter().filter(|b| !dead_wps.contains(b.as_str())).map(|b| format!("bad entry {b} not dead-lettered")).collect();
+    let missing: Vec<String> =
+        sub.bad.iter().filter(|b| !dead_wps.contains(b.as_str())).map(|b| format!("bad entry {b} not dead-lettered")).collect();
     let all: Vec<String> = unexpected.into_iter().chain(missing).collect();
-    out.push(inv("dead letters only for the bad inputs", &all, format!("{} bad inputs, {} dead letters", sub.bad.len(), obs.deadletters.len())));
+    out.push(inv(
+        "dead letters only for the bad inputs",
+        &all,
+        format!("{} bad inputs, {} dead letters", sub.bad.len(), obs.deadletters.len()),
+    ));
     out
 }
 

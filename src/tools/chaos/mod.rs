@@ -15,10 +15,10 @@ use anyhow::Context;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use check::{AgentLog, Observed, Submitted};
-use crate::tools::procs::{self, ReplicaProcs};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
+use crate::tools::procs::{self, ReplicaProcs};
 use crate::{engine::store, engine::streams};
+use check::{AgentLog, Observed, Submitted};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
@@ -48,8 +48,20 @@ pub struct ChaosArgs {
 
 /// Short sweep intervals, so the backstop also gets exercised within a run.
 const REPLICA_ARGS: [&str; 14] = [
-    "--block", "1s", "--http-addr", "off", "--scheduler-interval", "200ms", "--recover-interval", "5s",
-    "--claim-min-idle", "5s", "--republish-after", "2s", "--log-format", "json",
+    "--block",
+    "1s",
+    "--http-addr",
+    "off",
+    "--scheduler-interval",
+    "200ms",
+    "--recover-interval",
+    "5s",
+    "--claim-min-idle",
+    "5s",
+    "--republish-after",
+    "2s",
+    "--log-format",
+    "json",
 ];
 const AGENTS: [&str; 3] = ["w1", "w2", "w3"];
 const ROUTING: &str = "version: 1
@@ -117,8 +129,21 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 let sending = Instant::now();
                 let mut pipe = redis::pipe();
                 pipe.atomic()
-                    .cmd("XADD").arg("ge:work:completed").arg("*").arg("wp_id").arg(wp).arg("dispatch_id").arg(dispatch).arg("agent_id").arg(agent).ignore()
-                    .cmd("XACK").arg(&stream).arg(&group).arg(&e.id).ignore();
+                    .cmd("XADD")
+                    .arg("ge:work:completed")
+                    .arg("*")
+                    .arg("wp_id")
+                    .arg(wp)
+                    .arg("dispatch_id")
+                    .arg(dispatch)
+                    .arg("agent_id")
+                    .arg(agent)
+                    .ignore()
+                    .cmd("XACK")
+                    .arg(&stream)
+                    .arg(&group)
+                    .arg(&e.id)
+                    .ignore();
                 let sent = match conn.as_mut() {
                     Some(c) => pipe.query_async::<()>(c).await.is_ok(),
                     None => false,
@@ -222,7 +247,15 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
-    println!("chaos: {} replicas, {} WP/s for {:?}, a fault every ~{:?} ({}); logs in {}", args.replicas, args.rate, args.duration, args.fault_interval, args.faults.join(","), dir.display());
+    println!(
+        "chaos: {} replicas, {} WP/s for {:?}, a fault every ~{:?} ({}); logs in {}",
+        args.replicas,
+        args.rate,
+        args.duration,
+        args.fault_interval,
+        args.faults.join(","),
+        dir.display()
+    );
 
     let work = CancellationToken::new();
     let log = Arc::new(Mutex::new(AgentLog::default()));
@@ -322,13 +355,27 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     for (k, n) in kinds {
         println!("  {k:<32} {n}");
     }
-    println!("\ninvariants ({submitted_count} work packages, {bad_count} bad inputs, drained {:.1} s after the faults stopped):", drained.as_secs_f64());
+    println!(
+        "\ninvariants ({submitted_count} work packages, {bad_count} bad inputs, drained {:.1} s after the faults stopped):",
+        drained.as_secs_f64()
+    );
     for i in &invariants {
         println!("  {:<46} {:<6}  {}", i.name, if i.held { "held" } else { "BROKEN" }, i.detail);
     }
-    let p = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
+    let p = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q).round() as usize)
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into())
+    };
     println!("\ntakeover after kill -9 (until the dead consumer's entries are taken over and it left the group):");
-    println!("  kills {}  p50 {}  max {}{}", times.len(), p(0.5), p(1.0), if unmeasured > 0 { format!("  ({unmeasured} not measured)") } else { String::new() });
+    println!(
+        "  kills {}  p50 {}  max {}{}",
+        times.len(),
+        p(0.5),
+        p(1.0),
+        if unmeasured > 0 { format!("  ({unmeasured} not measured)") } else { String::new() }
+    );
     println!("  agent redeliveries after Redis restarts: {redelivered}");
 
     if let Some(path) = &args.json {
@@ -361,7 +408,12 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
     for agent in AGENTS {
         let v: redis::Value = redis::cmd("XRANGE").arg(format!("triggers.{agent}")).arg("-").arg("+").query_async(&mut con).await?;
         for e in streams::parse_entries(&v) {
-            let d = e.fields.unwrap_or_default().into_iter().find(|(k, _)| k == b"dispatch_id").map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+            let d = e
+                .fields
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(k, _)| k == b"dispatch_id")
+                .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
             *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
         }
     }
@@ -369,8 +421,12 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
     let deadletters = streams::parse_entries(&v)
         .into_iter()
         .map(|e| {
-            let f: HashSet<(String, String)> =
-                e.fields.unwrap_or_default().into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned())).collect();
+            let f: HashSet<(String, String)> = e
+                .fields
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                .collect();
             let get = |name: &str| f.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
             (get("reason"), get("wp_id"))
         })
