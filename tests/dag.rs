@@ -51,7 +51,7 @@ async fn fan_out_then_fan_in() {
     wait_status(&env, "b", "completed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.status("join").await.as_deref(), Some("blocked"), "the join waits for every dependency");
-    let view = ge_orchestrator::ops::status::work_packages(&env.pool, Some("join"), 1).await.unwrap();
+    let view = ge_orchestrator::ops::reads::work_packages(&env.pool, Some("join"), 1).await.unwrap();
     assert!(view[0].why.contains("c (dispatched)"), "status says what it waits for: {}", view[0].why);
     env.complete(&fanned[2]).await;
     let join = trigger_of(&env, "join", 1).await;
@@ -155,7 +155,7 @@ async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_re
     env.fail(&x2, true).await;
     wait_status(&env, "x", "failed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let views = ge_orchestrator::ops::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let views = ge_orchestrator::ops::reads::work_packages(&env.pool, None, 10).await.unwrap();
     let why = |wp: &str| views.iter().find(|v| v.wp_id == wp).unwrap().why.clone();
     assert!(why("y").contains("lane L predecessor x (failed)"), "{}", why("y"));
     assert!(why("z").contains("x (failed)"), "{}", why("z"));
@@ -218,7 +218,7 @@ async fn max_in_flight_is_a_hard_cap_and_disabled_agents_get_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.triggers("ada").await.len(), 2, "never more than max_in_flight out");
     assert!(env.triggers("hopper").await.is_empty(), "a disabled agent gets nothing");
-    let views = ge_orchestrator::ops::status::work_packages(&env.pool, None, 10).await.unwrap();
+    let views = ge_orchestrator::ops::reads::work_packages(&env.pool, None, 10).await.unwrap();
     let w4 = views.iter().find(|v| v.wp_id == "w4").unwrap();
     assert_eq!(w4.status, "ready");
     assert!(w4.why.contains("ada"), "says which agent is full: {}", w4.why);

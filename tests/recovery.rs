@@ -77,7 +77,7 @@ async fn a_lane_waits_for_an_earlier_entry_pending_elsewhere_until_it_is_taken_o
     eventually(T, "six ingested", || async { env.status("six").await }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(env.triggers("dolly").await.is_empty(), "six must not start while five is pending with another consumer");
-    let view = ge_orchestrator::ops::status::work_packages(&env.pool, Some("six"), 1).await.unwrap();
+    let view = ge_orchestrator::ops::reads::work_packages(&env.pool, Some("six"), 1).await.unwrap();
     assert!(view[0].why.contains("still being ingested"), "{}", view[0].why);
 
     // Once the lease lapses, five is taken over; it runs first.

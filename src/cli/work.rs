@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use super::args::{DatabaseArg, redis_con};
 use crate::engine::settings::Names;
 use crate::engine::{store, streams};
-use crate::ops::status;
+use crate::ops::{reads, status};
 
 #[derive(clap::Args)]
 pub(crate) struct Status {
@@ -32,8 +32,8 @@ impl Status {
             None => None,
         };
         let overview = status::Overview {
-            counts: status::counts(&pool).await?,
-            work_packages: status::work_packages(&pool, self.wp_id.as_deref(), self.limit).await?,
+            counts: reads::counts(&pool).await?,
+            work_packages: reads::work_packages(&pool, self.wp_id.as_deref(), self.limit).await?,
             deadletters,
         };
         if self.json {

@@ -72,8 +72,10 @@ impl RetryPolicy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read the routing file: {source}")]
-    Read { file: String, source: std::io::Error },
+    /// The I/O error is part of the message, not a `source`: every caller shows the whole
+    /// error in one line, and a source would print its text twice in an error chain.
+    #[error("{file}: cannot read the routing file: {error}")]
+    Read { file: String, error: std::io::Error },
     #[error("{file}:{line}:{column}: {message}")]
     At { file: String, line: u64, column: u64, message: String },
     #[error("{file}: {message}")]
@@ -158,7 +160,7 @@ fn fnv1a(bytes: &[u8]) -> String {
 
 pub fn load(path: &Path) -> Result<RoutingTable, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { file: file.clone(), error })?;
     parse(&text, &file)
 }
 

@@ -1,17 +1,17 @@
-//! The operators' reads and actions that both the admin API and the CLI offer: a work
-//! package's history, agents with their load, live replicas from their heartbeats, and the
-//! dead-letter stream with its requeue.
+//! What both the admin API and the CLI offer beyond plain reads: agents with their load, live
+//! replicas from their heartbeats, and the dead-letter stream with its requeue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::Value;
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::core::routing_file::RoutingTable;
 use crate::engine::settings::Names;
 use crate::engine::streams;
+use crate::ops::reads;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -19,22 +19,6 @@ pub enum OpsError {
     Db(#[from] sqlx::Error),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
-}
-
-/// Work packages dispatched and not yet reported, per agent.
-pub async fn in_flight(pool: &PgPool) -> Result<HashMap<String, u32>, sqlx::Error> {
-    let rows = sqlx::query("SELECT agent_id, count(*)::int4 AS n FROM work_packages WHERE status = 'dispatched' GROUP BY agent_id")
-        .fetch_all(pool)
-        .await?;
-    let mut out = HashMap::new();
-    for r in rows {
-        let agent: Option<String> = r.try_get("agent_id")?;
-        let n: i32 = r.try_get("n")?;
-        if let Some(a) = agent {
-            out.insert(a, n.max(0) as u32);
-        }
-    }
-    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,7 +34,7 @@ pub struct AgentView {
 /// Every agent of the routing in force, plus any agent that still has work in flight but was
 /// removed from the routing file (so that work does not become invisible).
 pub async fn agents(pool: &PgPool, routing: &RoutingTable) -> Result<Vec<AgentView>, sqlx::Error> {
-    let mut load = in_flight(pool).await?;
+    let mut load = reads::in_flight(pool).await?;
     let mut out: Vec<AgentView> = routing
         .agents
         .iter()
@@ -72,65 +56,6 @@ pub async fn agents(pool: &PgPool, routing: &RoutingTable) -> Result<Vec<AgentVi
         in_flight: n,
     }));
     Ok(out)
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HistoryEvent {
-    /// RFC 3339, UTC.
-    pub at: String,
-    pub status: String,
-    pub agent_id: Option<String>,
-    pub dispatch_id: Option<String>,
-    pub detail: Option<String>,
-}
-
-pub async fn history(pool: &PgPool, wp_id: &str) -> Result<Vec<HistoryEvent>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at, status, agent_id, dispatch_id, detail
-         FROM work_package_events WHERE wp_id = $1 ORDER BY id",
-    )
-    .bind(wp_id)
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(HistoryEvent {
-                at: r.try_get("at")?,
-                status: r.try_get("status")?,
-                agent_id: r.try_get("agent_id")?,
-                dispatch_id: r.try_get("dispatch_id")?,
-                detail: r.try_get("detail")?,
-            })
-        })
-        .collect()
-}
-
-/// What only the one-work-package view shows: its fields, result and last error.
-#[derive(Debug, Clone, Serialize)]
-pub struct WpDetail {
-    pub fields: serde_json::Value,
-    pub result: Option<String>,
-    pub last_error: Option<String>,
-    pub created_at: String,
-}
-
-pub async fn detail(pool: &PgPool, wp_id: &str) -> Result<Option<WpDetail>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT fields, result, last_error, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created
-         FROM work_packages WHERE wp_id = $1",
-    )
-    .bind(wp_id)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|r| {
-        Ok(WpDetail {
-            fields: r.try_get("fields")?,
-            result: r.try_get("result")?,
-            last_error: r.try_get("last_error")?,
-            created_at: r.try_get("created")?,
-        })
-    })
-    .transpose()
 }
 
 #[derive(Debug, Clone, Serialize)]

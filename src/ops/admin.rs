@@ -16,10 +16,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::core::entry;
+use crate::core::status::STATUSES;
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::{config_watch, store, streams};
-use crate::ops::{actions, status};
+use crate::ops::{actions, reads};
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
@@ -137,7 +138,7 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     let mut redis = ctx.redis.clone();
     let deadletters = streams::len(&mut redis, &ctx.settings.names.deadletter).await?;
     let counts: serde_json::Map<String, serde_json::Value> =
-        status::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
+        reads::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
     let routing = ctx.routing.get();
     ok(json!({
         "counts": counts,
@@ -147,30 +148,27 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     }))
 }
 
-async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<status::Filter>) -> ApiResult {
+async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiResult {
     check_limit(f.limit, 100_000)?;
-    if let Some(s) = f.status.as_deref().filter(|s| !status::STATUSES.contains(s)) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("unknown status {}; one of {}", entry::excerpt(s), status::STATUSES.join(", ")),
-        ));
+    if let Some(s) = f.status.as_deref().filter(|s| !STATUSES.contains(s)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), STATUSES.join(", "))));
     }
     // PostgreSQL text cannot hold NUL, so no stored value has one; it would only make the
     // query fail.
     let filters = [&f.wp_id, &f.status, &f.lane, &f.agent, &f.prefix];
     if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
-        return ok(Vec::<status::WpView>::new());
+        return ok(Vec::<reads::WpView>::new());
     }
-    ok(status::list(&ctx.pool, &f).await?)
+    ok(reads::list(&ctx.pool, &f).await?)
 }
 
 async fn one_wp(State(ctx): State<Arc<Ctx>>, P(wp_id): P) -> ApiResult {
     valid_wp(&wp_id)?;
-    let views = status::work_packages(&ctx.pool, Some(&wp_id), 1).await?;
-    let (Some(view), Some(detail)) = (views.into_iter().next(), actions::detail(&ctx.pool, &wp_id).await?) else {
+    let views = reads::work_packages(&ctx.pool, Some(&wp_id), 1).await?;
+    let (Some(view), Some(detail)) = (views.into_iter().next(), reads::detail(&ctx.pool, &wp_id).await?) else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no work package {wp_id}")));
     };
-    let history = actions::history(&ctx.pool, &wp_id).await?;
+    let history = reads::history(&ctx.pool, &wp_id).await?;
     let mut v = serde_json::to_value(view).unwrap_or_default();
     if let (Some(obj), Ok(serde_json::Value::Object(d))) = (v.as_object_mut(), serde_json::to_value(detail)) {
         obj.extend(d);

@@ -6,11 +6,11 @@
 
 use std::fmt::Write as _;
 
-use sqlx::Row;
-
+use crate::core::status::STATUSES;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::input::Input;
 use crate::engine::streams;
+use crate::ops::reads;
 
 /// Escapes a label value for the text format.
 fn esc(v: &str) -> String {
@@ -88,15 +88,11 @@ pub async fn render(ctx: &Ctx) -> String {
         Err(_) => errors += 1,
     }
 
-    match sqlx::query("SELECT status, count(*) AS n FROM work_packages GROUP BY status").fetch_all(&ctx.pool).await {
-        Ok(rows) => {
+    match reads::counts(&ctx.pool).await {
+        Ok(counts) => {
             out.family("ge_work_packages", "gauge", "Work packages by status.");
-            let mut by: std::collections::BTreeMap<String, i64> = crate::ops::status::STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
-            for r in rows {
-                if let (Ok(s), Ok(n)) = (r.try_get::<String, _>("status"), r.try_get::<i64, _>("n")) {
-                    by.insert(s, n);
-                }
-            }
+            let mut by: std::collections::BTreeMap<String, i64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+            by.extend(counts);
             for (s, n) in by {
                 out.sample("ge_work_packages", &[("status", &s)], n as f64);
             }
@@ -105,7 +101,7 @@ pub async fn render(ctx: &Ctx) -> String {
     }
 
     let routing = ctx.routing.get();
-    match crate::ops::actions::in_flight(&ctx.pool).await {
+    match reads::in_flight(&ctx.pool).await {
         Ok(in_flight) => {
             out.family("ge_agent_in_flight", "gauge", "Work packages dispatched to an agent and not yet reported.");
             for agent in routing.agents.keys() {

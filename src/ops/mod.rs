@@ -5,4 +5,5 @@ pub mod actions;
 pub mod admin;
 pub mod http;
 pub mod metrics;
+pub mod reads;
 pub mod status;

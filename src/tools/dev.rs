@@ -11,8 +11,11 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::routing_file;
+use crate::engine::{store, streams};
+use crate::ops::reads;
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
-use crate::{core::routing_file, engine::store, engine::streams, ops::status, tools::plan};
+use crate::tools::plan;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DevArgs {
@@ -92,7 +95,7 @@ fn spawn(log_dir: &std::path::Path, name: &str, args: &[&str], env: &[(&str, &st
 }
 
 pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
-    let routing = routing_file::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let routing = routing_file::load(&args.config)?;
     let plan = plan::Plan::load(&args.plan)?;
     std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
 
@@ -189,7 +192,7 @@ async fn watch(
     let mut last: HashMap<String, String> = HashMap::new();
     let deadline = Duration::from_secs(300);
     loop {
-        let views = status::work_packages(pool, None, 100_000).await?;
+        let views = reads::work_packages(pool, None, 100_000).await?;
         let mut finished = 0;
         let mut failed = 0;
         for v in views.iter().filter(|v| ids.contains(&v.wp_id)) {

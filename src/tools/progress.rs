@@ -6,21 +6,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::status::FINISHED;
-
-/// Status of each of `ids` (absent: not ingested yet).
-async fn statuses(pool: &PgPool, ids: &[String]) -> Result<BTreeMap<String, String>, sqlx::Error> {
-    let rows = sqlx::query("SELECT wp_id, status FROM work_packages WHERE wp_id = ANY($1)").bind(ids).fetch_all(pool).await?;
-    rows.iter().map(|r| Ok((r.try_get("wp_id")?, r.try_get("status")?))).collect()
-}
+use crate::core::status::{FINISHED, STATUSES};
+use crate::ops::reads;
 
 /// "3 completed, 1 dispatched, 2 blocked": the counts, in the order of a work package's life.
 fn summary(st: &BTreeMap<String, String>, total: usize) -> String {
     let mut parts = Vec::new();
-    for s in crate::ops::status::STATUSES {
+    for s in STATUSES {
         let n = st.values().filter(|v| v.as_str() == s).count();
         if n > 0 {
             parts.push(format!("{n} {s}"));
@@ -44,7 +39,7 @@ pub async fn wait_for_plan(pool: &PgPool, ids: &[String], token: CancellationTok
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let st = loop {
-        let st = statuses(pool, ids).await?;
+        let st = reads::statuses_of(pool, ids).await?;
         let finished = st.values().filter(|s| FINISHED.contains(&s.as_str())).count();
         bar.set_position(finished as u64);
         let mut msg = summary(&st, ids.len());
