@@ -11,9 +11,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::StreamEntry;
-use crate::engine::backoff::Backoff;
 use crate::engine::settings::Names;
-use crate::engine::streams;
+use crate::engine::streams::{self, Reader, Trouble};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -126,39 +125,12 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
     let mut manager = streams::manager(&client).await.context("connecting to Redis")?;
     streams::ensure_group(&mut manager, &stream, &group).await.context("creating the agent's consumer group")?;
     tracing::info!(agent = %args.name, stream = %stream, "agent started");
-    let mut reader = None;
-    let mut backoff = Backoff::default();
-    let mut cursor = "0";
-    while !token.is_cancelled() {
-        let con = match reader.as_mut() {
-            Some(c) => c,
-            None => match streams::blocking(&client).await {
-                Ok(c) => reader.insert(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent cannot connect; retrying");
-                    backoff.wait(&token).await;
-                    continue;
-                }
-            },
-        };
-        let block = (cursor == ">").then_some(Duration::from_secs(1));
-        let entries = match streams::read_group(con, &stream, &group, &consumer, 16, block, cursor).await {
-            Ok(e) => e,
-            Err(e) => {
-                if streams::is_nogroup(&e) {
-                    let _ = streams::ensure_group(con, &stream, &group).await;
-                } else {
-                    reader = None;
-                }
-                tracing::warn!(error = %e, "agent read failed; retrying");
-                backoff.wait(&token).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
-        }
+    let mut reader = Reader::new(client, &stream, &group, &consumer, 16, Duration::from_secs(1)).on_trouble(|trouble| match trouble {
+        Trouble::Connect(e) => tracing::warn!(error = %e, "agent cannot connect; retrying"),
+        Trouble::GroupMissing(e) | Trouble::Read(e) => tracing::warn!(error = %e, "agent read failed; retrying"),
+        Trouble::GroupRecreated(_) => {}
+    });
+    while let Some(entries) = reader.next(&token).await {
         for e in &entries {
             let fields = decode(e);
             let (ok, report) = run_one(&args, &fields).await;
@@ -174,9 +146,9 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
                 if token.is_cancelled() {
                     return Ok(());
                 }
-                backoff.wait(&token).await;
+                reader.backoff.wait(&token).await;
             }
-            backoff.reset();
+            reader.backoff.reset();
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::streams::{self, Trigger};
+use crate::engine::streams::{self, Reader, Trigger};
 
 pub const GROUP: &str = "orchestrator-group";
 
@@ -21,15 +21,11 @@ pub async fn consumer(
     batch: usize,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut con = streams::blocking(&client).await?;
     let mut manager = streams::manager(&client).await?;
-    streams::ensure_group(&mut con, &stream, GROUP).await?;
+    streams::ensure_group(&mut manager, &stream, GROUP).await?;
+    let mut reader = Reader::new(client, &stream, GROUP, &name, batch, Duration::from_millis(200)).new_entries_only();
     let mut next_agent = 0usize;
-    while !token.is_cancelled() {
-        let entries = streams::read_group(&mut con, &stream, GROUP, &name, batch, Some(Duration::from_millis(200)), ">").await?;
-        if entries.is_empty() {
-            continue;
-        }
+    while let Some(entries) = reader.next(&token).await {
         let triggers: Vec<Trigger> = entries
             .iter()
             .map(|e| {

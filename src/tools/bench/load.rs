@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::streams;
+use crate::engine::streams::{self, Reader};
 
 /// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
 pub fn now_us() -> u64 {
@@ -124,19 +124,10 @@ impl AgentLog {
 pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
     let stream = format!("triggers.{agent}");
     let group = format!("bench-{agent}");
-    let Ok(mut con) = streams::blocking(&client).await else { return };
+    let Ok(mut con) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut con, &stream, &group).await;
-    while !token.is_cancelled() {
-        let entries = match streams::read_group(&mut con, &stream, &group, "bench", 1000, Some(Duration::from_millis(200)), ">").await {
-            Ok(e) => e,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            continue;
-        }
+    let mut reader = Reader::new(client, &stream, &group, "bench", 1000, Duration::from_millis(200)).new_entries_only();
+    while let Some(entries) = reader.next(&token).await {
         let at = now_us();
         let mut done = Vec::with_capacity(entries.len());
         {
@@ -178,6 +169,7 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
                 l.completed.entry(wp).or_insert(sent_at);
             }
         }
+        reader.backoff.reset();
     }
 }
 

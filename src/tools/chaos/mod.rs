@@ -15,9 +15,10 @@ use anyhow::Context;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::store;
+use crate::engine::streams::{self, Reader};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
-use crate::{engine::store, engine::streams};
 use check::{AgentLog, Observed, Submitted};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -79,34 +80,11 @@ retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
     let stream = format!("triggers.{agent}");
     let group = format!("agent-{agent}");
-    let mut conn = None;
-    let mut cursor = "0";
-    while !token.is_cancelled() {
-        let con = match conn.as_mut() {
-            Some(c) => c,
-            None => match streams::blocking(&client).await {
-                Ok(c) => conn.insert(c),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = streams::ensure_group(con, &stream, &group).await;
-        let block = (cursor == ">").then_some(Duration::from_millis(500));
-        let entries = match streams::read_group(con, &stream, &group, "chaos", 64, block, cursor).await {
-            Ok(e) => e,
-            Err(_) => {
-                conn = None;
-                cursor = "0";
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
-        }
+    let Ok(mut manager) = streams::manager(&client).await else { return };
+    let _ = streams::ensure_group(&mut manager, &stream, &group).await;
+    // A Redis restart can lose the reply of a read it has already made pending.
+    let mut reader = Reader::new(client, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
+    while let Some(entries) = reader.next(&token).await {
         for e in entries {
             let fields: HashMap<String, String> = e
                 .fields
@@ -144,21 +122,17 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                     .arg(&group)
                     .arg(&e.id)
                     .ignore();
-                let sent = match conn.as_mut() {
-                    Some(c) => pipe.query_async::<()>(c).await.is_ok(),
-                    None => false,
-                };
-                if sent {
+                if pipe.query_async::<()>(&mut manager).await.is_ok() {
                     log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
                 }
                 if token.is_cancelled() {
                     return;
                 }
-                conn = streams::blocking(&client).await.ok();
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                reader.backoff.wait(&token).await;
             }
         }
+        reader.backoff.reset();
     }
 }
 

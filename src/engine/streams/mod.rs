@@ -1,6 +1,8 @@
 //! Redis Streams at the edge: connections, group reads, acknowledgements, dead letters and
 //! the idempotent trigger publication. Everything that knows the shape of a Redis reply
-//! lives here.
+//! lives here; `Reader` is the one loop that reads a consumer group.
+
+mod reader;
 
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
 use crate::core::entry::{RawFields, StreamEntry};
+pub(crate) use reader::{Reader, Trouble};
 
 /// The Redis client for `url`. A `rediss://` URL is verified against the system roots plus,
 /// when `GE_REDIS_CA_CERT` names a PEM file, that CA. Errors never repeat the password.
