@@ -101,7 +101,9 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     }
     match health::own_pending(&ctx).await {
         Ok(0) => {
-            leave_group(&ctx).await;
+            for e in takeover::remove_consumer(&ctx, &ctx.consumer).await {
+                tracing::warn!(error = %e, "cannot leave the consumer group");
+            }
             takeover::release(&ctx).await;
         }
         Ok(n) => tracing::warn!(pending = n, "stopping with entries still pending; another replica will take them over"),
@@ -110,21 +112,4 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracing::info!(consumer = %ctx.consumer, "replica stopped");
     ctx.pool.close().await;
     Ok(())
-}
-
-/// Removes this consumer from the group so consumers do not pile up across restarts.
-async fn leave_group(ctx: &Ctx) {
-    let mut redis = ctx.redis.clone();
-    for input in Input::ALL {
-        let res: redis::RedisResult<i64> = redis::cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(input.stream(ctx))
-            .arg(&ctx.settings.names.group)
-            .arg(&ctx.consumer)
-            .query_async(&mut redis)
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "cannot leave the consumer group");
-        }
-    }
 }

@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::context::Ctx;
+use crate::engine::streams;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -25,7 +26,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Value>) {
     let mut redis = ctx.redis.clone();
-    let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut redis)).await, Ok(Ok(_)));
+    let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, streams::ping(&mut redis)).await, Ok(Ok(())));
     let pg_ok =
         matches!(tokio::time::timeout(PROBE_TIMEOUT, sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&ctx.pool)).await, Ok(Ok(1)));
     let joined = ctx.group_joined.load(Ordering::Relaxed);

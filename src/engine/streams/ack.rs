@@ -1,9 +1,11 @@
 //! Acknowledging entries in one MULTI/EXEC with what must not exist without the
-//! acknowledgement: dead letters.
+//! acknowledgement: dead letters. And the dead-letter format both ways: written here, sent
+//! back to its input stream by `requeue_deadletter`.
 
-use redis::RedisResult;
+use redis::{RedisResult, Value};
 
 use crate::core::entry::RawFields;
+use crate::engine::settings::Names;
 
 /// An entry that could not be processed, with where it came from and why.
 #[derive(Debug, Clone)]
@@ -15,7 +17,8 @@ pub struct DeadLetter {
     pub fields: RawFields,
 }
 
-const DEADLETTER_META: [&str; 4] = ["reason", "detail", "stream", "source_id"];
+/// The fields a dead letter adds to the original ones.
+pub(crate) const DEADLETTER_META: [&str; 4] = ["reason", "detail", "stream", "source_id"];
 
 impl DeadLetter {
     /// The dead-letter entry's fields: the metadata, then the original fields. An original
@@ -78,4 +81,61 @@ pub async fn ack_with_deadletters<C: redis::aio::ConnectionLike>(
         pipe.cmd("XACK").arg(stream).arg(group).arg(ack_ids).ignore();
     }
     pipe.query_async::<()>(con).await
+}
+
+/// `entry_fields` read backwards, in one script so that reading, sending and deleting are
+/// one step.
+const REQUEUE: &str = r#"
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return false end
+local f = e[1][2]
+local meta = { reason = true, detail = true, stream = true, source_id = true }
+local out, target = {}, KEYS[2]
+for i = 1, #f, 2 do
+  local k, v = f[i], f[i + 1]
+  if k == 'stream' and (v == KEYS[3] or v == KEYS[4]) then target = v end
+  if not meta[k] then
+    if string.sub(k, 1, 9) == 'original.' and meta[string.sub(k, 10)] then k = string.sub(k, 10) end
+    table.insert(out, k)
+    table.insert(out, v)
+  end
+end
+if #out == 0 then return 0 end
+local id = redis.call('XADD', target, '*', unpack(out))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {target, id}
+"#;
+
+/// What became of one dead letter sent back.
+pub(crate) enum Requeued {
+    Sent {
+        stream: String,
+        new_id: String,
+    },
+    /// It had no original fields (e.g. `deleted`): nothing to send.
+    Empty,
+    NotFound,
+}
+
+/// Moves one dead letter back to the input stream it came from (the incoming stream when it
+/// names no input stream), with the dead-letter metadata stripped and `original.NAME`
+/// restored, and deletes it from the dead-letter stream, atomically: two operators pressing
+/// requeue at once requeue it once.
+pub(crate) async fn requeue_deadletter<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, id: &str) -> RedisResult<Requeued> {
+    let v: Value = redis::Script::new(REQUEUE)
+        .key(&names.deadletter)
+        .key(&names.incoming)
+        .key(&names.completed)
+        .key(&names.failed)
+        .arg(id)
+        .invoke_async(con)
+        .await?;
+    Ok(match v {
+        Value::Int(0) => Requeued::Empty,
+        Value::Array(parts) if parts.len() == 2 => {
+            let s = |v: &Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
+            Requeued::Sent { stream: s(&parts[0]), new_id: s(&parts[1]) }
+        }
+        _ => Requeued::NotFound,
+    })
 }

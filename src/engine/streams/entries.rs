@@ -1,6 +1,9 @@
-//! A stream's entries: appending them and counting them.
+//! A stream's entries: appending, reading and counting them.
 
-use redis::RedisResult;
+use redis::{RedisResult, Value};
+
+use super::parse_entries;
+use crate::core::entry::StreamEntry;
 
 /// Appends one entry with text fields, optionally trimmed.
 pub async fn xadd<C: redis::aio::ConnectionLike>(
@@ -24,4 +27,21 @@ pub async fn xadd<C: redis::aio::ConnectionLike>(
 /// `XLEN`: entries in a stream (0 when it does not exist).
 pub async fn len<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str) -> RedisResult<u64> {
     redis::cmd("XLEN").arg(stream).query_async(con).await
+}
+
+/// `XRANGE`: the entries from `start` to `end`, both included, oldest first.
+pub(crate) async fn range<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    start: &str,
+    end: &str,
+) -> RedisResult<Vec<StreamEntry>> {
+    let v: Value = redis::cmd("XRANGE").arg(stream).arg(start).arg(end).query_async(con).await?;
+    Ok(parse_entries(&v))
+}
+
+/// `XREVRANGE ... COUNT`: the newest `count` entries, newest first.
+pub(crate) async fn newest<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, count: usize) -> RedisResult<Vec<StreamEntry>> {
+    let v: Value = redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(count).query_async(con).await?;
+    Ok(parse_entries(&v))
 }

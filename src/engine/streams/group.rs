@@ -144,3 +144,39 @@ pub async fn autoclaim<C: redis::aio::ConnectionLike>(
     };
     Ok((next, entries, deleted))
 }
+
+/// `XCLAIM` of `ids` for `consumer`, however long they have been idle. An id deleted from the
+/// stream or acknowledged meanwhile does not come back.
+pub(crate) async fn claim<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+) -> RedisResult<Vec<StreamEntry>> {
+    let v: Value = redis::cmd("XCLAIM").arg(stream).arg(group).arg(consumer).arg(0).arg(ids).query_async(con).await?;
+    Ok(parse_entries(&v))
+}
+
+/// `XGROUP DELCONSUMER`: removes `consumer` from the group, with whatever it still had pending.
+pub(crate) async fn remove_consumer<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+) -> RedisResult<()> {
+    redis::cmd("XGROUP").arg("DELCONSUMER").arg(stream).arg(group).arg(consumer).query_async(con).await
+}
+
+/// The lag of the group on a stream (`XINFO GROUPS`, Redis 7+): entries not yet delivered.
+/// None when the group does not exist or Redis cannot tell.
+pub(crate) async fn group_lag<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, group: &str) -> RedisResult<Option<i64>> {
+    let groups: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(con).await?;
+    for g in groups {
+        let name: Option<String> = g.get("name").and_then(|v| redis::from_redis_value_ref(v).ok());
+        if name.as_deref() == Some(group) {
+            return Ok(g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()));
+        }
+    }
+    Ok(None)
+}

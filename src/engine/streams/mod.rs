@@ -16,9 +16,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
 use crate::core::entry::{RawFields, StreamEntry};
+pub(crate) use ack::{DEADLETTER_META, Requeued, requeue_deadletter};
 pub use ack::{DeadLetter, ack_with_deadletters};
 pub use entries::{len, xadd};
+pub(crate) use entries::{newest, range};
 pub use group::{PendingSummary, autoclaim, delivery_counts, ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
+pub(crate) use group::{claim, group_lag, remove_consumer};
 pub use publish::{Trigger, publish_triggers, request_reload};
 pub(crate) use reader::{Reader, Trouble};
 
@@ -44,6 +47,24 @@ pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
         .set_response_timeout(Some(Duration::from_secs(10)))
         .set_number_of_retries(2);
     client.get_connection_manager_with_config(cfg).await
+}
+
+/// `PING`: whether Redis answers.
+pub(crate) async fn ping<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
+    redis::cmd("PING").query_async(con).await
+}
+
+/// `SET key value PX ttl`: a key that disappears unless set again within `ttl`.
+pub(crate) async fn set_expiring<C: redis::aio::ConnectionLike>(con: &mut C, key: &str, value: &str, ttl: Duration) -> RedisResult<()> {
+    redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl.as_millis() as u64).query_async(con).await
+}
+
+pub(crate) async fn key_exists<C: redis::aio::ConnectionLike>(con: &mut C, key: &str) -> RedisResult<bool> {
+    redis::cmd("EXISTS").arg(key).query_async(con).await
+}
+
+pub(crate) async fn delete_key<C: redis::aio::ConnectionLike>(con: &mut C, key: &str) -> RedisResult<()> {
+    redis::cmd("DEL").arg(key).query_async(con).await
 }
 
 /// Connection for one blocking reader. It has no response timeout: the default 500 ms would
