@@ -97,26 +97,6 @@ fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
     e.fields.iter().flatten().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
-/// Reports and acknowledges together, so a crash cannot report twice or lose the report.
-async fn send_report(
-    con: &mut redis::aio::ConnectionManager,
-    target: &str,
-    report: &[(&'static str, String)],
-    stream: &str,
-    group: &str,
-    id: &str,
-) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    let add = pipe.cmd("XADD").arg(target).arg("*");
-    for (k, v) in report {
-        add.arg(*k).arg(v);
-    }
-    add.ignore();
-    pipe.cmd("XACK").arg(stream).arg(group).arg(id).ignore();
-    pipe.query_async::<()>(con).await
-}
-
 pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()> {
     let client = streams::client(&args.redis_url)?;
     let stream = args.names.trigger_stream(&args.name);
@@ -141,7 +121,9 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
                 ok,
                 "trigger handled"
             );
-            while let Err(err) = send_report(&mut manager, target, &report, &stream, &group, &e.id).await {
+            while let Err(err) =
+                streams::report_and_ack(&mut manager, target, std::slice::from_ref(&report), &stream, &group, &[&e.id]).await
+            {
                 tracing::warn!(error = %err, "agent cannot report; retrying");
                 if token.is_cancelled() {
                     return Ok(());

@@ -1,9 +1,10 @@
 //! Acknowledging entries in one MULTI/EXEC with what must not exist without the
-//! acknowledgement: dead letters. And the dead-letter format both ways: written here, sent
-//! back to its input stream by `requeue_deadletter`.
+//! acknowledgement: a replica's dead letters, an agent's reports. And the dead-letter format
+//! both ways: written here, sent back to its input stream by `requeue_deadletter`.
 
-use redis::{RedisResult, Value};
+use redis::{RedisResult, ToRedisArgs, Value};
 
+use super::entries::xadd_cmd;
 use crate::core::entry::RawFields;
 use crate::engine::settings::Names;
 
@@ -43,16 +44,23 @@ impl DeadLetter {
     }
 }
 
-fn xadd_fields(pipe: &mut redis::Pipeline, stream: &str, maxlen: Option<u64>, fields: &[(Vec<u8>, Vec<u8>)]) {
-    let cmd = pipe.cmd("XADD").arg(stream);
-    if let Some(m) = maxlen {
-        cmd.arg("MAXLEN").arg("~").arg(m);
+/// Appends each of `entries` to `target` and acknowledges `ids`, as one MULTI/EXEC.
+fn append_and_ack<F, K, V, I>(target: &str, maxlen: Option<u64>, entries: &[F], stream: &str, group: &str, ids: &[I]) -> redis::Pipeline
+where
+    F: AsRef<[(K, V)]>,
+    K: ToRedisArgs,
+    V: ToRedisArgs,
+    I: ToRedisArgs,
+{
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for fields in entries {
+        pipe.add_command(xadd_cmd(target, maxlen, fields.as_ref())).ignore();
     }
-    cmd.arg("*");
-    for (k, v) in fields {
-        cmd.arg(k.as_slice()).arg(v.as_slice());
+    if !ids.is_empty() {
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids).ignore();
     }
-    cmd.ignore();
+    pipe
 }
 
 /// Writes the dead letters and acknowledges `ack_ids` in one MULTI/EXEC, so an entry is never
@@ -72,15 +80,29 @@ pub async fn ack_with_deadletters<C: redis::aio::ConnectionLike>(
     if ack_ids.is_empty() && deadletters.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for dl in deadletters {
-        xadd_fields(&mut pipe, deadletter_stream, Some(deadletter_maxlen), &dl.entry_fields());
-    }
-    if !ack_ids.is_empty() {
-        pipe.cmd("XACK").arg(stream).arg(group).arg(ack_ids).ignore();
-    }
-    pipe.query_async::<()>(con).await
+    let entries: Vec<_> = deadletters.iter().map(DeadLetter::entry_fields).collect();
+    append_and_ack(deadletter_stream, Some(deadletter_maxlen), &entries, stream, group, ack_ids).query_async(con).await
+}
+
+/// An agent's reports (to the completed or the failed stream) with the acknowledgement of the
+/// triggers they answer, in one MULTI/EXEC: an agent that crashes has either reported and
+/// acknowledged or done neither, so it neither loses a report nor reports twice.
+pub(crate) async fn report_and_ack<C, F, K, V, I>(
+    con: &mut C,
+    target: &str,
+    reports: &[F],
+    stream: &str,
+    group: &str,
+    ids: &[I],
+) -> RedisResult<()>
+where
+    C: redis::aio::ConnectionLike,
+    F: AsRef<[(K, V)]>,
+    K: ToRedisArgs,
+    V: ToRedisArgs,
+    I: ToRedisArgs,
+{
+    append_and_ack(target, None, reports, stream, group, ids).query_async(con).await
 }
 
 /// `entry_fields` read backwards, in one script so that reading, sending and deleting are

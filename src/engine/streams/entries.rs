@@ -1,17 +1,12 @@
 //! A stream's entries: appending, reading and counting them.
 
-use redis::{RedisResult, Value};
+use redis::{RedisResult, ToRedisArgs, Value};
 
 use super::parse_entries;
 use crate::core::entry::StreamEntry;
 
-/// Appends one entry with text fields, optionally trimmed.
-pub async fn xadd<C: redis::aio::ConnectionLike>(
-    con: &mut C,
-    stream: &str,
-    maxlen: Option<u64>,
-    fields: &[(&str, String)],
-) -> RedisResult<String> {
+/// The XADD of one entry, trimmed to about `maxlen` entries when given.
+pub(super) fn xadd_cmd<K: ToRedisArgs, V: ToRedisArgs>(stream: &str, maxlen: Option<u64>, fields: &[(K, V)]) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream);
     if let Some(m) = maxlen {
@@ -19,9 +14,34 @@ pub async fn xadd<C: redis::aio::ConnectionLike>(
     }
     cmd.arg("*");
     for (k, v) in fields {
-        cmd.arg(*k).arg(v);
+        cmd.arg(k).arg(v);
     }
-    cmd.query_async(con).await
+    cmd
+}
+
+/// Appends one entry, optionally trimmed; returns its id.
+pub async fn xadd<C: redis::aio::ConnectionLike, K: ToRedisArgs, V: ToRedisArgs>(
+    con: &mut C,
+    stream: &str,
+    maxlen: Option<u64>,
+    fields: &[(K, V)],
+) -> RedisResult<String> {
+    xadd_cmd(stream, maxlen, fields).query_async(con).await
+}
+
+/// Appends `entries` in order in one pipeline (one round trip, not atomic); returns their ids.
+pub(crate) async fn xadd_many<C, F, K, V>(con: &mut C, stream: &str, entries: &[F]) -> RedisResult<Vec<String>>
+where
+    C: redis::aio::ConnectionLike,
+    F: AsRef<[(K, V)]>,
+    K: ToRedisArgs,
+    V: ToRedisArgs,
+{
+    let mut pipe = redis::pipe();
+    for fields in entries {
+        pipe.add_command(xadd_cmd(stream, None, fields.as_ref()));
+    }
+    pipe.query_async(con).await
 }
 
 /// `XLEN`: entries in a stream (0 when it does not exist).

@@ -16,10 +16,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
 use crate::core::entry::{RawFields, StreamEntry};
-pub(crate) use ack::{DEADLETTER_META, Requeued, requeue_deadletter};
+pub(crate) use ack::{DEADLETTER_META, Requeued, report_and_ack, requeue_deadletter};
 pub use ack::{DeadLetter, ack_with_deadletters};
 pub use entries::{len, xadd};
-pub(crate) use entries::{newest, range};
+pub(crate) use entries::{newest, range, xadd_many};
 pub use group::{PendingSummary, autoclaim, delivery_counts, ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
 pub(crate) use group::{claim, group_lag, remove_consumer};
 pub use publish::{Trigger, publish_triggers, request_reload};
@@ -52,6 +52,11 @@ pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
 /// `PING`: whether Redis answers.
 pub(crate) async fn ping<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
     redis::cmd("PING").query_async(con).await
+}
+
+/// `FLUSHALL`: empties the whole Redis, for the benchmark's runs.
+pub(crate) async fn flush_all<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
+    redis::cmd("FLUSHALL").query_async(con).await
 }
 
 /// `SET key value PX ttl`: a key that disappears unless set again within `ttl`.

@@ -106,7 +106,7 @@ impl Stack {
     /// Empties Redis and the work-package tables, so each workload starts alike.
     async fn reset(&self, client: &redis::Client) -> anyhow::Result<()> {
         let mut con = client.get_multiplexed_async_connection().await?;
-        redis::cmd("FLUSHALL").query_async::<()>(&mut con).await?;
+        streams::flush_all(&mut con).await?;
         let pool = store::connect(&self.database_url, 1).await?;
         sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events").execute(&pool).await?;
         pool.close().await;
@@ -240,8 +240,7 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
 async fn wp_ids_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, ids: &[String]) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for id in ids {
-        let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(con).await?;
-        for e in streams::parse_entries(&v) {
+        for e in streams::range(con, stream, id, id).await? {
             if let Some((_, wp)) = e.fields.unwrap_or_default().into_iter().find(|(k, _)| k == b"wp_id") {
                 out.push(String::from_utf8_lossy(&wp).into_owned());
             }

@@ -105,24 +105,8 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 // Stamped before sending: the orchestrator may act on the completion (and the
                 // next trigger reach another agent) before this call returns.
                 let sending = Instant::now();
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("XADD")
-                    .arg("ge:work:completed")
-                    .arg("*")
-                    .arg("wp_id")
-                    .arg(wp)
-                    .arg("dispatch_id")
-                    .arg(dispatch)
-                    .arg("agent_id")
-                    .arg(agent)
-                    .ignore()
-                    .cmd("XACK")
-                    .arg(&stream)
-                    .arg(&group)
-                    .arg(&e.id)
-                    .ignore();
-                if pipe.query_async::<()>(&mut manager).await.is_ok() {
+                let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent)];
+                if streams::report_and_ack(&mut manager, "ge:work:completed", &[report], &stream, &group, &[&e.id]).await.is_ok() {
                     log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
                 }
@@ -142,15 +126,10 @@ async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedCo
         if con.is_none() {
             *con = streams::blocking(client).await.ok();
         }
-        if let Some(c) = con.as_mut() {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg("ge:work:incoming").arg("*");
-            for (k, v) in fields {
-                cmd.arg(k).arg(v);
-            }
-            if cmd.query_async::<String>(c).await.is_ok() {
-                return;
-            }
+        if let Some(c) = con.as_mut()
+            && streams::xadd(c, "ge:work:incoming", None, fields).await.is_ok()
+        {
+            return;
         }
         *con = None;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -380,8 +359,7 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
     let mut con = client.get_multiplexed_async_connection().await?;
     let mut trigger_counts: HashMap<String, usize> = HashMap::new();
     for agent in AGENTS {
-        let v: redis::Value = redis::cmd("XRANGE").arg(format!("triggers.{agent}")).arg("-").arg("+").query_async(&mut con).await?;
-        for e in streams::parse_entries(&v) {
+        for e in streams::range(&mut con, &format!("triggers.{agent}"), "-", "+").await? {
             let d = e
                 .fields
                 .unwrap_or_default()
@@ -391,8 +369,8 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
             *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
         }
     }
-    let v: redis::Value = redis::cmd("XRANGE").arg("ge:work:deadletter").arg("-").arg("+").query_async(&mut con).await?;
-    let deadletters = streams::parse_entries(&v)
+    let deadletters = streams::range(&mut con, "ge:work:deadletter", "-", "+")
+        .await?
         .into_iter()
         .map(|e| {
             let f: HashSet<(String, String)> = e
