@@ -57,8 +57,9 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     let routing = routing_file::load(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
-    for input in [&settings.names.incoming, &settings.names.completed, &settings.names.failed] {
-        streams::ensure_group(&mut manager, input, &settings.names.group).await.context("creating the consumer group")?;
+    for input in Input::ALL {
+        let stream = input.stream_in(&settings.names);
+        streams::ensure_group(&mut manager, stream, &settings.names.group).await.context("creating the consumer group")?;
     }
     tracing::info!(consumer = %consumer, config_version = %routing.config_version, "replica started");
     let listener = match settings.http_addr.as_str() {

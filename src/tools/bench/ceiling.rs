@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader, Trigger};
-
-pub const GROUP: &str = "orchestrator-group";
 
 /// One consumer of the ceiling loop; run as many as there are replicas.
 pub async fn consumer(
@@ -21,9 +20,10 @@ pub async fn consumer(
     batch: usize,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
+    let names = Names::default();
     let mut manager = streams::manager(&client).await?;
-    streams::ensure_group(&mut manager, &stream, GROUP).await?;
-    let mut reader = Reader::new(client, &stream, GROUP, &name, batch, Duration::from_millis(200)).new_entries_only();
+    streams::ensure_group(&mut manager, &stream, &names.group).await?;
+    let mut reader = Reader::new(client, &stream, &names.group, &name, batch, Duration::from_millis(200)).new_entries_only();
     let mut next_agent = 0usize;
     while let Some(entries) = reader.next(&token).await {
         let triggers: Vec<Trigger> = entries
@@ -41,12 +41,12 @@ pub async fn consumer(
                 next_agent += 1;
                 fields.push(("agent_id".into(), agent.clone()));
                 fields.push(("dispatch_id".into(), dispatch_id.clone()));
-                Trigger { stream: format!("triggers.{agent}"), dispatch_key: format!("ge:dispatched:{dispatch_id}"), fields }
+                Trigger { stream: names.trigger_stream(agent), dispatch_key: names.dispatch_key(&dispatch_id), fields }
             })
             .collect();
         streams::publish_triggers(&mut manager, &triggers, Duration::from_secs(3600)).await?;
         let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
-        streams::ack_with_deadletters(&mut manager, &stream, GROUP, &ids, &[], "ge:work:deadletter", 1000).await?;
+        streams::ack_with_deadletters(&mut manager, &stream, &names.group, &ids, &[], &names.deadletter, 1000).await?;
     }
     Ok(())
 }

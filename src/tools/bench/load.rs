@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader};
 
 /// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
@@ -124,7 +125,8 @@ impl AgentLog {
 /// A fake agent on `triggers.{agent}`: records each trigger, and completes it at once when
 /// `complete` is set. Its own consumer group, as the reference agent has.
 pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
-    let stream = format!("triggers.{agent}");
+    let names = Names::default();
+    let stream = names.trigger_stream(&agent);
     let group = format!("bench-{agent}");
     let Ok(mut con) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut con, &stream, &group).await;
@@ -153,7 +155,7 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
             false => Vec::new(),
         };
         let sent_at = now_us();
-        if streams::report_and_ack(&mut con, "ge:work:completed", &reports, &stream, &group, &ids).await.is_ok() && complete {
+        if streams::report_and_ack(&mut con, &names.completed, &reports, &stream, &group, &ids).await.is_ok() && complete {
             let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
             for (wp, _) in done {
                 l.completed.entry(wp).or_insert(sent_at);

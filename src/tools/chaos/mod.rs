@@ -15,6 +15,7 @@ use anyhow::Context;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::settings::Names;
 use crate::engine::store;
 use crate::engine::streams::{self, Reader};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
@@ -78,7 +79,8 @@ retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 
 /// A fake agent: completes every trigger at once and records what it saw.
 async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
-    let stream = format!("triggers.{agent}");
+    let names = Names::default();
+    let stream = names.trigger_stream(agent);
     let group = format!("agent-{agent}");
     let Ok(mut manager) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut manager, &stream, &group).await;
@@ -106,7 +108,7 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 // next trigger reach another agent) before this call returns.
                 let sending = Instant::now();
                 let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent)];
-                if streams::report_and_ack(&mut manager, "ge:work:completed", &[report], &stream, &group, &[&e.id]).await.is_ok() {
+                if streams::report_and_ack(&mut manager, &names.completed, &[report], &stream, &group, &[&e.id]).await.is_ok() {
                     log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
                 }
@@ -120,14 +122,14 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
     }
 }
 
-/// XADD with retries, as a producer does while Redis restarts.
-async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, fields: &[(String, String)]) {
+/// XADD to the incoming stream with retries, as a producer does while Redis restarts.
+async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, incoming: &str, fields: &[(String, String)]) {
     loop {
         if con.is_none() {
             *con = streams::blocking(client).await.ok();
         }
         if let Some(c) = con.as_mut()
-            && streams::xadd(c, "ge:work:incoming", None, fields).await.is_ok()
+            && streams::xadd(c, incoming, None, fields).await.is_ok()
         {
             return;
         }
@@ -139,6 +141,7 @@ async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedCo
 /// Plans of 10: five in a lane (lanes shared between plans), four fanned out from the first,
 /// one fan-in. Plus, now and then, an entry that must be dead-lettered.
 async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submitted>>, token: CancellationToken) {
+    let names = Names::default();
     let mut con = None;
     let per_wp = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let mut n = 0u64;
@@ -158,7 +161,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             if !deps.is_empty() {
                 fields.push(("depends_on".into(), deps.join(",")));
             }
-            xadd(&client, &mut con, &fields).await;
+            xadd(&client, &mut con, &names.incoming, &fields).await;
             {
                 let mut s = submitted.lock().unwrap_or_else(|p| p.into_inner());
                 s.wp_ids.push(wp.clone());
@@ -171,7 +174,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             if count.is_multiple_of(args.bad_every.max(1)) {
                 let bad = format!("bad-{count}");
                 // An agent name no routing file has: dead-lettered as unknown_agent.
-                xadd(&client, &mut con, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
+                xadd(&client, &mut con, &names.incoming, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
                 submitted.lock().unwrap_or_else(|p| p.into_inner()).bad.insert(bad);
             }
             tokio::time::sleep(per_wp).await;
@@ -356,10 +359,11 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
         .iter()
         .map(|r| Ok((r.try_get("wp_id")?, (r.try_get("status")?, r.try_get("attempts")?))))
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
+    let names = Names::default();
     let mut con = client.get_multiplexed_async_connection().await?;
     let mut trigger_counts: HashMap<String, usize> = HashMap::new();
     for agent in AGENTS {
-        for e in streams::range(&mut con, &format!("triggers.{agent}"), "-", "+").await? {
+        for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
             let d = e
                 .fields
                 .unwrap_or_default()
@@ -369,7 +373,7 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
             *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
         }
     }
-    let deadletters = streams::range(&mut con, "ge:work:deadletter", "-", "+")
+    let deadletters = streams::range(&mut con, &names.deadletter, "-", "+")
         .await?
         .into_iter()
         .map(|e| {
