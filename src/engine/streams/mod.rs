@@ -49,6 +49,13 @@ pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
     client.get_connection_manager_with_config(cfg).await
 }
 
+/// Connection for one blocking reader. It has no response timeout: the default 500 ms would
+/// fail every `XREADGROUP ... BLOCK` longer than that and leave the connection wedged.
+pub async fn blocking(client: &Client) -> RedisResult<MultiplexedConnection> {
+    let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
+    client.get_multiplexed_async_connection_with_config(&cfg).await
+}
+
 /// `PING`: whether Redis answers.
 pub(crate) async fn ping<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
     redis::cmd("PING").query_async(con).await
@@ -70,13 +77,6 @@ pub(crate) async fn key_exists<C: redis::aio::ConnectionLike>(con: &mut C, key: 
 
 pub(crate) async fn delete_key<C: redis::aio::ConnectionLike>(con: &mut C, key: &str) -> RedisResult<()> {
     redis::cmd("DEL").arg(key).query_async(con).await
-}
-
-/// Connection for one blocking reader. It has no response timeout: the default 500 ms would
-/// fail every `XREADGROUP ... BLOCK` longer than that and leave the connection wedged.
-pub async fn blocking(client: &Client) -> RedisResult<MultiplexedConnection> {
-    let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
-    client.get_multiplexed_async_connection_with_config(&cfg).await
 }
 
 pub(super) fn bytes(v: &Value) -> Option<Vec<u8>> {
