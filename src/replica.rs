@@ -57,8 +57,9 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
-    for input in [&settings.names.incoming, &settings.names.completed, &settings.names.failed] {
-        streams::ensure_group(&mut manager, input, &settings.names.group).await.context("creating the consumer group")?;
+    for input in Input::ALL {
+        let stream = input.stream_in(&settings.names);
+        streams::ensure_group(&mut manager, stream, &settings.names.group).await.context("creating the consumer group")?;
     }
     tracing::info!(consumer = %consumer, config_version = %routing.config_version, "replica started");
     let listener = match settings.http_addr.as_str() {
@@ -101,7 +102,9 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     }
     match health::own_pending(&ctx).await {
         Ok(0) => {
-            leave_group(&ctx).await;
+            for e in takeover::remove_consumer(&ctx, &ctx.consumer).await {
+                tracing::warn!(error = %e, "cannot leave the consumer group");
+            }
             takeover::release(&ctx).await;
         }
         Ok(n) => tracing::warn!(pending = n, "stopping with entries still pending; another replica will take them over"),
@@ -110,21 +113,4 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracing::info!(consumer = %ctx.consumer, "replica stopped");
     ctx.pool.close().await;
     Ok(())
-}
-
-/// Removes this consumer from the group so consumers do not pile up across restarts.
-async fn leave_group(ctx: &Ctx) {
-    let mut redis = ctx.redis.clone();
-    for input in Input::ALL {
-        let res: redis::RedisResult<i64> = redis::cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(input.stream(ctx))
-            .arg(&ctx.settings.names.group)
-            .arg(&ctx.consumer)
-            .query_async(&mut redis)
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "cannot leave the consumer group");
-        }
-    }
 }

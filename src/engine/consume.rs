@@ -1,6 +1,6 @@
-//! The one loop shape every stream reader of a replica has: read, act, acknowledge, back off
-//! on error. Shutdown comes through the CancellationToken and is checked between reads; a
-//! read in flight is never dropped (its entries would sit in the PEL with no reader).
+//! The replica's input loops: each reads one input stream through a `streams::Reader` and
+//! hands every batch to ingest or completions, which acknowledge it. A batch that fails is
+//! retried until it succeeds or shutdown is asked.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,10 +8,9 @@ use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::StreamEntry;
-use crate::engine::backoff::Backoff;
 use crate::engine::context::Ctx;
 use crate::engine::input::Input;
-use crate::engine::streams;
+use crate::engine::streams::{Reader, Trouble};
 use crate::engine::{completions, ingest};
 
 /// Processes one batch and acknowledges it. An error means nothing of the batch was
@@ -27,55 +26,16 @@ pub async fn handle_batch(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> a
 /// entries (a restart under the same name), then reads new ones.
 pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
     let stream = input.stream(&ctx).to_string();
-    let names = &ctx.settings.names;
-    let mut conn = None;
-    let mut backoff = Backoff::default();
-    let mut cursor = "0";
-    while !token.is_cancelled() {
-        let con = match conn.as_mut() {
-            Some(c) => c,
-            None => match streams::blocking(&ctx.client).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    tracing::warn!(loop_name = input.loop_name(), stream = %stream, error = %e, "cannot connect to Redis; retrying");
-                    ctx.stats.note_error();
-                    backoff.wait(&token).await;
-                    continue;
-                }
-            },
-        };
-        let block = (cursor == ">").then_some(ctx.settings.block);
-        let read = streams::read_group(con, &stream, &names.group, &ctx.consumer, ctx.settings.batch_size, block, cursor).await;
-        let entries = match read {
-            Ok(e) => e,
-            Err(e) => {
-                if streams::is_nogroup(&e) {
-                    // Redis lost the group (restart without persistence, or a FLUSHALL).
-                    tracing::warn!(stream = %stream, "consumer group missing; recreating it");
-                    ctx.group_joined.store(false, Ordering::Relaxed);
-                    match streams::ensure_group(con, &stream, &names.group).await {
-                        Ok(()) => ctx.group_joined.store(true, Ordering::Relaxed),
-                        Err(e) => tracing::warn!(stream = %stream, error = %e, "cannot recreate the consumer group"),
-                    }
-                } else {
-                    tracing::warn!(loop_name = input.loop_name(), stream = %stream, error = %e, "read failed; reconnecting");
-                    conn = None;
-                }
-                ctx.stats.note_error();
-                backoff.wait(&token).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
-        }
+    let s = &ctx.settings;
+    let mut reader = Reader::new(ctx.client.clone(), &stream, &s.names.group, &ctx.consumer, s.batch_size, s.block)
+        .on_trouble(report_trouble(ctx.clone(), input, stream.clone()));
+    while let Some(entries) = reader.next(&token).await {
         // The batch in hand is finished even when shutdown was asked meanwhile; only an error
         // that persists through shutdown leaves it pending, for another replica to claim.
         loop {
             match handle_batch(&ctx, input, &entries).await {
                 Ok(()) => {
-                    backoff.reset();
+                    reader.backoff.reset();
                     break;
                 }
                 Err(e) => {
@@ -84,9 +44,35 @@ pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
                     if token.is_cancelled() {
                         break;
                     }
-                    backoff.wait(&token).await;
+                    reader.backoff.wait(&token).await;
                 }
             }
+        }
+    }
+}
+
+/// Logs and counts what the reader ran into; `/readyz` says "not joined" while the group is
+/// being recreated.
+fn report_trouble(ctx: Arc<Ctx>, input: Input, stream: String) -> impl Fn(Trouble<'_>) + Send + Sync + 'static {
+    move |trouble| match trouble {
+        Trouble::Connect(e) => {
+            tracing::warn!(loop_name = input.loop_name(), stream = %stream, error = %e, "cannot connect to Redis; retrying");
+            ctx.stats.note_error();
+        }
+        Trouble::GroupMissing(_) => {
+            tracing::warn!(stream = %stream, "consumer group missing; recreating it");
+            ctx.group_joined.store(false, Ordering::Relaxed);
+        }
+        Trouble::GroupRecreated(made) => {
+            match made {
+                Ok(()) => ctx.group_joined.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(stream = %stream, error = %e, "cannot recreate the consumer group"),
+            }
+            ctx.stats.note_error();
+        }
+        Trouble::Read(e) => {
+            tracing::warn!(loop_name = input.loop_name(), stream = %stream, error = %e, "read failed; reconnecting");
+            ctx.stats.note_error();
         }
     }
 }

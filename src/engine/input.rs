@@ -1,6 +1,7 @@
 //! The three input streams of the contract, and which loop reads each.
 
 use crate::engine::context::Ctx;
+use crate::engine::settings::Names;
 
 /// The three input streams of the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +15,10 @@ impl Input {
     pub const ALL: [Input; 3] = [Input::Incoming, Input::Completed, Input::Failed];
 
     pub fn stream<'a>(&self, ctx: &'a Ctx) -> &'a str {
-        let n = &ctx.settings.names;
+        self.stream_in(&ctx.settings.names)
+    }
+
+    pub fn stream_in<'a>(&self, n: &'a Names) -> &'a str {
         match self {
             Input::Incoming => &n.incoming,
             Input::Completed => &n.completed,

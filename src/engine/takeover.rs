@@ -11,7 +11,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::consume;
@@ -25,18 +24,25 @@ pub fn lease_key(ctx: &Ctx, consumer: &str) -> String {
 
 async fn refresh(ctx: &Ctx) -> redis::RedisResult<()> {
     let mut redis = ctx.redis.clone();
-    redis::cmd("SET")
-        .arg(lease_key(ctx, &ctx.consumer))
-        .arg(chrono::Utc::now().to_rfc3339())
-        .arg("PX")
-        .arg(ctx.settings.lease_ttl.as_millis() as u64)
-        .query_async(&mut redis)
-        .await
+    streams::set_expiring(&mut redis, &lease_key(ctx, &ctx.consumer), &chrono::Utc::now().to_rfc3339(), ctx.settings.lease_ttl).await
 }
 
 pub async fn release(ctx: &Ctx) {
     let mut redis = ctx.redis.clone();
-    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(lease_key(ctx, &ctx.consumer)).query_async(&mut redis).await;
+    let _ = streams::delete_key(&mut redis, &lease_key(ctx, &ctx.consumer)).await;
+}
+
+/// Removes `consumer` from the group on every input stream, so consumers do not pile up
+/// across restarts. Returns what failed.
+pub async fn remove_consumer(ctx: &Ctx, consumer: &str) -> Vec<redis::RedisError> {
+    let mut redis = ctx.redis.clone();
+    let mut failed = Vec::new();
+    for input in Input::ALL {
+        if let Err(e) = streams::remove_consumer(&mut redis, input.stream(ctx), &ctx.settings.names.group, consumer).await {
+            failed.push(e);
+        }
+    }
+    failed
 }
 
 /// Claims and processes every pending entry of `dead` on `input`'s stream.
@@ -54,16 +60,14 @@ async fn take_over(ctx: &Ctx, input: Input, dead: &str) -> anyhow::Result<usize>
         if ids.is_empty() {
             return Ok(taken);
         }
-        let v: Value = redis::cmd("XCLAIM").arg(&stream).arg(group).arg(&ctx.consumer).arg(0).arg(&ids).query_async(&mut redis).await?;
-        let mut entries = streams::parse_entries(&v);
+        let mut entries = streams::claim(&mut redis, &stream, group, &ctx.consumer, &ids).await?;
         // An id that comes back as nothing was either deleted from the stream or acknowledged
         // meanwhile (by `dead` itself, resuming from a pause). Only the first is a loss to record.
         let claimed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let missing: Vec<String> = ids.iter().filter(|id| !claimed.contains(id.as_str())).cloned().collect();
         let mut deleted = Vec::new();
         for id in missing {
-            let v: Value = redis::cmd("XRANGE").arg(&stream).arg(&id).arg(&id).query_async(&mut redis).await?;
-            if streams::parse_entries(&v).is_empty() {
+            if streams::range(&mut redis, &stream, &id, &id).await?.is_empty() {
                 deleted.push(id);
             }
         }
@@ -90,8 +94,7 @@ pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, In
     }
     seen.remove(&ctx.consumer);
     for name in seen {
-        let alive: bool = redis::cmd("EXISTS").arg(lease_key(ctx, &name)).query_async(&mut redis).await?;
-        if alive {
+        if streams::key_exists(&mut redis, &lease_key(ctx, &name)).await? {
             started.remove(&name);
             continue;
         }
@@ -104,15 +107,7 @@ pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, In
             tracing::warn!(consumer = %name, entries = taken, took_ms = since.elapsed().as_millis() as u64, "took over the pending entries of a consumer whose lease lapsed");
         }
         // A consumer that is only paused re-creates itself on its next read.
-        for input in Input::ALL {
-            let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(input.stream(ctx))
-                .arg(&ctx.settings.names.group)
-                .arg(&name)
-                .query_async(&mut redis)
-                .await;
-        }
+        remove_consumer(ctx, &name).await;
         started.remove(&name);
         removed.push(name);
     }

@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::Value;
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::core::routing_file::RoutingTable;
 use crate::engine::settings::Names;
-use crate::engine::streams;
+use crate::engine::streams::{self, DEADLETTER_META, Requeued};
 use crate::ops::reads;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +82,9 @@ pub async fn replicas<C: redis::aio::ConnectionLike>(
     stale_after: Duration,
     scan: usize,
 ) -> Result<Vec<ReplicaView>, redis::RedisError> {
-    let v: Value = redis::cmd("XREVRANGE").arg(health_stream).arg("+").arg("-").arg("COUNT").arg(scan).query_async(con).await?;
     let now = chrono::Utc::now();
     let mut seen: BTreeMap<String, ReplicaView> = BTreeMap::new();
-    for e in streams::parse_entries(&v) {
+    for e in streams::newest(con, health_stream, scan).await? {
         let fields = text_fields(&e.fields.unwrap_or_default());
         let Some(instance) = fields.get("instance").cloned() else { continue };
         if fields.get("component").map(String::as_str) != Some("ge-orchestrator") || seen.contains_key(&instance) {
@@ -116,16 +114,14 @@ pub struct DeadLetterView {
     pub fields: BTreeMap<String, String>,
 }
 
-const META: [&str; 4] = ["reason", "detail", "stream", "source_id"];
-
 fn deadletter_view(id: String, raw: &crate::core::entry::RawFields) -> DeadLetterView {
     let all = text_fields(raw);
     let meta = |k: &str| all.get(k).cloned().unwrap_or_default();
     let fields = all
         .iter()
-        .filter(|(k, _)| !META.contains(&k.as_str()))
+        .filter(|(k, _)| !DEADLETTER_META.contains(&k.as_str()))
         .map(|(k, v)| match k.strip_prefix("original.") {
-            Some(base) if META.contains(&base) => (base.to_string(), v.clone()),
+            Some(base) if DEADLETTER_META.contains(&base) => (base.to_string(), v.clone()),
             _ => (k.clone(), v.clone()),
         })
         .collect();
@@ -141,39 +137,14 @@ pub async fn deadletters<C: redis::aio::ConnectionLike>(
 ) -> Result<Vec<DeadLetterView>, redis::RedisError> {
     // A reason filter reads further back so a page of `limit` can still fill.
     let scan = if reason.is_some() { limit.saturating_mul(20).min(100_000) } else { limit };
-    let v: Value = redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(scan.max(1)).query_async(con).await?;
-    Ok(streams::parse_entries(&v)
+    Ok(streams::newest(con, stream, scan.max(1))
+        .await?
         .into_iter()
         .map(|e| deadletter_view(e.id, &e.fields.unwrap_or_default()))
         .filter(|d| reason.is_none_or(|r| d.reason == r))
         .take(limit)
         .collect())
 }
-
-/// Moves one dead letter back to the input stream it came from (`ge:work:incoming` when it
-/// names no input stream), with the dead-letter metadata stripped and `original.NAME`
-/// restored, and deletes it from the dead-letter stream, atomically: two operators pressing
-/// requeue at once requeue it once.
-const REQUEUE: &str = r#"
-local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-if #e == 0 then return false end
-local f = e[1][2]
-local meta = { reason = true, detail = true, stream = true, source_id = true }
-local out, target = {}, KEYS[2]
-for i = 1, #f, 2 do
-  local k, v = f[i], f[i + 1]
-  if k == 'stream' and (v == KEYS[3] or v == KEYS[4]) then target = v end
-  if not meta[k] then
-    if string.sub(k, 1, 9) == 'original.' and meta[string.sub(k, 10)] then k = string.sub(k, 10) end
-    table.insert(out, k)
-    table.insert(out, v)
-  end
-end
-if #out == 0 then return 0 end
-local id = redis.call('XADD', target, '*', unpack(out))
-redis.call('XDEL', KEYS[1], ARGV[1])
-return {target, id}
-"#;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -192,23 +163,14 @@ pub enum Requeue {
     },
 }
 
+/// Sends one dead letter back to the input stream it came from, once however many operators
+/// press requeue.
 pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, id: &str) -> Result<Requeue, redis::RedisError> {
-    let v: Value = redis::Script::new(REQUEUE)
-        .key(&names.deadletter)
-        .key(&names.incoming)
-        .key(&names.completed)
-        .key(&names.failed)
-        .arg(id)
-        .invoke_async(con)
-        .await?;
     let id = id.to_string();
-    Ok(match v {
-        Value::Int(0) => Requeue::Empty { id },
-        Value::Array(parts) if parts.len() == 2 => {
-            let s = |v: &Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
-            Requeue::Requeued { id, stream: s(&parts[0]), new_id: s(&parts[1]) }
-        }
-        _ => Requeue::NotFound { id },
+    Ok(match streams::requeue_deadletter(con, names, &id).await? {
+        Requeued::Sent { stream, new_id } => Requeue::Requeued { id, stream, new_id },
+        Requeued::Empty => Requeue::Empty { id },
+        Requeued::NotFound => Requeue::NotFound { id },
     })
 }
 

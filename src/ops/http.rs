@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::context::Ctx;
+use crate::engine::streams;
 use crate::ops::reads;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -26,7 +27,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Value>) {
     let mut redis = ctx.redis.clone();
-    let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut redis)).await, Ok(Ok(_)));
+    let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, streams::ping(&mut redis)).await, Ok(Ok(())));
     let pg_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, reads::ping(&ctx.pool)).await, Ok(true));
     let joined = ctx.group_joined.load(Ordering::Relaxed);
     let ready = redis_ok && pg_ok && joined;

@@ -38,19 +38,6 @@ impl Out {
     }
 }
 
-/// The lag of the group on a stream (`XINFO GROUPS`, Redis 7+): entries not yet delivered.
-async fn group_lag(con: &mut redis::aio::ConnectionManager, stream: &str, group: &str) -> redis::RedisResult<Option<f64>> {
-    let groups: Vec<std::collections::HashMap<String, redis::Value>> =
-        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(con).await?;
-    for g in groups {
-        let name: Option<String> = g.get("name").and_then(|v| redis::from_redis_value_ref(v).ok());
-        if name.as_deref() == Some(group) {
-            return Ok(g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).map(|n| n as f64));
-        }
-    }
-    Ok(None)
-}
-
 /// The whole exposition: recorded counters and histograms, then gauges read now. A source
 /// that does not answer leaves its families out and sets `ge_scrape_errors`.
 pub async fn render(ctx: &Ctx) -> String {
@@ -62,8 +49,8 @@ pub async fn render(ctx: &Ctx) -> String {
     out.family("ge_stream_lag", "gauge", "Entries of an input stream not yet delivered to the consumer group.");
     for input in Input::ALL {
         let s = input.stream(ctx);
-        match group_lag(&mut redis, s, &names.group).await {
-            Ok(Some(lag)) => out.sample("ge_stream_lag", &[("stream", s)], lag),
+        match streams::group_lag(&mut redis, s, &names.group).await {
+            Ok(Some(lag)) => out.sample("ge_stream_lag", &[("stream", s)], lag as f64),
             Ok(None) => {}
             Err(_) => errors += 1,
         }

@@ -11,9 +11,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::StreamEntry;
-use crate::engine::backoff::Backoff;
 use crate::engine::settings::Names;
-use crate::engine::streams;
+use crate::engine::streams::{self, Reader, Trouble};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -98,26 +97,6 @@ fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
     e.fields.iter().flatten().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
-/// Reports and acknowledges together, so a crash cannot report twice or lose the report.
-async fn send_report(
-    con: &mut redis::aio::ConnectionManager,
-    target: &str,
-    report: &[(&'static str, String)],
-    stream: &str,
-    group: &str,
-    id: &str,
-) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    let add = pipe.cmd("XADD").arg(target).arg("*");
-    for (k, v) in report {
-        add.arg(*k).arg(v);
-    }
-    add.ignore();
-    pipe.cmd("XACK").arg(stream).arg(group).arg(id).ignore();
-    pipe.query_async::<()>(con).await
-}
-
 pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()> {
     let client = streams::client(&args.redis_url)?;
     let stream = args.names.trigger_stream(&args.name);
@@ -126,39 +105,12 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
     let mut manager = streams::manager(&client).await.context("connecting to Redis")?;
     streams::ensure_group(&mut manager, &stream, &group).await.context("creating the agent's consumer group")?;
     tracing::info!(agent = %args.name, stream = %stream, "agent started");
-    let mut reader = None;
-    let mut backoff = Backoff::default();
-    let mut cursor = "0";
-    while !token.is_cancelled() {
-        let con = match reader.as_mut() {
-            Some(c) => c,
-            None => match streams::blocking(&client).await {
-                Ok(c) => reader.insert(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent cannot connect; retrying");
-                    backoff.wait(&token).await;
-                    continue;
-                }
-            },
-        };
-        let block = (cursor == ">").then_some(Duration::from_secs(1));
-        let entries = match streams::read_group(con, &stream, &group, &consumer, 16, block, cursor).await {
-            Ok(e) => e,
-            Err(e) => {
-                if streams::is_nogroup(&e) {
-                    let _ = streams::ensure_group(con, &stream, &group).await;
-                } else {
-                    reader = None;
-                }
-                tracing::warn!(error = %e, "agent read failed; retrying");
-                backoff.wait(&token).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
-        }
+    let mut reader = Reader::new(client, &stream, &group, &consumer, 16, Duration::from_secs(1)).on_trouble(|trouble| match trouble {
+        Trouble::Connect(e) => tracing::warn!(error = %e, "agent cannot connect; retrying"),
+        Trouble::GroupMissing(e) | Trouble::Read(e) => tracing::warn!(error = %e, "agent read failed; retrying"),
+        Trouble::GroupRecreated(_) => {}
+    });
+    while let Some(entries) = reader.next(&token).await {
         for e in &entries {
             let fields = decode(e);
             let (ok, report) = run_one(&args, &fields).await;
@@ -169,14 +121,16 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
                 ok,
                 "trigger handled"
             );
-            while let Err(err) = send_report(&mut manager, target, &report, &stream, &group, &e.id).await {
+            while let Err(err) =
+                streams::report_and_ack(&mut manager, target, std::slice::from_ref(&report), &stream, &group, &[&e.id]).await
+            {
                 tracing::warn!(error = %err, "agent cannot report; retrying");
                 if token.is_cancelled() {
                     return Ok(());
                 }
-                backoff.wait(&token).await;
+                reader.backoff.wait(&token).await;
             }
-            backoff.reset();
+            reader.backoff.reset();
         }
     }
     Ok(())

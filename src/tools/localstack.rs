@@ -224,7 +224,7 @@ impl LocalRedis {
         let start = Instant::now();
         loop {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && crate::engine::streams::ping(&mut c).await.is_ok()
             {
                 return Ok(());
             }

@@ -82,12 +82,6 @@ impl PlannedWp {
 
 /// Sends the plan's work packages to the incoming stream in one pipeline, in plan order.
 pub async fn submit<C: redis::aio::ConnectionLike>(con: &mut C, incoming: &str, plan: &Plan) -> redis::RedisResult<Vec<String>> {
-    let mut pipe = redis::pipe();
-    for wp in &plan.work_packages {
-        let cmd = pipe.cmd("XADD").arg(incoming).arg("*");
-        for (k, v) in wp.fields() {
-            cmd.arg(k).arg(v);
-        }
-    }
-    pipe.query_async(con).await
+    let entries: Vec<Vec<(String, String)>> = plan.work_packages.iter().map(PlannedWp::fields).collect();
+    crate::engine::streams::xadd_many(con, incoming, &entries).await
 }

@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
+use crate::engine::input::Input;
+use crate::engine::settings::Names;
+use crate::engine::streams;
+
 pub struct ReplicaProcs {
     exe: PathBuf,
     env: Vec<(String, String)>,
@@ -107,13 +111,14 @@ impl ReplicaProcs {
 /// Time from `killed` until the killed replica's consumer has left the group on every input
 /// stream, which a survivor does once it has taken over its entries; None after 60 s.
 pub async fn left_group(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
+    let names = Names::default();
     let deadline = killed + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Ok(mut c) = client.get_multiplexed_async_connection().await {
             let mut present = false;
             let mut answered = true;
-            for s in ["ge:work:incoming", "ge:work:completed", "ge:work:failed"] {
-                match crate::engine::streams::group_consumers(&mut c, s, "orchestrator-group").await {
+            for input in Input::ALL {
+                match streams::group_consumers(&mut c, input.stream_in(&names), &names.group).await {
                     Ok(cs) => present |= cs.iter().any(|(n, _)| *n == consumer),
                     Err(_) => answered = false,
                 }

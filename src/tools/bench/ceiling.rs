@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::streams::{self, Trigger};
-
-pub const GROUP: &str = "orchestrator-group";
+use crate::engine::settings::Names;
+use crate::engine::streams::{self, Reader, Trigger};
 
 /// One consumer of the ceiling loop; run as many as there are replicas.
 pub async fn consumer(
@@ -21,15 +20,12 @@ pub async fn consumer(
     batch: usize,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut con = streams::blocking(&client).await?;
+    let names = Names::default();
     let mut manager = streams::manager(&client).await?;
-    streams::ensure_group(&mut con, &stream, GROUP).await?;
+    streams::ensure_group(&mut manager, &stream, &names.group).await?;
+    let mut reader = Reader::new(client, &stream, &names.group, &name, batch, Duration::from_millis(200)).new_entries_only();
     let mut next_agent = 0usize;
-    while !token.is_cancelled() {
-        let entries = streams::read_group(&mut con, &stream, GROUP, &name, batch, Some(Duration::from_millis(200)), ">").await?;
-        if entries.is_empty() {
-            continue;
-        }
+    while let Some(entries) = reader.next(&token).await {
         let triggers: Vec<Trigger> = entries
             .iter()
             .map(|e| {
@@ -45,12 +41,12 @@ pub async fn consumer(
                 next_agent += 1;
                 fields.push(("agent_id".into(), agent.clone()));
                 fields.push(("dispatch_id".into(), dispatch_id.clone()));
-                Trigger { stream: format!("triggers.{agent}"), dispatch_key: format!("ge:dispatched:{dispatch_id}"), fields }
+                Trigger { stream: names.trigger_stream(agent), dispatch_key: names.dispatch_key(&dispatch_id), fields }
             })
             .collect();
         streams::publish_triggers(&mut manager, &triggers, Duration::from_secs(3600)).await?;
         let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
-        streams::ack_with_deadletters(&mut manager, &stream, GROUP, &ids, &[], "ge:work:deadletter", 1000).await?;
+        streams::ack_with_deadletters(&mut manager, &stream, &names.group, &ids, &[], &names.deadletter, 1000).await?;
     }
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::streams;
+use crate::engine::settings::Names;
+use crate::engine::streams::{self, Reader};
 
 /// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
 pub fn now_us() -> u64 {
@@ -87,14 +88,16 @@ pub async fn produce(
             tokio::time::sleep_until(started + TICK * n as u32).await;
         }
         let sent = now_us().to_string();
-        let mut pipe = redis::pipe();
-        for wp in slice {
-            let cmd = pipe.cmd("XADD").arg(stream).arg("*").arg("wp_id").arg(&wp.wp_id).arg("bench_sent_us").arg(&sent);
-            for (k, v) in &wp.fields {
-                cmd.arg(*k).arg(v);
-            }
-        }
-        let replies: Vec<String> = pipe.query_async(con).await?;
+        let entries: Vec<Vec<(&str, &str)>> = slice
+            .iter()
+            .map(|wp| {
+                [("wp_id", wp.wp_id.as_str()), ("bench_sent_us", &sent)]
+                    .into_iter()
+                    .chain(wp.fields.iter().map(|(k, v)| (*k, v.as_str())))
+                    .collect()
+            })
+            .collect();
+        let replies = streams::xadd_many(con, stream, &entries).await?;
         ids.extend(slice.iter().map(|w| w.wp_id.clone()).zip(replies));
     }
     Ok((ids, first))
@@ -122,21 +125,13 @@ impl AgentLog {
 /// A fake agent on `triggers.{agent}`: records each trigger, and completes it at once when
 /// `complete` is set. Its own consumer group, as the reference agent has.
 pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
-    let stream = format!("triggers.{agent}");
+    let names = Names::default();
+    let stream = names.trigger_stream(&agent);
     let group = format!("bench-{agent}");
-    let Ok(mut con) = streams::blocking(&client).await else { return };
+    let Ok(mut con) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut con, &stream, &group).await;
-    while !token.is_cancelled() {
-        let entries = match streams::read_group(&mut con, &stream, &group, "bench", 1000, Some(Duration::from_millis(200)), ">").await {
-            Ok(e) => e,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            continue;
-        }
+    let mut reader = Reader::new(client, &stream, &group, "bench", 1000, Duration::from_millis(200)).new_entries_only();
+    while let Some(entries) = reader.next(&token).await {
         let at = now_us();
         let mut done = Vec::with_capacity(entries.len());
         {
@@ -155,29 +150,18 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
             }
         }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let mut pipe = redis::pipe();
-        if complete {
-            for (wp, dispatch) in &done {
-                pipe.cmd("XADD")
-                    .arg("ge:work:completed")
-                    .arg("*")
-                    .arg("wp_id")
-                    .arg(wp)
-                    .arg("dispatch_id")
-                    .arg(dispatch)
-                    .arg("agent_id")
-                    .arg(&agent)
-                    .ignore();
-            }
-        }
-        pipe.cmd("XACK").arg(&stream).arg(&group).arg(&ids).ignore();
+        let reports: Vec<[(&str, &str); 3]> = match complete {
+            true => done.iter().map(|(wp, dispatch)| [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", &agent)]).collect(),
+            false => Vec::new(),
+        };
         let sent_at = now_us();
-        if pipe.query_async::<()>(&mut con).await.is_ok() && complete {
+        if streams::report_and_ack(&mut con, &names.completed, &reports, &stream, &group, &ids).await.is_ok() && complete {
             let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
             for (wp, _) in done {
                 l.completed.entry(wp).or_insert(sent_at);
             }
         }
+        reader.backoff.reset();
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::settings::Names;
 use crate::engine::{store, streams};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
@@ -67,9 +68,10 @@ work_types:
   build: worker
 default_agent: b1
 ";
-const INCOMING: &str = "ge:work:incoming";
 
 struct Stack {
+    /// The replicas run with the default names too.
+    names: Names,
     redis: Option<LocalRedis>,
     postgres: Option<LocalPostgres>,
     redis_url: String,
@@ -100,13 +102,13 @@ impl Stack {
                 (Some(p), u)
             }
         };
-        Ok(Stack { redis, postgres, redis_url, database_url, dir, config })
+        Ok(Stack { names: Names::default(), redis, postgres, redis_url, database_url, dir, config })
     }
 
     /// Empties Redis and the work-package tables, so each workload starts alike.
     async fn reset(&self, client: &redis::Client) -> anyhow::Result<()> {
         let mut con = client.get_multiplexed_async_connection().await?;
-        redis::cmd("FLUSHALL").query_async::<()>(&mut con).await?;
+        streams::flush_all(&mut con).await?;
         let pool = store::connect(&self.database_url, 1).await?;
         sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events").execute(&pool).await?;
         pool.close().await;
@@ -129,7 +131,7 @@ impl Stack {
         let mut con = client.get_multiplexed_async_connection().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let joined = streams::group_consumers(&mut con, INCOMING, "orchestrator-group").await.unwrap_or_default();
+            let joined = streams::group_consumers(&mut con, &self.names.incoming, &self.names.group).await.unwrap_or_default();
             if (0..procs.len()).all(|s| joined.iter().any(|(n, _)| n == procs.name(s))) {
                 return Ok(procs);
             }
@@ -166,7 +168,7 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
             let agents = AGENTS.iter().map(|a| a.to_string()).collect();
             workers.push(tokio::spawn(ceiling::consumer(
                 client.clone(),
-                INCOMING.into(),
+                stack.names.incoming.clone(),
                 format!("ceiling-{i}"),
                 agents,
                 args.batch_size,
@@ -180,7 +182,7 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
     let agents = load::agents(client, &AGENTS, false, &log, &token);
     let wps = load::independent(args.route, "r");
     let mut con = streams::blocking(client).await?;
-    let (_, first) = load::produce(&mut con, INCOMING, &wps, None, &token).await?;
+    let (_, first) = load::produce(&mut con, &stack.names.incoming, &wps, None, &token).await?;
     let n = wps.len();
     load::wait_for(&log, args.timeout, |l| l.seen.len() >= n).await;
     token.cancel();
@@ -214,7 +216,7 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
     let agents = load::agents(client, &AGENTS, true, &log, &token);
     let wps = load::plans(args.dag_plans, "d");
     let mut con = streams::blocking(client).await?;
-    let (_, first) = load::produce(&mut con, INCOMING, &wps, rate, &token).await?;
+    let (_, first) = load::produce(&mut con, &stack.names.incoming, &wps, rate, &token).await?;
     let n = wps.len();
     load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
     token.cancel();
@@ -240,8 +242,7 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
 async fn wp_ids_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, ids: &[String]) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for id in ids {
-        let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(con).await?;
-        for e in streams::parse_entries(&v) {
+        for e in streams::range(con, stream, id, id).await? {
             if let Some((_, wp)) = e.fields.unwrap_or_default().into_iter().find(|(k, _)| k == b"wp_id") {
                 out.push(String::from_utf8_lossy(&wp).into_owned());
             }
@@ -250,9 +251,14 @@ async fn wp_ids_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, id
     Ok(out)
 }
 
-/// Ids of the entries of `stream` pending at `consumer`.
-async fn pending_of(con: &mut redis::aio::MultiplexedConnection, stream: &str, consumer: &str) -> anyhow::Result<Vec<String>> {
-    let pending = streams::delivery_counts(con, stream, "orchestrator-group", "-", "+", 100_000, consumer).await?;
+/// Ids of the entries of `stream` pending at `consumer` of the replicas' group.
+async fn pending_of(
+    con: &mut redis::aio::MultiplexedConnection,
+    names: &Names,
+    stream: &str,
+    consumer: &str,
+) -> anyhow::Result<Vec<String>> {
+    let pending = streams::delivery_counts(con, stream, &names.group, "-", "+", 100_000, consumer).await?;
     Ok(pending.into_iter().map(|(id, _)| id).collect())
 }
 
@@ -266,10 +272,10 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let n = (args.takeover_load.as_secs_f64() * f64::from(args.rate)) as usize;
     let wps = load::independent(n, "t");
     let producer = {
-        let (client, token, rate) = (client.clone(), token.clone(), args.rate);
+        let (client, token, rate, incoming) = (client.clone(), token.clone(), args.rate, stack.names.incoming.clone());
         tokio::spawn(async move {
             let mut con = streams::blocking(&client).await?;
-            load::produce(&mut con, INCOMING, &wps, Some(rate), &token).await.map_err(anyhow::Error::from)
+            load::produce(&mut con, &incoming, &wps, Some(rate), &token).await.map_err(anyhow::Error::from)
         })
     };
     tokio::time::sleep(args.takeover_load / 3).await;
@@ -280,8 +286,9 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     // would otherwise be missed.
     procs.kill(0).await;
     let (killed, killed_us) = (std::time::Instant::now(), now_us());
-    let pending_in = pending_of(&mut con, INCOMING, &victim).await?;
-    let pending_done = pending_of(&mut con, "ge:work:completed", &victim).await?;
+    let names = &stack.names;
+    let pending_in = pending_of(&mut con, names, &names.incoming, &victim).await?;
+    let pending_done = pending_of(&mut con, names, &names.completed, &victim).await?;
     let left = tokio::spawn(procs::left_group(client.clone(), victim.clone(), killed));
     let (_, first) = producer.await.context("the takeover producer panicked")??;
     load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
@@ -301,8 +308,8 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     for a in agents {
         let _ = a.await;
     }
-    let held_in = wp_ids_of(&mut con, INCOMING, &pending_in).await?;
-    let held_done = wp_ids_of(&mut con, "ge:work:completed", &pending_done).await?;
+    let held_in = wp_ids_of(&mut con, &names.incoming, &pending_in).await?;
+    let held_done = wp_ids_of(&mut con, &names.completed, &pending_done).await?;
     // When the survivor acted on each held entry: the dispatch of an ingested work package,
     // the completion of a reported one. Times from PostgreSQL's clock, the same machine's.
     let processed: Option<f64> = sqlx::query_scalar(

@@ -15,9 +15,11 @@ use anyhow::Context;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::settings::Names;
+use crate::engine::store;
+use crate::engine::streams::{self, Reader};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
-use crate::{engine::store, engine::streams};
 use check::{AgentLog, Observed, Submitted};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -77,36 +79,14 @@ retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 
 /// A fake agent: completes every trigger at once and records what it saw.
 async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
-    let stream = format!("triggers.{agent}");
+    let names = Names::default();
+    let stream = names.trigger_stream(agent);
     let group = format!("agent-{agent}");
-    let mut conn = None;
-    let mut cursor = "0";
-    while !token.is_cancelled() {
-        let con = match conn.as_mut() {
-            Some(c) => c,
-            None => match streams::blocking(&client).await {
-                Ok(c) => conn.insert(c),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = streams::ensure_group(con, &stream, &group).await;
-        let block = (cursor == ">").then_some(Duration::from_millis(500));
-        let entries = match streams::read_group(con, &stream, &group, "chaos", 64, block, cursor).await {
-            Ok(e) => e,
-            Err(_) => {
-                conn = None;
-                cursor = "0";
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
-        }
+    let Ok(mut manager) = streams::manager(&client).await else { return };
+    let _ = streams::ensure_group(&mut manager, &stream, &group).await;
+    // A Redis restart can lose the reply of a read it has already made pending.
+    let mut reader = Reader::new(client, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
+    while let Some(entries) = reader.next(&token).await {
         for e in entries {
             let fields: HashMap<String, String> = e
                 .fields
@@ -127,56 +107,31 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 // Stamped before sending: the orchestrator may act on the completion (and the
                 // next trigger reach another agent) before this call returns.
                 let sending = Instant::now();
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("XADD")
-                    .arg("ge:work:completed")
-                    .arg("*")
-                    .arg("wp_id")
-                    .arg(wp)
-                    .arg("dispatch_id")
-                    .arg(dispatch)
-                    .arg("agent_id")
-                    .arg(agent)
-                    .ignore()
-                    .cmd("XACK")
-                    .arg(&stream)
-                    .arg(&group)
-                    .arg(&e.id)
-                    .ignore();
-                let sent = match conn.as_mut() {
-                    Some(c) => pipe.query_async::<()>(c).await.is_ok(),
-                    None => false,
-                };
-                if sent {
+                let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent)];
+                if streams::report_and_ack(&mut manager, &names.completed, &[report], &stream, &group, &[&e.id]).await.is_ok() {
                     log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
                 }
                 if token.is_cancelled() {
                     return;
                 }
-                conn = streams::blocking(&client).await.ok();
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                reader.backoff.wait(&token).await;
             }
         }
+        reader.backoff.reset();
     }
 }
 
-/// XADD with retries, as a producer does while Redis restarts.
-async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, fields: &[(String, String)]) {
+/// XADD to the incoming stream with retries, as a producer does while Redis restarts.
+async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, incoming: &str, fields: &[(String, String)]) {
     loop {
         if con.is_none() {
             *con = streams::blocking(client).await.ok();
         }
-        if let Some(c) = con.as_mut() {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg("ge:work:incoming").arg("*");
-            for (k, v) in fields {
-                cmd.arg(k).arg(v);
-            }
-            if cmd.query_async::<String>(c).await.is_ok() {
-                return;
-            }
+        if let Some(c) = con.as_mut()
+            && streams::xadd(c, incoming, None, fields).await.is_ok()
+        {
+            return;
         }
         *con = None;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -186,6 +141,7 @@ async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedCo
 /// Plans of 10: five in a lane (lanes shared between plans), four fanned out from the first,
 /// one fan-in. Plus, now and then, an entry that must be dead-lettered.
 async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submitted>>, token: CancellationToken) {
+    let names = Names::default();
     let mut con = None;
     let per_wp = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let mut n = 0u64;
@@ -205,7 +161,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             if !deps.is_empty() {
                 fields.push(("depends_on".into(), deps.join(",")));
             }
-            xadd(&client, &mut con, &fields).await;
+            xadd(&client, &mut con, &names.incoming, &fields).await;
             {
                 let mut s = submitted.lock().unwrap_or_else(|p| p.into_inner());
                 s.wp_ids.push(wp.clone());
@@ -218,7 +174,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             if count.is_multiple_of(args.bad_every.max(1)) {
                 let bad = format!("bad-{count}");
                 // An agent name no routing file has: dead-lettered as unknown_agent.
-                xadd(&client, &mut con, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
+                xadd(&client, &mut con, &names.incoming, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
                 submitted.lock().unwrap_or_else(|p| p.into_inner()).bad.insert(bad);
             }
             tokio::time::sleep(per_wp).await;
@@ -403,11 +359,11 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
         .iter()
         .map(|r| Ok((r.try_get("wp_id")?, (r.try_get("status")?, r.try_get("attempts")?))))
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
+    let names = Names::default();
     let mut con = client.get_multiplexed_async_connection().await?;
     let mut trigger_counts: HashMap<String, usize> = HashMap::new();
     for agent in AGENTS {
-        let v: redis::Value = redis::cmd("XRANGE").arg(format!("triggers.{agent}")).arg("-").arg("+").query_async(&mut con).await?;
-        for e in streams::parse_entries(&v) {
+        for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
             let d = e
                 .fields
                 .unwrap_or_default()
@@ -417,8 +373,8 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
             *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
         }
     }
-    let v: redis::Value = redis::cmd("XRANGE").arg("ge:work:deadletter").arg("-").arg("+").query_async(&mut con).await?;
-    let deadletters = streams::parse_entries(&v)
+    let deadletters = streams::range(&mut con, &names.deadletter, "-", "+")
+        .await?
         .into_iter()
         .map(|e| {
             let f: HashSet<(String, String)> = e
