@@ -50,18 +50,18 @@ pub struct WorkPackageSpec {
 
 static WP_ID: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._:-]{1,128}$").expect("static regex"));
 
-pub fn is_valid_wp_id(s: &str) -> bool {
+pub(crate) fn is_valid_wp_id(s: &str) -> bool {
     WP_ID.is_match(s)
 }
 
 /// Parses a stream id `ms-seq` into its two numbers, the order of `ge:work:incoming`.
-pub fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+pub(crate) fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// A printable, bounded rendering of untrusted text for error messages.
-pub fn excerpt(s: &str) -> String {
+pub(crate) fn excerpt(s: &str) -> String {
     const MAX: usize = 64;
     if s.chars().count() <= MAX {
         format!("{s:?}")
@@ -72,7 +72,7 @@ pub fn excerpt(s: &str) -> String {
 }
 
 /// Turns raw fields into UTF-8 text, rejecting non-UTF-8, duplicates and oversize values.
-pub fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String, String>, Rejection> {
+pub(crate) fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String, String>, Rejection> {
     if raw.len() > limits.max_fields {
         return Err(Rejection::new("invalid", format!("entry has {} fields; at most {} are accepted", raw.len(), limits.max_fields)));
     }
@@ -104,7 +104,7 @@ fn non_empty(fields: &BTreeMap<String, String>, key: &str) -> Option<String> {
 
 /// Validates one `ge:work:incoming` entry. Routing is decided elsewhere; this only checks
 /// that the entry is well-formed.
-pub fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
+pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
     let raw =
         entry.fields.as_ref().ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
     let (source_ms, source_seq) = parse_stream_id(&entry.id)

@@ -29,7 +29,7 @@ impl Pattern {
         &self.glob
     }
     /// Whole-subject, case-sensitive match, as `fnmatchcase`.
-    pub fn is_match(&self, subject: &str) -> bool {
+    pub(crate) fn is_match(&self, subject: &str) -> bool {
         self.regex.is_match(subject)
     }
 }
@@ -80,7 +80,7 @@ fn render_class(chunks: &[Vec<char>]) -> String {
 
 /// The regex source equivalent to CPython's `fnmatch.translate(pattern)`, anchored at both
 /// ends as `re.match(...)` with `\Z` is.
-pub fn translate(pattern: &str) -> String {
+pub(crate) fn translate(pattern: &str) -> String {
     let pat: Vec<char> = pattern.chars().collect();
     let n = pat.len();
     let mut res = String::from("^(?s:");

@@ -4,8 +4,8 @@
 
 pub mod entry;
 pub mod fnmatch;
-pub mod limits;
-pub mod redact;
-pub mod router;
+pub(crate) mod limits;
+pub(crate) mod redact;
+pub(crate) mod router;
 pub mod routing_file;
 pub mod status;

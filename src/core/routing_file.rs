@@ -63,7 +63,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The wait after failed attempt `n` (1-based): initial · factor^(n-1), capped at max.
-    pub fn delay_after(&self, failed_attempt: u32) -> Duration {
+    pub(crate) fn delay_after(&self, failed_attempt: u32) -> Duration {
         let exp = failed_attempt.max(1) - 1;
         let secs = self.initial.as_secs_f64() * self.factor.powi(exp.min(1000) as i32);
         if !secs.is_finite() || secs >= self.max.as_secs_f64() { self.max } else { Duration::from_secs_f64(secs) }
@@ -311,7 +311,7 @@ fn strip_location(message: &str) -> String {
 
 impl RoutingTable {
     /// Agents having `role`, sorted by name.
-    pub fn agents_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = (&'a str, &'a AgentSpec)> + 'a {
+    pub(crate) fn agents_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = (&'a str, &'a AgentSpec)> + 'a {
         self.agents.iter().filter(move |(_, a)| a.roles.iter().any(|r| r == role)).map(|(n, a)| (n.as_str(), a))
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Exponential backoff for loop errors, reset by a success.
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -16,7 +16,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Duration::from_millis(100);
     }
     /// Sleeps for the current delay (cut short by shutdown) and doubles it, up to 5 s.

@@ -15,7 +15,7 @@ use crate::engine::{completions, ingest};
 
 /// Processes one batch and acknowledges it. An error means nothing of the batch was
 /// acknowledged; handling the same batch again is safe.
-pub async fn handle_batch(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
+pub(crate) async fn handle_batch(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
     match input {
         Input::Incoming => ingest::handle(ctx, entries).await,
         Input::Completed | Input::Failed => completions::handle(ctx, input, entries).await,

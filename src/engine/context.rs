@@ -52,7 +52,7 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
-    pub fn note_error(&self) {
+    pub(crate) fn note_error(&self) {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         self.last_error_at.store(now, Ordering::Relaxed);
     }
@@ -78,7 +78,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
-    pub fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
+    pub(crate) fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
         Stats::add(&self.stats.deadlettered, dls.len() as u64);
         for dl in dls {
             let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());

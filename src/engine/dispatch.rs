@@ -339,7 +339,7 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
 
 /// Publishes claims that no replica confirmed (it crashed or stalled between the claim and the
 /// publication). Idempotent: a trigger already in Redis is not added again.
-pub async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
+pub(crate) async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
     let rows = sqlx::query(
         "SELECT wp_id, agent_id, route, attempts, dispatch_id, fields, source_id FROM work_packages
          WHERE status = 'dispatched' AND NOT published

@@ -9,7 +9,7 @@ use crate::engine::input::Input;
 use crate::engine::streams;
 
 /// This consumer's pending entries over the three input streams.
-pub async fn own_pending(ctx: &Ctx) -> redis::RedisResult<u64> {
+pub(crate) async fn own_pending(ctx: &Ctx) -> redis::RedisResult<u64> {
     let mut redis = ctx.redis.clone();
     let mut total = 0;
     for input in Input::ALL {

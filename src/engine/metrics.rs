@@ -7,11 +7,11 @@
 use metrics::{Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-pub const ROUTED: &str = "ge_entries_routed_total";
-pub const COMPLETED: &str = "ge_entries_completed_total";
-pub const FAILED: &str = "ge_entries_failed_total";
-pub const DEADLETTERED: &str = "ge_entries_deadlettered_total";
-pub const DISPATCH_LATENCY: &str = "ge_dispatch_latency_seconds";
+pub(crate) const ROUTED: &str = "ge_entries_routed_total";
+pub(crate) const COMPLETED: &str = "ge_entries_completed_total";
+pub(crate) const FAILED: &str = "ge_entries_failed_total";
+pub(crate) const DEADLETTERED: &str = "ge_entries_deadlettered_total";
+pub(crate) const DISPATCH_LATENCY: &str = "ge_dispatch_latency_seconds";
 
 /// Seconds from "may run" to "trigger published": sub-second normally, minutes when agents
 /// are full.
@@ -63,15 +63,15 @@ impl Metrics {
     }
     /// Dead letters carry no route (most never got one); the reason and the agent the entry
     /// asked for, if any, are what an operator filters on.
-    pub fn deadlettered(&self, reason: &str, agent: &str) {
+    pub(crate) fn deadlettered(&self, reason: &str, agent: &str) {
         self.counter(DEADLETTERED, &[("reason", reason), ("agent", agent)], 1);
     }
-    pub fn dispatch_latency(&self, agent: &str, kind: &str, seconds: f64) {
+    pub(crate) fn dispatch_latency(&self, agent: &str, kind: &str, seconds: f64) {
         let labels = vec![Label::new("route", kind.to_string()), Label::new("agent", agent.to_string())];
         self.recorder.register_histogram(&Key::from_parts(DISPATCH_LATENCY, labels), &METADATA).record(seconds.max(0.0));
     }
 
-    pub fn render_recorded(&self) -> String {
+    pub(crate) fn render_recorded(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()
     }

@@ -3,17 +3,17 @@
 //! take over dead replicas and report health.
 
 pub mod backoff;
-pub mod completions;
-pub mod config_watch;
-pub mod consume;
-pub mod context;
+pub(crate) mod completions;
+pub(crate) mod config_watch;
+pub(crate) mod consume;
+pub(crate) mod context;
 pub mod dispatch;
 pub mod health;
 pub mod ingest;
 pub mod input;
 pub mod metrics;
-pub mod recover;
-pub mod scheduler;
+pub(crate) mod recover;
+pub(crate) mod scheduler;
 pub mod settings;
 pub mod store;
 pub mod streams;

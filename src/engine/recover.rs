@@ -44,7 +44,7 @@ pub async fn sweep(ctx: &Ctx, min_idle: std::time::Duration) -> anyhow::Result<u
 
 /// Acknowledges pending ids whose entries were deleted from the stream, recording each as a
 /// `deleted` dead letter so the loss is visible.
-pub async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow::Result<()> {
+pub(crate) async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
     tracing::warn!(stream = %stream, ids = ?deleted, "pending entries were deleted from the stream; acknowledging them");
     let dls: Vec<DeadLetter> = deleted
@@ -66,7 +66,7 @@ pub async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow:
 
 /// Dead-letters (and acknowledges) the claimed entries delivered more than `max_deliveries`
 /// times; returns the others.
-pub async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEntry>) -> anyhow::Result<Vec<StreamEntry>> {
+pub(crate) async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEntry>) -> anyhow::Result<Vec<StreamEntry>> {
     let names = &ctx.settings.names;
     let mut redis = ctx.redis.clone();
     let (first, last) = match (entries.first(), entries.last()) {

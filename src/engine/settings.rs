@@ -53,10 +53,10 @@ impl Default for Names {
 }
 
 impl Names {
-    pub fn trigger_stream(&self, agent: &str) -> String {
+    pub(crate) fn trigger_stream(&self, agent: &str) -> String {
         format!("{}{}", self.trigger_prefix, agent)
     }
-    pub fn dispatch_key(&self, dispatch_id: &str) -> String {
+    pub(crate) fn dispatch_key(&self, dispatch_id: &str) -> String {
         format!("{}{}", self.dispatch_key_prefix, dispatch_id)
     }
 }
@@ -164,12 +164,12 @@ impl RunSettings {
         }
     }
 
-    pub fn consumer_name(&self) -> String {
+    pub(crate) fn consumer_name(&self) -> String {
         self.consumer.clone().unwrap_or_else(default_consumer_name)
     }
 }
 
-pub fn default_consumer_name() -> String {
+pub(crate) fn default_consumer_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()

@@ -11,7 +11,7 @@ use crate::core::routing_file::RetryPolicy;
 /// Serialises DAG inserts so two replicas cannot each add half of a cycle.
 const DAG_LOCK: i64 = 0x6765_0001;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// Connects and applies the embedded migrations. sqlx takes an advisory lock around them, so
 /// replicas that start together apply each migration once.
@@ -359,7 +359,7 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
 }
 
 /// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.
-pub async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = ANY($1)
          UNION

@@ -18,7 +18,7 @@ use crate::engine::context::Ctx;
 use crate::engine::input::Input;
 use crate::{engine::recover, engine::streams};
 
-pub fn lease_key(ctx: &Ctx, consumer: &str) -> String {
+pub(crate) fn lease_key(ctx: &Ctx, consumer: &str) -> String {
     format!("{}{}:{}", ctx.settings.lease_prefix, ctx.settings.names.group, consumer)
 }
 
@@ -27,14 +27,14 @@ async fn refresh(ctx: &Ctx) -> redis::RedisResult<()> {
     streams::set_expiring(&mut redis, &lease_key(ctx, &ctx.consumer), &chrono::Utc::now().to_rfc3339(), ctx.settings.lease_ttl).await
 }
 
-pub async fn release(ctx: &Ctx) {
+pub(crate) async fn release(ctx: &Ctx) {
     let mut redis = ctx.redis.clone();
     let _ = streams::delete_key(&mut redis, &lease_key(ctx, &ctx.consumer)).await;
 }
 
 /// Removes `consumer` from the group on every input stream, so consumers do not pile up
 /// across restarts. Returns what failed.
-pub async fn remove_consumer(ctx: &Ctx, consumer: &str) -> Vec<redis::RedisError> {
+pub(crate) async fn remove_consumer(ctx: &Ctx, consumer: &str) -> Vec<redis::RedisError> {
     let mut redis = ctx.redis.clone();
     let mut failed = Vec::new();
     for input in Input::ALL {
@@ -138,6 +138,6 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
 
 /// Sets the lease once before the loops start reading, so no survivor mistakes a starting
 /// replica for a dead one.
-pub async fn acquire(ctx: &Ctx) -> redis::RedisResult<()> {
+pub(crate) async fn acquire(ctx: &Ctx) -> redis::RedisResult<()> {
     refresh(ctx).await
 }

@@ -13,7 +13,7 @@ use crate::engine::streams::{self, DEADLETTER_META, Requeued};
 use crate::ops::reads;
 
 #[derive(Debug, thiserror::Error)]
-pub enum OpsError {
+pub(crate) enum OpsError {
     #[error("PostgreSQL: {0}")]
     Db(#[from] sqlx::Error),
     #[error("Redis: {0}")]
@@ -21,7 +21,7 @@ pub enum OpsError {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct AgentView {
+pub(crate) struct AgentView {
     pub agent_id: String,
     pub roles: Vec<String>,
     pub enabled: bool,
@@ -58,7 +58,7 @@ pub async fn agents(pool: &PgPool, routing: &RoutingTable) -> Result<Vec<AgentVi
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ReplicaView {
+pub(crate) struct ReplicaView {
     pub instance: String,
     pub status: String,
     pub ts: String,
@@ -104,7 +104,7 @@ pub async fn replicas<C: redis::aio::ConnectionLike>(
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct DeadLetterView {
+pub(crate) struct DeadLetterView {
     pub id: String,
     pub reason: String,
     pub detail: String,
@@ -148,7 +148,7 @@ pub async fn deadletters<C: redis::aio::ConnectionLike>(
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum Requeue {
+pub(crate) enum Requeue {
     Requeued {
         id: String,
         stream: String,
@@ -176,7 +176,7 @@ pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, 
 
 /// Requeues every dead letter (of one reason, if given), oldest first so the incoming order
 /// is kept. Returns what became of each.
-pub async fn requeue_all<C: redis::aio::ConnectionLike>(
+pub(crate) async fn requeue_all<C: redis::aio::ConnectionLike>(
     con: &mut C,
     names: &Names,
     reason: Option<&str>,

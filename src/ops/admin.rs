@@ -25,7 +25,7 @@ use crate::ops::{actions, reads};
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// An error answer: a status and a sentence for the operator.
-pub struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -53,7 +53,7 @@ impl From<redis::RedisError> for ApiError {
 type ApiResult = Result<Response, ApiError>;
 
 /// `Query` whose rejection is a JSON error like every other answer of the API.
-pub struct Q<T>(T);
+pub(crate) struct Q<T>(T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Q<T> {
     type Rejection = ApiError;
@@ -66,7 +66,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Q<T
 }
 
 /// One path parameter, with a JSON rejection.
-pub struct P(String);
+pub(crate) struct P(String);
 
 impl<S: Send + Sync> FromRequestParts<S> for P {
     type Rejection = ApiError;
@@ -296,7 +296,7 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
     ok(json!({ "config_version": routing.config_version, "signalled": receivers }))
 }
 
-pub fn router(ctx: Arc<Ctx>) -> Router {
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .route("/api/overview", get(overview))

@@ -55,7 +55,7 @@ async fn dashboard() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DASHBOARD)
 }
 
-pub fn router(ctx: Arc<Ctx>) -> Router {
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(healthz))
@@ -66,7 +66,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
 }
 
 /// Serves until shutdown. The listener is bound by the caller so a bad address fails start-up.
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, token: CancellationToken) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, token: CancellationToken) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "serving /healthz, /readyz, /metrics, /api and the dashboard");
     if let Err(e) = axum::serve(listener, router(ctx)).with_graceful_shutdown(token.cancelled_owned()).await {

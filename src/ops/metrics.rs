@@ -40,7 +40,7 @@ impl Out {
 
 /// The whole exposition: recorded counters and histograms, then gauges read now. A source
 /// that does not answer leaves its families out and sets `ge_scrape_errors`.
-pub async fn render(ctx: &Ctx) -> String {
+pub(crate) async fn render(ctx: &Ctx) -> String {
     let mut out = Out(String::new());
     let mut errors = 0u32;
     let names = &ctx.settings.names;

@@ -1,7 +1,7 @@
 //! The operators' surface, shared by the HTTP server and the command line: health probes,
 //! the admin API, Prometheus metrics, the dashboard, status views and operator actions.
 
-pub mod actions;
+pub(crate) mod actions;
 pub mod admin;
 pub mod http;
 pub mod metrics;

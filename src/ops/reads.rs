@@ -213,12 +213,12 @@ pub async fn detail(pool: &PgPool, wp_id: &str) -> Result<Option<WpDetail>, sqlx
 }
 
 /// Status of each of `ids` (absent: not ingested yet).
-pub async fn statuses_of(pool: &PgPool, ids: &[String]) -> Result<BTreeMap<String, String>, sqlx::Error> {
+pub(crate) async fn statuses_of(pool: &PgPool, ids: &[String]) -> Result<BTreeMap<String, String>, sqlx::Error> {
     let rows = sqlx::query("SELECT wp_id, status FROM work_packages WHERE wp_id = ANY($1)").bind(ids).fetch_all(pool).await?;
     rows.iter().map(|r| Ok((r.try_get("wp_id")?, r.try_get("status")?))).collect()
 }
 
 /// Whether PostgreSQL answers a trivial statement: the readiness probe's half.
-pub async fn ping(pool: &PgPool) -> bool {
+pub(crate) async fn ping(pool: &PgPool) -> bool {
     matches!(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool).await, Ok(1))
 }

@@ -5,13 +5,13 @@ use serde::Serialize;
 use crate::ops::reads::WpView;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Overview {
+pub(crate) struct Overview {
     pub counts: Vec<(String, i64)>,
     pub work_packages: Vec<WpView>,
     pub deadletters: Option<u64>,
 }
 
-pub fn render(o: &Overview) -> String {
+pub(crate) fn render(o: &Overview) -> String {
     let mut out = String::new();
     let counts: Vec<String> = o.counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
     out.push_str(&format!("work packages: {}\n", if counts.is_empty() { "none".into() } else { counts.join("  ") }));

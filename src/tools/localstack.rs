@@ -61,7 +61,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file())).unwrap_or(None)
 }
 
-pub fn find_redis_server() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_redis_server() -> anyhow::Result<PathBuf> {
     on_path("redis-server")
         .or_else(|| ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].iter().map(PathBuf::from).find(|p| p.is_file()))
         .ok_or_else(|| {
@@ -69,7 +69,7 @@ pub fn find_redis_server() -> anyhow::Result<PathBuf> {
         })
 }
 
-pub fn find_pg_bindir() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_pg_bindir() -> anyhow::Result<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if dir.join("postgres").is_file() && dir.join("initdb").is_file() {

@@ -8,5 +8,5 @@ pub mod chaos;
 pub mod dev;
 pub mod localstack;
 pub mod plan;
-pub mod procs;
-pub mod progress;
+pub(crate) mod procs;
+pub(crate) mod progress;

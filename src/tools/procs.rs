@@ -11,7 +11,7 @@ use crate::engine::input::Input;
 use crate::engine::settings::Names;
 use crate::engine::streams;
 
-pub struct ReplicaProcs {
+pub(crate) struct ReplicaProcs {
     exe: PathBuf,
     env: Vec<(String, String)>,
     args: Vec<String>,
@@ -38,10 +38,6 @@ impl ReplicaProcs {
 
     pub fn len(&self) -> usize {
         self.procs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.procs.is_empty()
     }
 
     /// Starts a replica in `slot` (a new one at the end, or in place of one that exited).
@@ -75,7 +71,7 @@ impl ReplicaProcs {
     }
 
     /// Sends `sig` to the replica in `slot`; returns its consumer name.
-    pub fn signal(&self, slot: usize, sig: i32) -> String {
+    pub(crate) fn signal(&self, slot: usize, sig: i32) -> String {
         let (name, child) = &self.procs[slot];
         // SAFETY: plain kill(2) on our own child.
         child.id().map(|pid| unsafe { libc::kill(pid as i32, sig) });
@@ -90,7 +86,7 @@ impl ReplicaProcs {
     }
 
     /// Peak resident set size of the replica in `slot`, in bytes (Linux VmHWM).
-    pub fn peak_rss(&self, slot: usize) -> Option<u64> {
+    pub(crate) fn peak_rss(&self, slot: usize) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(slot)?)).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -98,7 +94,7 @@ impl ReplicaProcs {
     }
 
     /// SIGTERM to every replica, then waits for each to drain and exit.
-    pub async fn stop_all(&mut self, timeout: Duration) {
+    pub(crate) async fn stop_all(&mut self, timeout: Duration) {
         for slot in 0..self.procs.len() {
             self.signal(slot, libc::SIGTERM);
         }
@@ -110,7 +106,7 @@ impl ReplicaProcs {
 
 /// Time from `killed` until the killed replica's consumer has left the group on every input
 /// stream, which a survivor does once it has taken over its entries; None after 60 s.
-pub async fn left_group(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
+pub(crate) async fn left_group(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
     let names = Names::default();
     let deadline = killed + Duration::from_secs(60);
     while Instant::now() < deadline {

@@ -30,7 +30,7 @@ fn summary(st: &BTreeMap<String, String>, total: usize) -> String {
 /// Polls until every work package is finished (or Ctrl-C). Exits 1 when any failed or was
 /// cancelled, naming them. A failed one holds the plan until an operator acts, so the bar
 /// says so instead of waiting silently.
-pub async fn wait_for_plan(pool: &PgPool, ids: &[String], token: CancellationToken) -> anyhow::Result<ExitCode> {
+pub(crate) async fn wait_for_plan(pool: &PgPool, ids: &[String], token: CancellationToken) -> anyhow::Result<ExitCode> {
     let bar = ProgressBar::with_draw_target(Some(ids.len() as u64), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30.green/white}] {pos}/{len} finished  {msg}")

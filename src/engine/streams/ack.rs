@@ -10,7 +10,7 @@ use crate::engine::settings::Names;
 
 /// An entry that could not be processed, with where it came from and why.
 #[derive(Debug, Clone)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     pub reason: String,
     pub detail: String,
     pub stream: String,
@@ -24,7 +24,7 @@ pub(crate) const DEADLETTER_META: [&str; 4] = ["reason", "detail", "stream", "so
 impl DeadLetter {
     /// The dead-letter entry's fields: the metadata, then the original fields. An original
     /// field whose name collides with the metadata is kept as `original.NAME`.
-    pub fn entry_fields(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn entry_fields(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = vec![
             (b"reason".to_vec(), self.reason.as_bytes().to_vec()),
             (b"detail".to_vec(), self.detail.as_bytes().to_vec()),
@@ -68,7 +68,7 @@ where
 /// survivor has already handled writes a second copy (same `source_id`); writing a dead
 /// letter only when its own XACK found the entry pending lost 2 of 914 in a chaos run with
 /// paused replicas, so a rare duplicate is the price of never losing one.
-pub async fn ack_with_deadletters<C: redis::aio::ConnectionLike>(
+pub(crate) async fn ack_with_deadletters<C: redis::aio::ConnectionLike>(
     con: &mut C,
     stream: &str,
     group: &str,

@@ -92,7 +92,7 @@ pub async fn group_consumers<C: redis::aio::ConnectionLike>(con: &mut C, stream:
 }
 
 /// Delivery counts of pending entries in `[start, end]` owned by `consumer`.
-pub async fn delivery_counts<C: redis::aio::ConnectionLike>(
+pub(crate) async fn delivery_counts<C: redis::aio::ConnectionLike>(
     con: &mut C,
     stream: &str,
     group: &str,
@@ -116,7 +116,7 @@ pub async fn delivery_counts<C: redis::aio::ConnectionLike>(
 }
 
 /// `XAUTOCLAIM` one page: (next cursor, claimed entries, ids deleted from the stream).
-pub async fn autoclaim<C: redis::aio::ConnectionLike>(
+pub(crate) async fn autoclaim<C: redis::aio::ConnectionLike>(
     con: &mut C,
     stream: &str,
     group: &str,

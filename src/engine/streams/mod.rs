@@ -16,13 +16,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
 use crate::core::entry::{RawFields, StreamEntry};
-pub(crate) use ack::{DEADLETTER_META, Requeued, report_and_ack, requeue_deadletter};
-pub use ack::{DeadLetter, ack_with_deadletters};
+pub(crate) use ack::{DEADLETTER_META, DeadLetter, Requeued, ack_with_deadletters, report_and_ack, requeue_deadletter};
 pub use entries::{len, xadd};
 pub(crate) use entries::{newest, range, xadd_many};
-pub use group::{PendingSummary, autoclaim, delivery_counts, ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
-pub(crate) use group::{claim, group_lag, remove_consumer};
-pub use publish::{Trigger, publish_triggers, request_reload};
+pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, remove_consumer};
+pub use group::{ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
+pub use publish::Trigger;
+pub(crate) use publish::{publish_triggers, request_reload};
 pub(crate) use reader::{Reader, Trouble};
 
 /// The Redis client for `url`. A `rediss://` URL is verified against the system roots plus,
@@ -51,7 +51,7 @@ pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
 
 /// Connection for one blocking reader. It has no response timeout: the default 500 ms would
 /// fail every `XREADGROUP ... BLOCK` longer than that and leave the connection wedged.
-pub async fn blocking(client: &Client) -> RedisResult<MultiplexedConnection> {
+pub(crate) async fn blocking(client: &Client) -> RedisResult<MultiplexedConnection> {
     let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
     client.get_multiplexed_async_connection_with_config(&cfg).await
 }

@@ -24,7 +24,11 @@ pub struct Trigger {
 
 /// Publishes triggers in one pipeline. Returns how many were new (the rest had been
 /// published before and were skipped).
-pub async fn publish_triggers<C: redis::aio::ConnectionLike>(con: &mut C, triggers: &[Trigger], key_ttl: Duration) -> RedisResult<usize> {
+pub(crate) async fn publish_triggers<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    triggers: &[Trigger],
+    key_ttl: Duration,
+) -> RedisResult<usize> {
     if triggers.is_empty() {
         return Ok(0);
     }
@@ -40,6 +44,6 @@ pub async fn publish_triggers<C: redis::aio::ConnectionLike>(con: &mut C, trigge
 }
 
 /// Asks every replica to re-read its routing file; returns how many replicas listened.
-pub async fn request_reload<C: redis::aio::ConnectionLike>(con: &mut C, channel: &str) -> RedisResult<u64> {
+pub(crate) async fn request_reload<C: redis::aio::ConnectionLike>(con: &mut C, channel: &str) -> RedisResult<u64> {
     redis::cmd("PUBLISH").arg(channel).arg("reload").query_async(con).await
 }

@@ -13,21 +13,21 @@ use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader};
 
 /// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
-pub fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// One work package to submit, and which others must finish before it may start (its
 /// dependencies and its lane predecessor), for the completion-to-dispatch latency.
 #[derive(Debug, Clone)]
-pub struct Wp {
+pub(crate) struct Wp {
     pub wp_id: String,
     pub fields: Vec<(&'static str, String)>,
     pub prereqs: Vec<String>,
 }
 
 /// `n` independent work packages.
-pub fn independent(n: usize, prefix: &str) -> Vec<Wp> {
+pub(crate) fn independent(n: usize, prefix: &str) -> Vec<Wp> {
     (0..n).map(|i| Wp { wp_id: format!("{prefix}{i}"), fields: vec![("work_type", "build".into())], prereqs: Vec::new() }).collect()
 }
 
@@ -65,7 +65,7 @@ pub fn plans(plans: usize, prefix: &str) -> Vec<Wp> {
 /// Submits `wps` in stream order, in pipelines, each entry stamped with its send time. With a
 /// rate, sends a slice every 10 ms to hold it; without, as fast as Redis takes them. Returns
 /// the entry id of each work package and the time the first was sent.
-pub async fn produce(
+pub(crate) async fn produce(
     con: &mut MultiplexedConnection,
     stream: &str,
     wps: &[Wp],
@@ -105,7 +105,7 @@ pub async fn produce(
 
 /// What the fake agents saw, in microseconds of `now_us`.
 #[derive(Default)]
-pub struct AgentLog {
+pub(crate) struct AgentLog {
     /// When each work package's trigger arrived.
     pub seen: HashMap<String, u64>,
     /// The trigger's `bench_sent_us`: when its incoming entry was sent.
@@ -177,7 +177,7 @@ pub fn agents(
 }
 
 /// Waits until `done(log)` holds, or `timeout`. Returns whether it held.
-pub async fn wait_for(log: &Arc<Mutex<AgentLog>>, timeout: Duration, done: impl Fn(&AgentLog) -> bool) -> bool {
+pub(crate) async fn wait_for(log: &Arc<Mutex<AgentLog>>, timeout: Duration, done: impl Fn(&AgentLog) -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if done(&log.lock().unwrap_or_else(|p| p.into_inner())) {

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub count: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -32,7 +32,7 @@ impl Latency {
 
 /// The figures of one workload.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Run {
+pub(crate) struct Run {
     pub workload: String,
     pub work_packages: usize,
     /// Work packages whose trigger (route, ceiling) or completion (dag) was seen.
@@ -51,7 +51,7 @@ pub struct Run {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Takeover {
+pub(crate) struct Takeover {
     /// Entries of the killed replica pending at the kill (incoming and completed streams).
     pub pending_at_kill: usize,
     /// From the kill until the last of those was processed by the survivor.
@@ -61,7 +61,7 @@ pub struct Takeover {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Target {
+pub(crate) struct Target {
     pub name: &'static str,
     pub target: String,
     pub measured: Option<f64>,
@@ -70,7 +70,7 @@ pub struct Target {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub machine: String,
     pub replicas: usize,
     pub batch_size: usize,
@@ -140,7 +140,7 @@ impl Report {
     }
 
     /// Every workload finished with nothing lost or doubled. Speed is reported, not judged.
-    pub fn sound(&self) -> bool {
+    pub(crate) fn sound(&self) -> bool {
         self.runs.iter().all(|r| r.lost == 0 && r.duplicates == 0 && r.finished == r.work_packages)
     }
 

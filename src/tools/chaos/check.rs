@@ -8,7 +8,7 @@ use serde::Serialize;
 
 /// What the harness submitted.
 #[derive(Default)]
-pub struct Submitted {
+pub(crate) struct Submitted {
     pub wp_ids: Vec<String>,
     /// lane -> wp_ids in submission (= stream) order.
     pub lanes: HashMap<String, Vec<String>>,
@@ -20,7 +20,7 @@ pub struct Submitted {
 
 /// What the fake agents saw: per dispatch_id, when it arrived and when its completion was sent.
 #[derive(Default)]
-pub struct AgentLog {
+pub(crate) struct AgentLog {
     pub received: HashMap<String, (String, Instant)>,
     pub completed: HashMap<String, Instant>,
     /// Triggers delivered to an agent again (its own PEL after a Redis restart).
@@ -28,7 +28,7 @@ pub struct AgentLog {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Invariant {
+pub(crate) struct Invariant {
     pub name: &'static str,
     pub held: bool,
     pub detail: String,
@@ -41,7 +41,7 @@ fn inv(name: &'static str, broken: &[String], ok: String) -> Invariant {
     Invariant { name, held, detail }
 }
 
-pub struct Observed {
+pub(crate) struct Observed {
     /// wp_id -> (status, attempts)
     pub states: HashMap<String, (String, i32)>,
     /// dispatch_id -> number of trigger entries carrying it
