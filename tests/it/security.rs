@@ -1,17 +1,14 @@
 //! TLS to Redis (`rediss://`) and PostgreSQL, Redis AUTH, and passwords kept out of logs,
 //! health entries and error messages.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ROUTING, eventually};
 use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions, TlsFiles};
 
-const T: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
+use crate::harness::{BIN, ROUTING, T, eventually};
+
 const REDIS_PW: &str = "redis-S3cret-pw";
 const PG_PW: &str = "pg-S3cret-pw";
 

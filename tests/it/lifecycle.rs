@@ -1,15 +1,10 @@
 //! A replica's life: routing reloads, graceful shutdown as a real process, the CLI's
 //! configuration checks.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const T: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually};
 
 const TO_ADA: &str = r#"version: 1
 agents:
