@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{BIN, ROUTING, T, TestEnv, eventually};
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually, free_port};
 
 const TO_ADA: &str = r#"version: 1
 agents:
@@ -75,6 +75,10 @@ async fn sigterm_drains_and_leaves_nothing_pending() {
     let env = TestEnv::start(ROUTING).await;
     let mut child = Command::new(BIN)
         .args(["run", "--consumer", "proc-1", "--block", "200ms", "--batch-size", "10"])
+        // Serving HTTP, as in production, but not on the default port, which another program
+        // may hold.
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .env("REDIS_URL", env.redis.url())
         .env("DATABASE_URL", &env.database_url)
         .env("GE_ROUTING_CONFIG", &env.config)
