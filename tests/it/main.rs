@@ -21,3 +21,4 @@ mod outages;
 mod recovery;
 mod routing;
 mod security;
+mod self_contained;
