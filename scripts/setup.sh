@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what ge-orchestrator's dev stack and tests need, when it is missing: Rust's cargo
-# (checked, not installed), redis-server, the PostgreSQL server binaries, Chromium and Node.js
-# (from Debian's packages), playwright-core (npm, into tests/browser/node_modules, from the
-# committed package-lock.json) and schemathesis (PyPI). Idempotent. It never starts or enables the system services: the orchestrator
-# starts its own throwaway instances on free ports.
+# Installs what ge-orchestrator's dev stack, tests and CI need, when it is missing: Rust's cargo
+# (checked, not installed) with rustfmt and clippy, redis-server, the PostgreSQL server
+# binaries, Chromium and Node.js (from Debian's packages), playwright-core (npm, into
+# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI).
+# Idempotent. It never starts or enables the system services: the orchestrator starts its own
+# throwaway instances on free ports.
 set -euo pipefail
 
 say() { echo "setup: $*"; }
@@ -12,6 +13,16 @@ if command -v cargo >/dev/null 2>&1; then
   say "cargo found ($(cargo --version))"
 else
   say "cargo not found. Install Rust with rustup (https://rustup.rs): curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh"
+  exit 1
+fi
+# CI's gates (.ci/run): rustfmt and clippy, which rustup's default profile has.
+if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+  say "rustfmt and clippy found"
+elif command -v rustup >/dev/null 2>&1; then
+  say "installing rustfmt and clippy (rustup component add)"
+  rustup component add rustfmt clippy
+else
+  say "cargo fmt or cargo clippy missing, and no rustup to add them. Install Rust with rustup (https://rustup.rs)"
   exit 1
 fi
 
@@ -63,10 +74,10 @@ if [ -d "$root/tests/browser/node_modules/playwright-core" ]; then
   say "playwright-core found"
 else
   say "installing playwright-core into tests/browser (npm ci)"
-  (cd "$root/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$root/tests/browser" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
 fi
 
-# The admin API's OpenAPI test (tests/api_schema.rs).
+# The admin API's OpenAPI test (tests/it/api_schema.rs).
 if command -v schemathesis >/dev/null 2>&1 || python3 -c 'import schemathesis' >/dev/null 2>&1; then
   say "schemathesis found"
 else

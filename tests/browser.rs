@@ -5,18 +5,17 @@
 //! and a reload, until it completes. Screenshots go to `$GE_SCREENSHOTS` (the docs use
 //! `GE_SCREENSHOTS=docs/screenshots`), else to a temporary directory.
 
-mod common;
+#[path = "it/harness.rs"]
+mod harness;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ROUTING, Replica, TestEnv, eventually, http_settings, wait_ready};
 use ge_orchestrator::tools::plan::Plan;
+use harness::{BIN, ROUTING, Replica, T, TestEnv, eventually, http_settings, wait_ready};
 
-const T: Duration = Duration::from_secs(60);
 const TOKEN: &str = "browser-test-token";
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
 
 fn agent(env: &TestEnv, name: &str) -> tokio::process::Child {
     tokio::process::Command::new(BIN)

@@ -1,13 +1,9 @@
 //! Routing and intake against real Redis and PostgreSQL: the priority of routes, the fields of
 //! a trigger, each dead-letter reason, idempotent resubmission.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const T: Duration = Duration::from_secs(20);
+use crate::harness::{ROUTING, T, TestEnv, eventually};
 
 #[tokio::test]
 async fn routes_by_priority_and_passes_fields_through() {

@@ -1,12 +1,10 @@
 //! The admin API against its own OpenAPI document, with schemathesis (PyPI): every operation,
 //! with generated valid and invalid input, must answer as documented and never with a 5xx.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ROUTING, Replica, TestEnv, eventually, http_settings, wait_ready};
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, http_settings, wait_ready};
 
 const TOKEN: &str = "schemathesis-token";
 
@@ -21,7 +19,7 @@ async fn the_admin_api_conforms_to_its_openapi_document() {
     env.submit(&[("wp_id", "st-a"), ("agent_id", "dolly")]).await;
     env.submit(&[("wp_id", "st-b"), ("agent_id", "dolly"), ("depends_on", "st-a"), ("lane", "l1")]).await;
     env.submit(&[("wp_id", "st-c"), ("agent_id", "ghost")]).await;
-    eventually(Duration::from_secs(30), "a dead letter", || async { (!env.deadletters().await.is_empty()).then_some(()) }).await;
+    eventually(T, "a dead letter", || async { (!env.deadletters().await.is_empty()).then_some(()) }).await;
 
     let out = tokio::process::Command::new(root.join("scripts/schemathesis.sh"))
         .arg(format!("http://127.0.0.1:{port}"))

@@ -1,13 +1,9 @@
 //! Entries left pending by a consumer that died: the lane gate holds later entries of the
 //! lane, the sweep takes the entries over, acknowledges deleted ones and dead-letters poison.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually};
 
 /// Reads `count` new entries of the incoming stream as consumer `name`, and never acks them.
 async fn read_as(env: &TestEnv, name: &str, count: usize) -> Vec<String> {
@@ -115,7 +111,7 @@ async fn the_sweep_acknowledges_deleted_entries_and_dead_letters_poison() {
     s.recover_interval = Duration::from_millis(200);
     s.claim_min_idle = Duration::from_millis(100);
     s.max_deliveries = 5;
-    let replica = common::Replica::spawn(s);
+    let replica = Replica::spawn(s);
     let dls = eventually(T, "two dead letters", || async {
         let d = env.deadletters().await;
         (d.len() == 2).then_some(d)
@@ -137,7 +133,7 @@ async fn an_unconfirmed_dispatch_is_published_again_but_never_twice() {
     let env = TestEnv::start(ROUTING).await;
     let mut s = env.settings("r1");
     s.republish_after = Duration::from_millis(200);
-    let replica = common::Replica::spawn(s);
+    let replica = Replica::spawn(s);
     env.submit(&[("wp_id", "x"), ("agent_id", "dolly")]).await;
     eventually(T, "x dispatched", || async { (env.triggers("dolly").await.len() == 1).then_some(()) }).await;
     let unconfirm = || async {

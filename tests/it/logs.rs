@@ -1,15 +1,9 @@
 //! Structured logs: with `--log-format json` every line is a JSON object, and every line that
 //! concerns one work package carries its `wp_id` (and `dispatch_id` once it has one).
 
-mod common;
-
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually};
 
 #[tokio::test]
 async fn json_logs_name_the_work_package_and_dispatch() {

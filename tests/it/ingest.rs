@@ -2,13 +2,12 @@
 //! decide exactly as entry-by-entry ingest would — inserted, a producer's retry, a conflict —
 //! including a wp_id named twice in one batch, where the first in stream order wins.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::{ROUTING, TestEnv};
 use ge_orchestrator::core::entry::WorkPackageSpec;
 use ge_orchestrator::engine::store::{self, IngestOutcome};
+
+use crate::harness::{ROUTING, TestEnv};
 
 fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
     let mut fields = BTreeMap::new();

@@ -1,14 +1,10 @@
 //! Order: dependencies (fan-out, fan-in), lanes across two replicas, retries and the
 //! operators' retry and cancel, agent capacity.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually};
 
 async fn trigger_of(env: &TestEnv, wp: &str, attempt: u32) -> HashMap<String, String> {
     let dispatch_id = format!("{wp}:{attempt}");
@@ -93,8 +89,8 @@ async fn lanes_run_in_stream_order_with_two_replicas() {
     s1.batch_size = 2;
     let mut s2 = env.settings("r2");
     s2.batch_size = 3;
-    let r1 = common::Replica::spawn(s1);
-    let r2 = common::Replica::spawn(s2);
+    let r1 = Replica::spawn(s1);
+    let r2 = Replica::spawn(s2);
     let lanes = ["l0", "l1", "l2", "l3"];
     let per_lane = 12;
     let mut expected: HashMap<String, Vec<String>> = HashMap::new();

@@ -1,13 +1,7 @@
 //! `/metrics` of a real replica: every family of the minimum set, with values that follow
 //! what happened.
 
-mod common;
-
-use std::time::Duration;
-
-use common::{ROUTING, Replica, TestEnv, eventually, http_get, http_settings, wait_ready};
-
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, http_get, http_settings, wait_ready};
 
 /// The value of the sample `name{labels}` (labels exactly as rendered), if present.
 fn sample(text: &str, series: &str) -> Option<f64> {

@@ -1,15 +1,10 @@
 //! CLI parity with the admin API: `deadletter list|requeue`, `skip`, `agents`, `replicas`,
 //! and `submit --wait` following a plan to its end.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually};
 
 fn cli(env: &TestEnv, args: &[&str]) -> Output {
     Command::new(BIN)

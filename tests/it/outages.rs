@@ -1,13 +1,9 @@
 //! Redis and PostgreSQL go away and come back: loops back off and reconnect, the group is
 //! recreated when lost, readiness reports the outage, and no work is lost.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually, free_port, http_get};
-
-const T: Duration = Duration::from_secs(40);
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, free_port, http_get};
 
 async fn dispatched(env: &TestEnv, wp: &str) {
     eventually(T, &format!("{wp} dispatched"), || async { env.all_triggers().await.into_iter().find(|t| t["wp_id"] == wp).map(|_| ()) })
@@ -24,7 +20,7 @@ async fn survives_restarts_of_redis_and_postgres_and_a_lost_group() {
     let port = free_port();
     let mut s = env.settings("r1");
     s.http_addr = format!("127.0.0.1:{port}");
-    let replica = common::Replica::spawn(s);
+    let replica = Replica::spawn(s);
     env.submit(&[("wp_id", "a"), ("agent_id", "dolly")]).await;
     dispatched(&env, "a").await;
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));

@@ -1,17 +1,14 @@
 //! TLS to Redis (`rediss://`) and PostgreSQL, Redis AUTH, and passwords kept out of logs,
 //! health entries and error messages.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ROUTING, eventually};
 use ge_orchestrator::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions, TlsFiles};
 
-const T: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
+use crate::harness::{BIN, ROUTING, T, eventually};
+
 const REDIS_PW: &str = "redis-S3cret-pw";
 const PG_PW: &str = "pg-S3cret-pw";
 
@@ -72,10 +69,11 @@ async fn tls_and_auth_work_and_no_password_leaks() {
         .spawn()
         .unwrap();
 
-    // The test talks TLS with the same CA, through the same client constructor.
-    // SAFETY: set before any thread of this test reads the environment.
-    unsafe { std::env::set_var("GE_REDIS_CA_CERT", &ca) };
-    let client = ge_orchestrator::engine::streams::client(&redis.url()).unwrap();
+    // The test talks TLS with the same CA. The replica and the CLI read it from
+    // GE_REDIS_CA_CERT; the test passes it to the client directly, since setting a variable
+    // in the environment of a process running other tests side by side is a data race.
+    let root_cert = Some(std::fs::read(&tls.ca).unwrap());
+    let client = redis::Client::build_with_tls(redis.url(), redis::TlsCertificates { client_tls: None, root_cert }).unwrap();
     let mut con = ge_orchestrator::engine::streams::manager(&client).await.unwrap();
     let _: String = redis::cmd("XADD")
         .arg("ge:work:incoming")

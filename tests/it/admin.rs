@@ -1,14 +1,10 @@
 //! The admin API against a real replica: reads, the token on changes, dead-letter requeue
 //! after a routing fix, skip, retry and cancel, agents and replicas.
 
-mod common;
-
-use std::time::Duration;
-
-use common::{ROUTING, Replica, TestEnv, eventually, http, http_settings, wait_ready};
 use serde_json::Value;
 
-const T: Duration = Duration::from_secs(30);
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, http, http_settings, wait_ready};
+
 const TOKEN: &str = "s3cret-admin-token";
 
 async fn start(env: &TestEnv, token: Option<&str>) -> (Replica, u16) {

@@ -1,15 +1,10 @@
 //! A replica's life: routing reloads, graceful shutdown as a real process, the CLI's
 //! configuration checks.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
-
-const T: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually, free_port};
 
 const TO_ADA: &str = r#"version: 1
 agents:
@@ -80,6 +75,10 @@ async fn sigterm_drains_and_leaves_nothing_pending() {
     let env = TestEnv::start(ROUTING).await;
     let mut child = Command::new(BIN)
         .args(["run", "--consumer", "proc-1", "--block", "200ms", "--batch-size", "10"])
+        // Serving HTTP, as in production, but not on the default port, which another program
+        // may hold.
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .env("REDIS_URL", env.redis.url())
         .env("DATABASE_URL", &env.database_url)
         .env("GE_ROUTING_CONFIG", &env.config)

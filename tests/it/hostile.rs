@@ -2,15 +2,11 @@
 //! when it happens to be valid, taken as work), nothing panics, nothing stays pending, and
 //! ordinary traffic keeps flowing.
 
-mod common;
-
 use std::collections::HashMap;
-use std::time::Duration;
 
-use common::{ROUTING, TestEnv, eventually};
 use rand::Rng;
 
-const T: Duration = Duration::from_secs(60);
+use crate::harness::{ROUTING, T, TestEnv, eventually};
 
 async fn xadd_raw(env: &TestEnv, fields: &[(Vec<u8>, Vec<u8>)]) -> String {
     let mut con = env.con.clone();

@@ -3,10 +3,12 @@
 
 use std::process::Command;
 
+use crate::harness::BIN;
+
 #[test]
 fn dev_runs_the_sample_plan_to_completion() {
     let logs = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
+    let out = Command::new(BIN)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["dev", "--exit-when-done", "--agent-command", "sleep 0.3; echo ok"])
         .arg("--log-dir")

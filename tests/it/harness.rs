@@ -1,5 +1,6 @@
 //! The test harness: real Redis and PostgreSQL started on free ports, replicas run in-process
 //! (or as processes where a test kills them), and small helpers to talk to the streams.
+//! Shared by the functional tests (`tests/it`) and the browser test (`tests/browser.rs`).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -12,6 +13,14 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for something that takes well under a second when all is well. It is
+/// generous because tests run side by side on few cores: running out of it is a failure, never
+/// a measurement.
+pub const T: Duration = Duration::from_secs(60);
+
+/// The ge-orchestrator binary, for tests that run it as a process.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ge-orchestrator");
 
 /// One PostgreSQL server per test binary; each test gets its own database in it.
 static POSTGRES: OnceCell<LocalPostgres> = OnceCell::const_new();
@@ -175,8 +184,6 @@ impl TestEnv {
             .expect("query status")
     }
 
-    /// Pending entries of the orchestrator group over the three input streams; `u64::MAX`
-    /// while the group does not exist yet.
     /// The trigger-kept in-flight counters (migration 0003) against a count of the rows.
     pub async fn assert_in_flight_consistent(&self) {
         let kept: Vec<(String, i32)> =
@@ -193,6 +200,8 @@ impl TestEnv {
         assert_eq!(kept, counted, "agent_in_flight drifted from the work packages");
     }
 
+    /// Pending entries of the orchestrator group over the three input streams; `u64::MAX`
+    /// while the group does not exist yet.
     pub async fn pending(&self) -> u64 {
         let mut con = self.con.clone();
         let mut n = 0;

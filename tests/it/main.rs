@@ -1,0 +1,24 @@
+//! The functional tests: one binary, so one PostgreSQL server for all of them (each test gets a
+//! fresh database in it) and one link instead of one per file. Modules by subject; `harness`
+//! starts what they run against. The timing-sensitive suites (`bench`, `chaos`, `browser`) are
+//! binaries of their own, so nothing else runs beside them.
+
+mod harness;
+
+mod admin;
+mod api_schema;
+mod cli_ops;
+mod dag;
+mod deploy;
+mod dev_stack;
+mod fnmatch;
+mod hostile;
+mod ingest;
+mod lifecycle;
+mod logs;
+mod metrics;
+mod outages;
+mod recovery;
+mod routing;
+mod security;
+mod self_contained;
