@@ -7,6 +7,7 @@ mod harness;
 
 mod admin;
 mod api_schema;
+mod architecture;
 mod cli_ops;
 mod dag;
 mod deploy;
