@@ -26,6 +26,9 @@ pub struct Names {
     pub deadletter: String,
     #[arg(long, env = "GE_STREAM_HEALTH", default_value = "system.health")]
     pub health: String,
+    /// Agents' heartbeats for a dispatch still running (contract v1.1).
+    #[arg(long, env = "GE_STREAM_HEARTBEAT", default_value = "ge:work:heartbeat")]
+    pub heartbeat: String,
     #[arg(long, env = "GE_RELOAD_CHANNEL", default_value = "ge:config:reload")]
     pub reload_channel: String,
     /// Prefix of each agent's trigger stream; the agent name follows it.
@@ -45,6 +48,7 @@ impl Default for Names {
             failed: "ge:work:failed".into(),
             deadletter: "ge:work:deadletter".into(),
             health: "system.health".into(),
+            heartbeat: "ge:work:heartbeat".into(),
             reload_channel: "ge:config:reload".into(),
             trigger_prefix: "triggers.".into(),
             dispatch_key_prefix: "ge:dispatched:".into(),
