@@ -10,6 +10,7 @@ mod api_schema;
 mod architecture;
 mod cli_ops;
 mod dag;
+mod deadlines;
 mod deploy;
 mod dev_stack;
 mod fnmatch;
