@@ -98,6 +98,13 @@ pub(crate) fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap
     Ok(fields)
 }
 
+/// The text of a report's `result` or `error` as it is stored: NUL bytes, which PostgreSQL
+/// cannot store, become U+FFFD. A report is never refused for its text: refusing it would leave
+/// its work package `dispatched` until its deadline.
+pub(crate) fn report_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') { std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}")) } else { std::borrow::Cow::Borrowed(s) }
+}
+
 fn non_empty(fields: &BTreeMap<String, String>, key: &str) -> Option<String> {
     fields.get(key).filter(|v| !v.is_empty()).cloned()
 }
@@ -110,6 +117,14 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
     let (source_ms, source_seq) = parse_stream_id(&entry.id)
         .ok_or_else(|| Rejection::new("invalid", format!("stream id {} is not of the form ms-seq", excerpt(&entry.id))))?;
     let fields = decode_fields(raw, limits)?;
+    // Every field is stored (in JSONB), and PostgreSQL stores no NUL character in text or
+    // JSON. Refusing it here gives the producer a reason it can act on.
+    if let Some((k, _)) = fields.iter().find(|(k, v)| k.contains('\0') || v.contains('\0')) {
+        return Err(Rejection::new(
+            "invalid",
+            format!("field {} contains a NUL byte, which PostgreSQL cannot store; send text (base64-encode binary data)", excerpt(k)),
+        ));
+    }
 
     let wp_id = match fields.get("wp_id") {
         Some(id) if is_valid_wp_id(id) => id.clone(),
@@ -189,6 +204,22 @@ mod tests {
     fn parses_depends_on_trimming_and_deduplicating() {
         let spec = parse_incoming(&entry(&[("wp_id", "c"), ("depends_on", " a, b,,a ")]), &Limits::default()).unwrap();
         assert_eq!(spec.depends_on, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn refuses_a_nul_byte_in_any_field_name_or_value() {
+        for pairs in [[("wp_id", "n1"), ("payload", "a\0b")], [("wp_id", "n1"), ("no\0te", "x")]] {
+            let rej = parse_incoming(&entry(&pairs), &Limits::default()).unwrap_err();
+            assert_eq!(rej.reason, "invalid");
+            assert!(rej.detail.contains("NUL byte"), "{}", rej.detail);
+        }
+    }
+
+    /// A report's text is kept with NUL bytes replaced, so the report still applies.
+    #[test]
+    fn report_text_loses_only_its_nul_bytes() {
+        assert_eq!(report_text("ok\0done"), "ok\u{FFFD}done");
+        assert_eq!(report_text("plain"), "plain");
     }
 
     #[test]

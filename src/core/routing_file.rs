@@ -19,6 +19,9 @@ pub struct RoutingTable {
     pub agents: BTreeMap<String, AgentSpec>,
     /// work_type -> role
     pub work_types: BTreeMap<String, String>,
+    /// work_type -> how long a dispatch of that work type may run without a report (v1.1);
+    /// wins over the agent's own timeout.
+    pub work_type_timeouts: BTreeMap<String, Duration>,
     pub triggers: Vec<TriggerRule>,
     pub default_agent: Option<String>,
     pub retry: RetryPolicy,
@@ -33,6 +36,8 @@ pub struct AgentSpec {
     /// None: unlimited.
     pub max_in_flight: Option<u32>,
     pub enabled: bool,
+    /// How long a dispatch to this agent may run without a report (v1.1); None: no deadline.
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +93,7 @@ struct RawFile {
     version: Spanned<u32>,
     agents: Spanned<BTreeMap<String, Spanned<RawAgent>>>,
     #[serde(default)]
-    work_types: BTreeMap<String, Spanned<String>>,
+    work_types: BTreeMap<String, Spanned<RawWorkType>>,
     #[serde(default)]
     triggers: Vec<Spanned<RawTrigger>>,
     #[serde(default)]
@@ -106,6 +111,25 @@ struct RawAgent {
     max_in_flight: Option<Spanned<u32>>,
     #[serde(default = "default_true")]
     enabled: bool,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+}
+
+/// A work type names its role, or (v1.1) its role and a timeout. Untagged, so the parser
+/// buffers it and positions inside are lost: errors point at the work type itself.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawWorkType {
+    Role(String),
+    Full(RawWorkTypeSpec),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkTypeSpec {
+    role: String,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -166,6 +190,11 @@ pub fn load(path: &Path) -> Result<RoutingTable, ConfigError> {
 
 pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigError> {
     let err_at = |(line, column): (u64, u64), message: String| ConfigError::At { file: origin.to_string(), line, column, message };
+    let positive_duration = |value: &str, where_: (u64, u64), what: &str| match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(err_at(where_, format!("{what} must be longer than 0 (leave it out for no deadline)"))),
+        Err(e) => Err(err_at(where_, format!("{what} {value:?} is not a duration like 30s or 10m: {e}"))),
+    };
 
     let raw: RawFile = serde_saphyr::from_str(source_text).map_err(|e| {
         let message = e.without_snippet().to_string();
@@ -195,25 +224,29 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
         {
             return Err(err_at(at(cap), format!("agents.{name}.max_in_flight must be at least 1 (leave it out for no limit)")));
         }
+        let timeout =
+            spec.value.timeout.as_ref().map(|t| positive_duration(&t.value, at(t), &format!("agents.{name}.timeout"))).transpose()?;
         agents.insert(
             name.clone(),
             AgentSpec {
                 roles: spec.value.roles.clone(),
                 max_in_flight: spec.value.max_in_flight.as_ref().map(|c| c.value),
                 enabled: spec.value.enabled,
+                timeout,
             },
         );
     }
     let roles: BTreeSet<&str> = agents.values().flat_map(|a| a.roles.iter().map(String::as_str)).collect();
     let role_list = roles.iter().copied().collect::<Vec<_>>().join(", ");
     let agent_list = agents.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
-    let check_role = |role: &Spanned<String>, what: String| {
-        if roles.contains(role.value.as_str()) {
+    let check_role_at = |role: &str, where_: (u64, u64), what: String| {
+        if roles.contains(role) {
             Ok(())
         } else {
-            Err(err_at(at(role), format!("{what} refers to role {:?}, which no agent has (roles defined: {role_list})", role.value)))
+            Err(err_at(where_, format!("{what} refers to role {role:?}, which no agent has (roles defined: {role_list})")))
         }
     };
+    let check_role = |role: &Spanned<String>, what: String| check_role_at(&role.value, at(role), what);
     let check_agent = |agent: &Spanned<String>, what: String| {
         if agents.contains_key(&agent.value) {
             Ok(())
@@ -226,9 +259,17 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
     };
 
     let mut work_types = BTreeMap::new();
-    for (wt, role) in &raw.work_types {
-        check_role(role, format!("work_types.{wt}"))?;
-        work_types.insert(wt.clone(), role.value.clone());
+    let mut work_type_timeouts = BTreeMap::new();
+    for (wt, spec) in &raw.work_types {
+        let (role, timeout) = match &spec.value {
+            RawWorkType::Role(role) => (role, None),
+            RawWorkType::Full(full) => (&full.role, full.timeout.as_ref()),
+        };
+        check_role_at(role, at(spec), format!("work_types.{wt}"))?;
+        work_types.insert(wt.clone(), role.clone());
+        if let Some(t) = timeout {
+            work_type_timeouts.insert(wt.clone(), positive_duration(t, at(spec), &format!("work_types.{wt}.timeout"))?);
+        }
     }
 
     let mut triggers = Vec::new();
@@ -288,6 +329,7 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
         version: raw.version.value,
         agents,
         work_types,
+        work_type_timeouts,
         triggers,
         default_agent: raw.default_agent.map(|d| d.value),
         retry,
@@ -316,17 +358,26 @@ impl RoutingTable {
     }
 
     /// The resolved table, for `check-config`.
+    /// How long a dispatch of `work_type` to `agent` may run without a report: the work
+    /// type's timeout, else the agent's, else none.
+    pub(crate) fn timeout_for(&self, agent: &str, work_type: Option<&str>) -> Option<Duration> {
+        work_type.and_then(|wt| self.work_type_timeouts.get(wt).copied()).or_else(|| self.agents.get(agent).and_then(|a| a.timeout))
+    }
+
     pub fn describe(&self) -> String {
         let mut out = format!("routing {} (version {}, config_version {})\n\nagents:\n", self.source, self.version, self.config_version);
         for (name, a) in &self.agents {
             let cap = a.max_in_flight.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into());
             let state = if a.enabled { "enabled" } else { "DISABLED" };
-            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}\n", a.roles.join(", ")));
+            let timeout = a.timeout.map(|t| format!("  timeout {}", humantime::format_duration(t))).unwrap_or_default();
+            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}{timeout}\n", a.roles.join(", ")));
         }
         out.push_str("\nwork_types:\n");
         for (wt, role) in &self.work_types {
             let cands: Vec<&str> = self.agents_with_role(role).filter(|(_, a)| a.enabled).map(|(n, _)| n).collect();
-            out.push_str(&format!("  {wt:<16} -> role {role} -> [{}]\n", cands.join(", ")));
+            let timeout =
+                self.work_type_timeouts.get(wt).map(|t| format!("  timeout {}", humantime::format_duration(*t))).unwrap_or_default();
+            out.push_str(&format!("  {wt:<16} -> role {role} -> [{}]{timeout}\n", cands.join(", ")));
         }
         out.push_str("\ntriggers (first match wins):\n");
         for t in &self.triggers {
@@ -356,6 +407,28 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text, "r.yaml").expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn timeouts_of_work_types_win_over_those_of_agents() {
+        let t = parse(
+            "version: 1\nagents:\n  a: { roles: [r], timeout: 10m }\n  b: { roles: [r] }\nwork_types:\n  plain: r\n  quick: { role: r, timeout: 30s }\n",
+            "r.yaml",
+        )
+        .unwrap();
+        assert_eq!(t.work_types["quick"], "r");
+        assert_eq!(t.timeout_for("a", Some("quick")), Some(Duration::from_secs(30)));
+        assert_eq!(t.timeout_for("a", Some("plain")), Some(Duration::from_secs(600)));
+        assert_eq!(t.timeout_for("b", Some("plain")), None);
+        assert_eq!(t.timeout_for("b", None), None);
+    }
+
+    #[test]
+    fn a_zero_or_unreadable_timeout_is_refused_where_it_is_written() {
+        let zero = err("version: 1\nagents:\n  a: { roles: [r], timeout: 0s }\n");
+        assert!(zero.starts_with("r.yaml:3:") && zero.contains("agents.a.timeout must be longer than 0"), "{zero}");
+        let bad = err("version: 1\nagents:\n  a: { roles: [r] }\nwork_types:\n  w: { role: r, timeout: soon }\n");
+        assert!(bad.starts_with("r.yaml:5:") && bad.contains("work_types.w.timeout"), "{bad}");
     }
 
     #[test]

@@ -50,12 +50,22 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             }
         };
         let dispatch_id = fields.get("dispatch_id").map(String::as_str).filter(|d| !d.is_empty());
+        if let Some(d) = dispatch_id.filter(|d| d.contains('\0')) {
+            deadletters.push(dead(
+                "invalid",
+                format!("dispatch_id {} contains a NUL byte; report the dispatch_id of the trigger", entry::excerpt(d)),
+            ));
+            continue;
+        }
         let outcome = match input {
-            Input::Completed => store::complete(&mut tx, &wp_id, dispatch_id, fields.get("result").map(String::as_str)).await?,
+            Input::Completed => {
+                let result = fields.get("result").map(|r| entry::report_text(r));
+                store::complete(&mut tx, &wp_id, dispatch_id, result.as_deref()).await?
+            }
             _ => {
-                let error = fields.get("error").map(String::as_str).unwrap_or("(no error text given)");
+                let error = entry::report_text(fields.get("error").map(String::as_str).unwrap_or("(no error text given)"));
                 let retryable = !matches!(fields.get("retryable").map(String::as_str), Some("false"));
-                store::fail(&mut tx, &wp_id, dispatch_id, error, retryable, &policy).await?
+                store::fail(&mut tx, &wp_id, dispatch_id, &error, retryable, &policy).await?
             }
         };
         match outcome {

@@ -10,16 +10,62 @@ use tokio_util::sync::CancellationToken;
 use crate::core::entry::StreamEntry;
 use crate::engine::context::Ctx;
 use crate::engine::input::Input;
-use crate::engine::streams::{Reader, Trouble};
-use crate::engine::{completions, ingest};
+use crate::engine::streams::{self, DeadLetter, Reader, Trouble};
+use crate::engine::{completions, deadlines, ingest};
 
-/// Processes one batch and acknowledges it. An error means nothing of the batch was
-/// acknowledged; handling the same batch again is safe.
+/// Processes one batch and acknowledges it. An error means some of the batch may not have
+/// been acknowledged; handling the same batch again is safe, since every step is idempotent.
+///
+/// A batch that PostgreSQL refuses because of what one entry holds (not a lost connection or a
+/// timeout) is split in halves until the entry at fault stands alone; that entry alone is
+/// dead-lettered as `invalid` with the database's message, and the rest go through. Without
+/// this, one such entry would make its batch fail forever and stop the loop.
 pub(crate) async fn handle_batch(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
-    match input {
+    let result = match input {
         Input::Incoming => ingest::handle(ctx, entries).await,
         Input::Completed | Input::Failed => completions::handle(ctx, input, entries).await,
+        Input::Heartbeat => deadlines::handle_heartbeats(ctx, entries).await,
+    };
+    let Err(e) = result else { return Ok(()) };
+    let Some(refused) = data_error(&e) else { return Err(e) };
+    if let [entry] = entries {
+        return dead_letter_refused(ctx, input, entry, &refused).await;
     }
+    tracing::info!(stream = %input.stream(ctx), entries = entries.len(), error = %refused, "PostgreSQL refused a batch for its data; splitting it");
+    let (left, right) = entries.split_at(entries.len() / 2);
+    Box::pin(handle_batch(ctx, input, left)).await?;
+    Box::pin(handle_batch(ctx, input, right)).await
+}
+
+/// The database's message when `e` is PostgreSQL refusing the data itself: a data exception
+/// (class 22, e.g. a NUL byte in text), an integrity violation (23) or a program limit such as
+/// an index row too large (54). Anything else (connections, timeouts, deadlocks) is transient.
+fn data_error(e: &anyhow::Error) -> Option<String> {
+    e.chain().find_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) if db.code().is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class))) => {
+            Some(format!("{} (SQLSTATE {})", db.message(), db.code().unwrap_or_default()))
+        }
+        Some(sqlx::Error::Encode(err)) => Some(format!("cannot encode a value: {err}")),
+        _ => None,
+    })
+}
+
+async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refused: &str) -> anyhow::Result<()> {
+    let names = &ctx.settings.names;
+    let stream = input.stream(ctx);
+    let dl = DeadLetter {
+        reason: "invalid".into(),
+        detail: format!("PostgreSQL refused to store this entry: {refused}; fix the entry and requeue it"),
+        stream: stream.to_string(),
+        source_id: entry.id.clone(),
+        fields: entry.fields.clone().unwrap_or_default(),
+    };
+    let dls = [dl];
+    let mut redis = ctx.redis.clone();
+    let ids = [entry.id.clone()];
+    streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
+    ctx.note_deadletters(&dls);
+    Ok(())
 }
 
 /// Reads one input stream until shutdown. It first drains this consumer's own pending

@@ -185,7 +185,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         None
     };
 
-    let mut claims: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+    let mut claims: (Vec<String>, Vec<String>, Vec<String>, Vec<Option<i64>>) = Default::default();
     let mut waits: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
     let mut gated = Vec::new();
     for c in &candidates {
@@ -204,6 +204,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
             Decision::Dispatch { agent, kind, .. } => {
                 *in_flight.entry(agent.clone()).or_insert(0) += 1;
                 claims.0.push(c.wp_id.clone());
+                claims.3.push(routing.timeout_for(&agent, c.work_type.as_deref()).map(|t| t.as_millis().min(i64::MAX as u128) as i64));
                 claims.1.push(agent);
                 claims.2.push(kind.as_str().to_string());
             }
@@ -238,8 +239,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         "UPDATE work_packages w SET status = 'dispatched', agent_id = c.agent, route = c.route,
                 attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
                 dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
-                updated_at = now()
-         FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, agent, route)
+                updated_at = now(), timeout_ms = c.timeout_ms,
+                deadline_at = now() + make_interval(secs => c.timeout_ms / 1000.0)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS c(wp_id, agent, route, timeout_ms)
          WHERE w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait') AND ",
         may_run!(),
         "
@@ -248,7 +250,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let claimed = if claims.0.is_empty() {
         Vec::new()
     } else {
-        sqlx::query(claim_sql).bind(&claims.0).bind(&claims.1).bind(&claims.2).fetch_all(&mut *tx).await?
+        sqlx::query(claim_sql).bind(&claims.0).bind(&claims.1).bind(&claims.2).bind(&claims.3).fetch_all(&mut *tx).await?
     };
     let triggers = claimed.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     tx.commit().await?;

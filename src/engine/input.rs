@@ -1,18 +1,19 @@
-//! The three input streams of the contract, and which loop reads each.
+//! The input streams of the contract, and which loop reads each.
 
 use crate::engine::context::Ctx;
 use crate::engine::settings::Names;
 
-/// The three input streams of the contract.
+/// The input streams of the contract: work, reports, and (v1.1) heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Input {
     Incoming,
     Completed,
     Failed,
+    Heartbeat,
 }
 
 impl Input {
-    pub(crate) const ALL: [Input; 3] = [Input::Incoming, Input::Completed, Input::Failed];
+    pub(crate) const ALL: [Input; 4] = [Input::Incoming, Input::Completed, Input::Failed, Input::Heartbeat];
 
     pub fn stream<'a>(&self, ctx: &'a Ctx) -> &'a str {
         self.stream_in(&ctx.settings.names)
@@ -23,6 +24,7 @@ impl Input {
             Input::Incoming => &n.incoming,
             Input::Completed => &n.completed,
             Input::Failed => &n.failed,
+            Input::Heartbeat => &n.heartbeat,
         }
     }
 
@@ -30,6 +32,7 @@ impl Input {
         match self {
             Input::Incoming => "route_incoming",
             Input::Completed | Input::Failed => "process_completions",
+            Input::Heartbeat => "process_heartbeats",
         }
     }
 }

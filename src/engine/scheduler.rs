@@ -1,12 +1,14 @@
-//! The scheduler: every interval, dispatch what became possible without an event this
-//! replica saw (retry timers that came due, slots freed, lane gates opened by another
-//! replica, operators' retries and cancels), and publish claims left unconfirmed.
+//! The scheduler: every interval, publish claims left unconfirmed, expire dispatches past
+//! their deadline, and dispatch what became possible without an event this replica saw (retry
+//! timers that came due, slots freed, lane gates opened by another replica, operators' retries
+//! and cancels).
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::context::Ctx;
+use crate::engine::deadlines;
 use crate::engine::dispatch::{self, Scope};
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
@@ -19,6 +21,10 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
         }
         if let Err(e) = dispatch::republish_stale(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "republishing unconfirmed dispatches failed");
+            ctx.stats.note_error();
+        }
+        if let Err(e) = deadlines::expire_overdue(&ctx).await {
+            tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
             ctx.stats.note_error();
         }
         if let Err(e) = dispatch::round(&ctx, &Scope::all()).await {

@@ -324,6 +324,75 @@ pub async fn fail(
     }
 }
 
+/// A dispatch past its deadline: who had it and how long it was allowed.
+#[derive(Debug, Clone)]
+pub(crate) struct Overdue {
+    pub wp_id: String,
+    pub dispatch_id: String,
+    pub agent_id: String,
+    pub route: String,
+    pub timeout_ms: i64,
+}
+
+/// Dispatches past their deadline, the longest overdue first.
+pub(crate) async fn overdue(pool: &PgPool, limit: i64) -> Result<Vec<Overdue>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT wp_id, dispatch_id, coalesce(agent_id, '') AS agent_id, coalesce(route, '') AS route, timeout_ms FROM work_packages
+         WHERE status = 'dispatched' AND deadline_at <= now() ORDER BY deadline_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Overdue {
+                wp_id: r.try_get("wp_id")?,
+                dispatch_id: r.try_get("dispatch_id")?,
+                agent_id: r.try_get("agent_id")?,
+                route: r.try_get("route")?,
+                timeout_ms: r.try_get::<Option<i64>, _>("timeout_ms")?.unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Counts an overdue dispatch as a retryable failure, if it is still that dispatch and still
+/// overdue when its row is locked (a report or a heartbeat may have come meanwhile).
+pub(crate) async fn expire(
+    tx: &mut Transaction<'_, Postgres>,
+    wp_id: &str,
+    dispatch_id: &str,
+    error: &str,
+    policy: &RetryPolicy,
+) -> Result<ReportOutcome, sqlx::Error> {
+    let still = sqlx::query(
+        "SELECT 1 FROM work_packages WHERE wp_id = $1 AND dispatch_id = $2 AND status = 'dispatched' AND deadline_at <= now() FOR UPDATE",
+    )
+    .bind(wp_id)
+    .bind(dispatch_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if still.is_none() {
+        return Ok(ReportOutcome::Stale(format!("dispatch {dispatch_id} was reported on or extended before its deadline passed")));
+    }
+    fail(tx, wp_id, Some(dispatch_id), error, true, policy).await
+}
+
+/// Moves the deadline of each running dispatch named by a heartbeat to now plus its timeout.
+/// A heartbeat for an older attempt, or for a dispatch without a timeout, changes nothing.
+pub(crate) async fn extend_deadlines(pool: &PgPool, wp_ids: &[String], dispatch_ids: &[String]) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE work_packages w SET deadline_at = now() + make_interval(secs => w.timeout_ms / 1000.0)
+         FROM unnest($1::text[], $2::text[]) AS h(wp_id, dispatch_id)
+         WHERE w.wp_id = h.wp_id AND w.dispatch_id = h.dispatch_id AND w.status = 'dispatched' AND w.timeout_ms IS NOT NULL",
+    )
+    .bind(wp_ids)
+    .bind(dispatch_ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Operator retry of a `failed` or `cancelled` work package: it gets a fresh attempt budget
 /// and waits to be dispatched again. Returns false when it was in no such state.
 pub async fn retry(pool: &PgPool, wp_id: &str) -> Result<bool, sqlx::Error> {
