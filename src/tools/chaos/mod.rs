@@ -107,7 +107,10 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
                 // Stamped before sending: the orchestrator may act on the completion (and the
                 // next trigger reach another agent) before this call returns.
                 let sending = Instant::now();
-                let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent)];
+                // Some results carry a NUL byte, which PostgreSQL cannot store: the report must
+                // still complete its work package.
+                let result = if e.id.ends_with('7') { "done\0with a NUL" } else { "done" };
+                let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent), ("result", result)];
                 if streams::report_and_ack(&mut manager, &names.completed, &[report], &stream, &group, &[&e.id]).await.is_ok() {
                     log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
                     break;
@@ -173,8 +176,15 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             count += 1;
             if count.is_multiple_of(args.bad_every.max(1)) {
                 let bad = format!("bad-{count}");
-                // An agent name no routing file has: dead-lettered as unknown_agent.
-                xadd(&client, &mut con, &names.incoming, &[("wp_id".into(), bad.clone()), ("agent_id".into(), "../nobody".into())]).await;
+                // Kinds of bad input in turn: an agent name no routing file has, a NUL byte
+                // PostgreSQL cannot store, a field over the size limit. Each is dead-lettered.
+                let kind = (count / args.bad_every.max(1)) % 3;
+                let extra: (String, String) = match kind {
+                    0 => ("agent_id".into(), "../nobody".into()),
+                    1 => ("payload".into(), "binary\0data".into()),
+                    _ => ("note".into(), "n".repeat(65 << 10)),
+                };
+                xadd(&client, &mut con, &names.incoming, &[("wp_id".into(), bad.clone()), extra]).await;
                 submitted.lock().unwrap_or_else(|p| p.into_inner()).bad.insert(bad);
             }
             tokio::time::sleep(per_wp).await;
