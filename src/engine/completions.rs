@@ -6,11 +6,10 @@ use crate::engine::context::{Ctx, Stats};
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::input::Input;
 use crate::engine::store::{self, ReportOutcome};
-use crate::engine::streams::{self, DeadLetter};
+use crate::engine::streams::DeadLetter;
 
 pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let stream = input.stream(ctx).to_string();
-    let names = &ctx.settings.names;
     let policy = ctx.routing.get().retry.clone();
     let mut deadletters = Vec::new();
     let mut changed = Vec::new();
@@ -100,9 +99,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     tx.commit().await?;
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, &stream, &names.group, &ids, &deadletters, &names.deadletter, ctx.settings.deadletter_maxlen)
-        .await?;
+    ctx.ack(&stream, &ids, &deadletters).await?;
     Stats::add(&ctx.stats.completed, completed);
     Stats::add(&ctx.stats.failed, failed);
     for ((_, ok), (agent, kind)) in reported.iter().zip(&routes) {

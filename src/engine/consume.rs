@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::entry::StreamEntry;
 use crate::engine::context::Ctx;
 use crate::engine::input::Input;
-use crate::engine::streams::{self, DeadLetter, Reader, Trouble};
+use crate::engine::streams::{DeadLetter, Reader, Trouble};
 use crate::engine::{completions, deadlines, ingest};
 
 /// Processes one batch and acknowledges it. An error means some of the batch may not have
@@ -51,7 +51,6 @@ fn data_error(e: &anyhow::Error) -> Option<String> {
 }
 
 async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refused: &str) -> anyhow::Result<()> {
-    let names = &ctx.settings.names;
     let stream = input.stream(ctx);
     let dl = DeadLetter {
         reason: "invalid".into(),
@@ -61,10 +60,7 @@ async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refus
         fields: entry.fields.clone().unwrap_or_default(),
     };
     let dls = [dl];
-    let mut redis = ctx.redis.clone();
-    let ids = [entry.id.clone()];
-    streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &dls, &names.deadletter, ctx.settings.deadletter_maxlen).await?;
-    ctx.note_deadletters(&dls);
+    ctx.ack(stream, std::slice::from_ref(&entry.id), &dls).await?;
     Ok(())
 }
 

@@ -77,6 +77,30 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Acknowledges `ids` on `stream` together with the dead letters for some of them (one
+    /// MULTI/EXEC), then counts and logs the dead letters.
+    pub(crate) async fn ack(
+        &self,
+        stream: &str,
+        ids: &[String],
+        deadletters: &[crate::engine::streams::DeadLetter],
+    ) -> redis::RedisResult<()> {
+        let names = &self.settings.names;
+        let mut redis = self.redis.clone();
+        crate::engine::streams::ack_with_deadletters(
+            &mut redis,
+            stream,
+            &names.group,
+            ids,
+            deadletters,
+            &names.deadletter,
+            self.settings.deadletter_maxlen,
+        )
+        .await?;
+        self.note_deadletters(deadletters);
+        Ok(())
+    }
+
     /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
     pub(crate) fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
         Stats::add(&self.stats.deadlettered, dls.len() as u64);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::core::entry::{self, StreamEntry};
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::store::{self, ReportOutcome};
-use crate::engine::streams::{self, DeadLetter};
+use crate::engine::streams::DeadLetter;
 
 /// Overdue dispatches handled per sweep; the rest wait for the next one.
 const SWEEP_LIMIT: i64 = 500;
@@ -73,17 +73,6 @@ pub(crate) async fn handle_heartbeats(ctx: &Ctx, entries: &[StreamEntry]) -> any
         store::extend_deadlines(&ctx.pool, &wp_ids, &dispatch_ids).await?;
     }
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(
-        &mut redis,
-        &names.heartbeat,
-        &names.group,
-        &ids,
-        &deadletters,
-        &names.deadletter,
-        ctx.settings.deadletter_maxlen,
-    )
-    .await?;
-    ctx.note_deadletters(&deadletters);
+    ctx.ack(&names.heartbeat, &ids, &deadletters).await?;
     Ok(())
 }

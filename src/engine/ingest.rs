@@ -6,7 +6,7 @@ use crate::core::router::{self, Decision, RouteRequest};
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::store::{self, IngestOutcome};
-use crate::engine::streams::{self, DeadLetter};
+use crate::engine::streams::DeadLetter;
 
 pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
@@ -53,18 +53,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(
-        &mut redis,
-        &names.incoming,
-        &names.group,
-        &ids,
-        &deadletters,
-        &names.deadletter,
-        ctx.settings.deadletter_maxlen,
-    )
-    .await?;
-    ctx.note_deadletters(&deadletters);
+    ctx.ack(&names.incoming, &ids, &deadletters).await?;
 
     // Already durable and acknowledged: a failure here only delays dispatch until the
     // scheduler's next sweep.

@@ -45,7 +45,6 @@ pub async fn sweep(ctx: &Ctx, min_idle: std::time::Duration) -> anyhow::Result<u
 /// Acknowledges pending ids whose entries were deleted from the stream, recording each as a
 /// `deleted` dead letter so the loss is visible.
 pub(crate) async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> anyhow::Result<()> {
-    let names = &ctx.settings.names;
     tracing::warn!(stream = %stream, ids = ?deleted, "pending entries were deleted from the stream; acknowledging them");
     let dls: Vec<DeadLetter> = deleted
         .iter()
@@ -57,10 +56,7 @@ pub(crate) async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> 
             fields: Vec::new(),
         })
         .collect();
-    let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen)
-        .await?;
-    ctx.note_deadletters(&dls);
+    ctx.ack(stream, deleted, &dls).await?;
     Ok(())
 }
 
@@ -95,9 +91,7 @@ pub(crate) async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEnt
     }
     if !poison.is_empty() {
         let ids: Vec<String> = poison.iter().map(|p| p.source_id.clone()).collect();
-        streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen)
-            .await?;
-        ctx.note_deadletters(&poison);
+        ctx.ack(stream, &ids, &poison).await?;
     }
     Ok(live)
 }
