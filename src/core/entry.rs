@@ -33,7 +33,7 @@ impl Rejection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WorkPackageSpec {
     pub wp_id: String,
     pub agent_id: Option<String>,

@@ -1,14 +1,16 @@
 //! PostgreSQL state transitions of work packages: ingest, completion, failure and the
 //! operators' retry and cancel. Dispatch, which needs Redis too, is in `dispatch`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::core::entry::{Rejection, WorkPackageSpec};
 use crate::core::routing_file::RetryPolicy;
 
-/// Serialises DAG inserts so two replicas cannot each add half of a cycle.
+/// Guards the DAG against cycles closed by concurrent batches: batches that cannot close one
+/// take it shared and run side by side; a batch that might takes it exclusively and is checked
+/// against everything committed before it.
 const DAG_LOCK: i64 = 0x6765_0001;
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -50,15 +52,98 @@ fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 /// Persists a batch of validated entries in one transaction, in stream order. Each is
 /// inserted, recognised as a duplicate, or rejected (`conflict`, `cycle`).
 ///
-/// Work packages without dependencies cannot close a cycle, so they go in one multi-row
-/// statement; those with dependencies are checked and inserted one by one, after them. A batch
-/// that names one wp_id twice keeps strict stream order instead, so the first of the two wins.
+/// Most batches cannot close a cycle and go in a few set-based statements under the shared DAG
+/// lock (`ingest_acyclic`). The rest take the lock exclusively and are checked and inserted one
+/// by one, in stream order (`ingest_in_order`), so the entry that closes a cycle is the one
+/// refused.
 pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+    if let Some(out) = ingest_acyclic(pool, specs).await? {
+        return Ok(out);
+    }
+    ingest_in_order(pool, specs).await
+}
+
+/// The batch in one INSERT of work packages and one of edges, under the shared DAG lock, when
+/// no cycle can close; None (nothing written) when one might.
+///
+/// Why no cycle can close then: edges are only ever added with the work package they leave
+/// from, so a cycle through a new work package needs an edge into it. After taking the lock
+/// (every exclusive batch before this one has committed, none after it can start until this
+/// commits) there is none stored, the batch has none among its own work packages, and every
+/// dependency is stored or in the batch: so no edge into this batch's work packages can come
+/// from a concurrent shared batch either, whose dependencies must be stored or its own.
+async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Option<Vec<IngestOutcome>>, sqlx::Error> {
+    let mut seen = HashSet::with_capacity(specs.len());
+    // A batch that names one wp_id twice keeps strict stream order, so the first of the two wins.
+    if !specs.iter().all(|s| seen.insert(s.wp_id.as_str())) || batch_has_cycle(specs) {
+        return Ok(None);
+    }
+    let mut tx = pool.begin().await?;
+    let deps: Vec<&str> = specs.iter().flat_map(|s| s.depends_on.iter().map(String::as_str)).collect();
+    if !deps.is_empty() {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
+        let ids: Vec<&str> = specs.iter().map(|s| s.wp_id.as_str()).collect();
+        let risky: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM work_package_deps WHERE depends_on = ANY($1))
+                 OR EXISTS (SELECT 1 FROM unnest($2::text[]) AS d(id)
+                            WHERE NOT d.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM work_packages p WHERE p.wp_id = d.id))",
+        )
+        .bind(&ids)
+        .bind(&deps)
+        .fetch_one(&mut *tx)
+        .await?;
+        if risky {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+    }
+    let all: Vec<usize> = (0..specs.len()).collect();
+    let out = insert_many(&mut tx, specs, &all).await?;
+    tx.commit().await?;
+    Ok(Some(out))
+}
+
+/// Whether the batch's own edges (between its work packages) form a cycle.
+fn batch_has_cycle(specs: &[WorkPackageSpec]) -> bool {
+    let index: HashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.wp_id.as_str(), i)).collect();
+    let edges: Vec<Vec<usize>> =
+        specs.iter().map(|s| s.depends_on.iter().filter_map(|d| index.get(d.as_str()).copied()).collect()).collect();
+    // 0 unvisited, 1 on the current path, 2 done.
+    let mut state = vec![0u8; specs.len()];
+    for start in 0..specs.len() {
+        if state[start] != 0 {
+            continue;
+        }
+        let mut stack = vec![(start, 0usize)];
+        state[start] = 1;
+        while let Some((node, next)) = stack.pop() {
+            match edges[node].get(next) {
+                Some(&to) => {
+                    stack.push((node, next + 1));
+                    match state[to] {
+                        0 => {
+                            state[to] = 1;
+                            stack.push((to, 0));
+                        }
+                        1 => return true,
+                        _ => {}
+                    }
+                }
+                None => state[node] = 2,
+            }
+        }
+    }
+    false
+}
+
+/// Under the exclusive DAG lock: work without dependencies in one statement, then each work
+/// package with dependencies checked against the whole graph and inserted, in stream order.
+async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
     }
-    let mut seen = std::collections::HashSet::with_capacity(specs.len());
+    let mut seen = HashSet::with_capacity(specs.len());
     let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
     let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
     if !repeats {
@@ -76,8 +161,9 @@ pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<Inge
     Ok(out.into_iter().flatten().collect())
 }
 
-/// One INSERT for the specs at `idx` (none with dependencies), then one SELECT for those that
-/// were there already, to tell a producer's retry from a conflicting resubmission.
+/// One INSERT for the specs at `idx` and one for their edges, then one SELECT for those that
+/// were there already, to tell a producer's retry from a conflicting resubmission. The caller
+/// has made sure none of them can close a cycle.
 async fn insert_many(
     tx: &mut Transaction<'_, Postgres>,
     specs: &[WorkPackageSpec],
@@ -91,10 +177,11 @@ async fn insert_many(
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at)
-         SELECT t.wp_id, CASE WHEN t.lane IS NULL THEN 'ready' ELSE 'blocked' END, t.agent, t.work_type, t.trig, t.lane,
-                t.fields, t.source_id, t.ms, t.seq, CASE WHEN t.lane IS NULL THEN now() END
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq)
+         SELECT t.wp_id, CASE WHEN t.lane IS NULL AND NOT t.has_deps THEN 'ready' ELSE 'blocked' END, t.agent, t.work_type,
+                t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq, CASE WHEN t.lane IS NULL AND NOT t.has_deps THEN now() END
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
+                     $10::bool[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps)
          ON CONFLICT (wp_id) DO NOTHING
          RETURNING wp_id",
     )
@@ -107,9 +194,25 @@ async fn insert_many(
     .bind(col(|s| Some(s.source_id.clone())))
     .bind(idx.iter().map(|i| specs[*i].source_ms).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| specs[*i].source_seq).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| !specs[*i].depends_on.is_empty()).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
-    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let inserted: HashSet<String> = inserted.into_iter().collect();
+    let (edge_from, edge_to): (Vec<&str>, Vec<&str>) = idx
+        .iter()
+        .map(|i| &specs[*i])
+        .filter(|s| inserted.contains(&s.wp_id))
+        .flat_map(|s| s.depends_on.iter().map(move |d| (s.wp_id.as_str(), d.as_str())))
+        .unzip();
+    if !edge_from.is_empty() {
+        sqlx::query(
+            "INSERT INTO work_package_deps (wp_id, depends_on) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&edge_from)
+        .bind(&edge_to)
+        .execute(&mut **tx)
+        .await?;
+    }
     let existing_ids: Vec<&str> = idx.iter().map(|i| specs[*i].wp_id.as_str()).filter(|w| !inserted.contains(*w)).collect();
     let existing: std::collections::HashMap<String, serde_json::Value> = if existing_ids.is_empty() {
         Default::default()
@@ -465,4 +568,21 @@ pub async fn skip(pool: &PgPool, wp_id: &str) -> Result<Option<Vec<String>>, sql
     let unblocked = unblocked_by(&mut tx, &ids).await?;
     tx.commit().await?;
     Ok(Some(unblocked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(wp_id: &str, deps: &[&str]) -> WorkPackageSpec {
+        WorkPackageSpec { wp_id: wp_id.into(), depends_on: deps.iter().map(|d| d.to_string()).collect(), ..WorkPackageSpec::default() }
+    }
+
+    #[test]
+    fn finds_cycles_among_the_batch_s_own_edges_only() {
+        assert!(!batch_has_cycle(&[spec("a", &[]), spec("b", &["a"]), spec("c", &["b", "a"])]));
+        assert!(!batch_has_cycle(&[spec("a", &["outside"]), spec("outside-2", &["a"])]));
+        assert!(batch_has_cycle(&[spec("a", &["a"])]));
+        assert!(batch_has_cycle(&[spec("a", &["c"]), spec("b", &["a"]), spec("c", &["b"])]));
+    }
 }

@@ -231,3 +231,40 @@ async fn max_in_flight_is_a_hard_cap_and_disabled_agents_get_nothing() {
     r1.stop().await;
     r2.stop().await;
 }
+
+/// Batches that cannot close a cycle are ingested side by side; one that might is checked
+/// against everything committed before it. Pairs that depend on each other, sent to two
+/// replicas reading one entry at a time, must each lose exactly one member as a cycle.
+#[tokio::test]
+async fn mutual_dependencies_across_two_replicas_refuse_one_of_each_pair() {
+    let env = TestEnv::start(ROUTING).await;
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2"] {
+        let mut s = env.settings(name);
+        s.batch_size = 1;
+        replicas.push(Replica::spawn(s));
+    }
+    let pairs = 40;
+    for i in 0..pairs {
+        env.submit(&[("wp_id", &format!("a{i}")), ("agent_id", "dolly"), ("depends_on", &format!("b{i}"))]).await;
+        env.submit(&[("wp_id", &format!("b{i}")), ("agent_id", "dolly"), ("depends_on", &format!("a{i}"))]).await;
+    }
+    let cycles: HashSet<String> = eventually(T, "a cycle refused in every pair", || async {
+        let c: HashSet<String> =
+            env.deadletters().await.into_iter().filter(|d| d["reason"] == "cycle").map(|d| d["wp_id"].clone()).collect();
+        (c.len() >= pairs).then_some(c)
+    })
+    .await;
+    eventually(T, "every entry handled", || async { (env.pending().await == 0).then_some(()) }).await;
+    // Which one closes the cycle depends on which replica gets there first.
+    for i in 0..pairs {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        let stored = [env.status(&a).await.is_some(), env.status(&b).await.is_some()];
+        assert_eq!(stored.iter().filter(|s| **s).count(), 1, "pair {i}: exactly one of {a}, {b} is stored: {stored:?}");
+        let refused = if stored[0] { &b } else { &a };
+        assert!(cycles.contains(refused), "pair {i}: {refused} dead-lettered as a cycle");
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+}
