@@ -2,23 +2,31 @@
 //! publish their triggers to Redis.
 //!
 //! Exactly-once rests on two things. The claim (status `dispatched`, attempt + 1, a new
-//! `dispatch_id`) is a PostgreSQL transaction under one advisory lock, so only one replica can
-//! claim a given attempt and the `max_in_flight` counts it reads are exact. Publication is a
-//! Redis script that adds the trigger only if its `dispatch_id` key is new, so publishing a
-//! claimed dispatch again (after a crash, or by a replica that was paused) is harmless. A
-//! claim whose publication was not confirmed is published again by the scheduler.
+//! `dispatch_id`) is one UPDATE of rows it locks first, skipping rows another round holds, so
+//! only one round can claim a given attempt. Publication is a Redis script that adds the
+//! trigger only if its `dispatch_id` key is new, so publishing a claimed dispatch again (after a
+//! crash, or by a replica that was paused) is harmless. A claim whose publication was not
+//! confirmed is published again by the scheduler.
+//!
+//! Rounds run side by side on every replica. Only an agent with a `max_in_flight` needs an
+//! exact count of its work in flight: a round that may give work to such an agent takes that
+//! agent's lock, and counts it under the lock; other agents' counts only balance the load and
+//! are read as they are.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::Context;
 use sqlx::Row;
 
 use crate::core::entry::parse_stream_id;
 use crate::core::router::{self, Decision, RouteRequest};
+use crate::core::routing_file::RoutingTable;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::streams::{self, Trigger};
 
-const DISPATCH_LOCK: i64 = 0x6765_0002;
+/// Namespace of the per-agent locks (`pg_advisory_xact_lock(AGENT_LOCKS, hashtext(agent))`).
+const AGENT_LOCKS: i32 = 0x6765;
 const ROUND_LIMIT: i64 = 1000;
 
 /// Which held work packages a round looks at.
@@ -119,24 +127,6 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     }
     let routing = ctx.routing.get();
     let mut tx = ctx.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DISPATCH_LOCK).execute(&mut *tx).await?;
-
-    let mut in_flight: HashMap<String, u32> = HashMap::new();
-    // Deltas kept by triggers (migration 0003), folded into one row per agent as they are read;
-    // exact here because every claim holds the lock above.
-    for row in sqlx::query(
-        "WITH folded AS (DELETE FROM agent_in_flight RETURNING agent_id, n),
-              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id),
-              kept AS (INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0)
-         SELECT agent_id, n FROM sums WHERE n > 0",
-    )
-    .fetch_all(&mut *tx)
-    .await?
-    {
-        let agent: String = row.try_get("agent_id")?;
-        let n: i32 = row.try_get("n")?;
-        in_flight.insert(agent, n.max(0) as u32);
-    }
 
     // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
     // looks them up by key instead of filtering the whole backlog.
@@ -169,6 +159,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         tx.commit().await?;
         return Ok(0);
     }
+    let mut in_flight = lock_and_count(&mut tx, &routing, &candidates).await?;
 
     // The lane gate. Two replicas may ingest entries 5 and 6 of one lane in either order; 6 must
     // not start while 5 is still pending in the group, not yet visible here. Asked after the
@@ -226,7 +217,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
             "UPDATE work_packages w SET status = c.status, wait_reason = c.reason, updated_at = now(),
                     ready_at = CASE WHEN c.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
              FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
-             WHERE w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)",
+             WHERE w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
+               AND w.status IN ('blocked', 'ready', 'retry_wait')
+               AND w.wp_id IN (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)",
         )
         .bind(&waits.0)
         .bind(&waits.1)
@@ -242,7 +235,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
                 updated_at = now(), timeout_ms = c.timeout_ms,
                 deadline_at = now() + make_interval(secs => c.timeout_ms / 1000.0)
          FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS c(wp_id, agent, route, timeout_ms)
-         WHERE w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait') AND ",
+         WHERE w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait')
+           AND w.wp_id IN (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED) AND ",
         may_run!(),
         "
          RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id"
@@ -274,6 +268,70 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         ctx.metrics.dispatch_latency(&agent, &kind, now - since);
     }
     Ok(n)
+}
+
+/// Locks every agent with a `max_in_flight` that a candidate may be given to (in name order,
+/// so two rounds cannot deadlock), and returns the work in flight per agent: exact for those,
+/// folded from the deltas the triggers of migration 0003 keep; as last folded for the others,
+/// whose count only balances the load.
+async fn lock_and_count(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    routing: &RoutingTable,
+    candidates: &[Candidate],
+) -> Result<HashMap<String, u32>, sqlx::Error> {
+    let mut capped = BTreeSet::new();
+    for c in candidates {
+        let req = RouteRequest { agent_id: c.requested_agent.as_deref(), work_type: c.work_type.as_deref(), trigger: c.trigger.as_deref() };
+        // The router asks for the load of every agent its decision could go to.
+        let asked = RefCell::new(Vec::new());
+        router::route(&req, routing, &|a: &str| {
+            asked.borrow_mut().push(a.to_string());
+            0
+        });
+        capped.extend(asked.into_inner().into_iter().filter(|a| routing.agents.get(a).is_some_and(|s| s.max_in_flight.is_some())));
+    }
+    let capped: Vec<String> = capped.into_iter().collect();
+    if !capped.is_empty() {
+        sqlx::query("SELECT count(pg_advisory_xact_lock($1, hashtext(s.a))) FROM (SELECT a FROM unnest($2::text[]) AS a ORDER BY a) s")
+            .bind(AGENT_LOCKS)
+            .bind(&capped)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let rows = sqlx::query(
+        "WITH folded AS (DELETE FROM agent_in_flight WHERE agent_id = ANY($1) RETURNING agent_id, n),
+              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id),
+              kept AS (INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0)
+         SELECT agent_id, n FROM sums WHERE n > 0
+         UNION ALL
+         SELECT agent_id, sum(n)::int4 FROM agent_in_flight WHERE NOT agent_id = ANY($1) GROUP BY agent_id HAVING sum(n) > 0",
+    )
+    .bind(&capped)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut in_flight = HashMap::new();
+    for row in rows {
+        let n: i32 = row.try_get("n")?;
+        in_flight.insert(row.try_get("agent_id")?, n.max(0) as u32);
+    }
+    Ok(in_flight)
+}
+
+/// Folds the in-flight deltas of every agent no round holds, so the rows read for agents
+/// without a cap stay few. An agent whose lock is held is left for the round that holds it,
+/// which folds it itself: a concurrent fold would hide deltas from its count.
+pub(crate) async fn fold_in_flight(ctx: &Ctx) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH free AS (SELECT a FROM (SELECT DISTINCT agent_id AS a FROM agent_in_flight ORDER BY 1) s
+                       WHERE pg_try_advisory_xact_lock($1, hashtext(s.a))),
+              folded AS (DELETE FROM agent_in_flight WHERE agent_id IN (SELECT a FROM free) RETURNING agent_id, n),
+              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id)
+         INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0",
+    )
+    .bind(AGENT_LOCKS)
+    .execute(&ctx.pool)
+    .await?;
+    Ok(())
 }
 
 /// Builds the trigger entry: every incoming field, then the orchestrator's own fields, which

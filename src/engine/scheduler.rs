@@ -23,6 +23,10 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
             tracing::warn!(error = format!("{e:#}"), "republishing unconfirmed dispatches failed");
             ctx.stats.note_error();
         }
+        if let Err(e) = dispatch::fold_in_flight(&ctx).await {
+            tracing::warn!(error = %e, "folding the in-flight counts failed");
+            ctx.stats.note_error();
+        }
         if let Err(e) = deadlines::expire_overdue(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
             ctx.stats.note_error();
