@@ -14,6 +14,10 @@ use crate::core::entry::StreamEntry;
 use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader, Trouble};
 
+mod report;
+
+use report::{Captured, fit};
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// The agent's name in the routing file; it reads `triggers.NAME`.
@@ -25,6 +29,10 @@ pub struct AgentArgs {
     pub agent_group: Option<String>,
     #[arg(long)]
     pub consumer: Option<String>,
+    /// Cap on a report's `result` and `error`, in bytes: the orchestrator's
+    /// `GE_MAX_FIELD_BYTES`, over which it dead-letters the report.
+    #[arg(long, env = "GE_AGENT_MAX_REPORT_BYTES", default_value_t = 64 << 10)]
+    pub max_report_bytes: usize,
     #[command(flatten)]
     pub names: Names,
     /// The command to run for each trigger, after `--`.
@@ -32,24 +40,9 @@ pub struct AgentArgs {
     pub command: Vec<String>,
 }
 
-const MAX_REPORT_BYTES: usize = 64 << 10;
-
 fn env_name(field: &str) -> String {
     let cleaned: String = field.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("GE_{cleaned}")
-}
-
-fn tail(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    let s = s.trim_end();
-    if s.len() <= MAX_REPORT_BYTES {
-        return s.to_string();
-    }
-    let mut start = s.len() - MAX_REPORT_BYTES;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_string()
 }
 
 /// Runs the command for one trigger and returns the report: (stream, fields).
@@ -74,19 +67,26 @@ async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, 
         child.wait_with_output().await.context("waiting for the command")
     }
     .await;
+    let cap = args.max_report_bytes;
+    let captured = |bytes: &[u8]| {
+        let mut c = Captured::new(cap);
+        c.push(bytes);
+        c
+    };
     match outcome {
         Ok(out) if out.status.success() => {
-            report.push(("result", tail(&out.stdout)));
+            report.push(("result", fit("", &captured(&out.stdout), cap)));
             (true, report)
         }
         Ok(out) => {
-            let err = tail(&out.stderr);
-            report.push(("error", format!("exit status {}: {err}", out.status)));
+            let stderr = captured(&out.stderr);
+            let prefix = if stderr.is_empty() { out.status.to_string() } else { format!("{}: ", out.status) };
+            report.push(("error", fit(&prefix, &stderr, cap)));
             report.push(("retryable", "true".into()));
             (false, report)
         }
         Err(e) => {
-            report.push(("error", format!("{e:#}")));
+            report.push(("error", fit(&format!("{e:#}"), &Captured::new(0), cap)));
             report.push(("retryable", "false".into()));
             (false, report)
         }

@@ -1,0 +1,133 @@
+//! The reference agent (`ge-orchestrator agent NAME -- CMD ARGS...`) as a process against a
+//! real Redis: what its command sees, what it reports, and that neither a payload, an output,
+//! a hung command nor a crash of the agent wedges a work package.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::harness::{BIN, ROUTING, T, TestEnv, eventually};
+
+/// The orchestrator's default cap on a field other than `payload` (`GE_MAX_FIELD_BYTES`).
+const FIELD_CAP: usize = 64 << 10;
+
+/// An agent process; killed when dropped.
+struct Agent {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    /// `ge-orchestrator agent NAME FLAGS -- COMMAND` with the test Redis in `REDIS_URL` and
+    /// `env` added to its environment.
+    fn start(env: &TestEnv, name: &str, flags: &[&str], vars: &[(&str, &str)], command: &[&str]) -> Agent {
+        let log = env.dir.path().join(format!("agent-{name}-{:08x}.log", rand::random::<u32>()));
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("agent").arg(name).args(flags).arg("--").args(command);
+        cmd.env("REDIS_URL", env.redis.url()).envs(vars.iter().copied());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).kill_on_drop(true);
+        Agent { child: cmd.spawn().expect("start the agent"), log }
+    }
+
+    /// Panics with the agent's log when it has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the agent exited ({status}):\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// A trigger for `agent` as the orchestrator would publish it, with `extra` fields.
+async fn trigger(env: &TestEnv, agent: &str, wp: &str, extra: &[(&str, &str)]) {
+    let dispatch_id = format!("{wp}:1");
+    let mut fields = vec![("wp_id", wp), ("agent_id", agent), ("route", "explicit"), ("attempt", "1"), ("dispatch_id", &dispatch_id)];
+    fields.extend_from_slice(extra);
+    env.report(&format!("triggers.{agent}"), &fields).await;
+}
+
+/// The report of `wp`'s first dispatch: (stream, fields), waiting for it while the agent runs.
+async fn report_of(env: &TestEnv, agent: &mut Agent, wp: &str) -> (&'static str, HashMap<String, String>) {
+    let dispatch_id = format!("{wp}:1");
+    let start = Instant::now();
+    loop {
+        for stream in ["ge:work:completed", "ge:work:failed"] {
+            if let Some(r) = env.entries(stream).await.into_iter().find(|e| e["dispatch_id"] == dispatch_id) {
+                return (stream, r);
+            }
+        }
+        agent.assert_running();
+        assert!(start.elapsed() < T, "no report of {wp} after {T:?}:\n{}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status `wp` takes once the orchestrator has applied its report, or what became of the
+/// report when it was dead-lettered instead.
+async fn status_after_report(env: &TestEnv, wp: &str) -> String {
+    eventually(T, &format!("{wp} to leave dispatched"), || async {
+        let dead = env.deadletters().await;
+        if !dead.is_empty() {
+            return Some(format!("dead-lettered: {dead:?}"));
+        }
+        env.status(wp).await.filter(|s| s != "dispatched")
+    })
+    .await
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_failure_report_fits_the_orchestrator_and_the_work_package_retries() {
+    let env = TestEnv::start(ROUTING).await;
+    let replica = env.replica("agent-r1");
+    // 200 KB of stderr: the agent used to send 64 KiB of it plus a prefix, over the
+    // orchestrator's field cap, so the report was dead-lettered and the work package stayed
+    // dispatched for ever.
+    let script = "yes e | head -c 200000 >&2; echo last words >&2; exit 3";
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh(script)));
+    env.submit(&[("wp_id", "loud-1"), ("agent_id", "dolly")]).await;
+    let (stream, report) = report_of(&env, &mut agent, "loud-1").await;
+    assert_eq!(stream, "ge:work:failed");
+    let error = &report["error"];
+    assert!(error.len() <= FIELD_CAP, "error of {} bytes", error.len());
+    assert!(error.starts_with("exit status: 3: e\ne\n"), "{}", &error[..40]);
+    assert!(error.ends_with("e\nlast words") && error.contains("bytes cut ...]"));
+    assert_eq!(report["retryable"], "true");
+    assert_eq!(status_after_report(&env, "loud-1").await, "retry_wait");
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_report_bytes_cuts_on_character_boundaries() {
+    let env = TestEnv::start(ROUTING).await;
+    // Two-byte characters: a cut at an odd byte would split one.
+    let script = "i=0; while [ $i -lt 3000 ]; do printf 'é'; i=$((i+1)); done";
+    let mut agent = Agent::start(&env, "dolly", &["--max-report-bytes", "1001"], &[], &args(&sh(script)));
+    trigger(&env, "dolly", "utf8-1", &[]).await;
+    let (_, report) = report_of(&env, &mut agent, "utf8-1").await;
+    let result = &report["result"];
+    assert!(result.len() <= 1001 && result.len() > 900, "{} bytes", result.len());
+    assert!(result.starts_with("éé") && result.ends_with("éé") && !result.contains('\u{FFFD}'), "{result}");
+    assert!(result.contains("bytes cut ...]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_in_the_output_are_replaced_so_postgresql_can_store_the_result() {
+    let env = TestEnv::start(ROUTING).await;
+    let replica = env.replica("agent-r2");
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &["printf", r"a\000b"]);
+    env.submit(&[("wp_id", "nul-1"), ("agent_id", "dolly")]).await;
+    let (_, report) = report_of(&env, &mut agent, "nul-1").await;
+    assert_eq!(report["result"], "a\u{FFFD}b");
+    assert_eq!(status_after_report(&env, "nul-1").await, "completed");
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT result FROM work_packages WHERE wp_id = 'nul-1'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(stored.as_deref(), Some("a\u{FFFD}b"));
+    replica.stop().await;
+}
