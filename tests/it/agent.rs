@@ -83,6 +83,43 @@ fn args(v: &[String]) -> Vec<&str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_payload_goes_on_stdin_only_and_big_fields_stay_out_of_the_environment() {
+    let env = TestEnv::start(ROUTING).await;
+    // Over Linux's 128 KiB cap on one environment string, which made the command fail to start.
+    let payload = "p".repeat(200 << 10);
+    let big = "b".repeat(10 << 10);
+    let script = r#"wc -c | tr -d ' '; echo "${GE_PAYLOAD-unset} ${GE_BIG-unset} ${GE_SMALL-unset}"; printf '%s' "$GE_FIELDS_JSON""#;
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh(script)));
+    trigger(&env, "dolly", "big-1", &[("payload", &payload), ("big", &big), ("small", "s")]).await;
+    let (stream, report) = report_of(&env, &mut agent, "big-1").await;
+    assert_eq!(stream, "ge:work:completed", "{report:?}");
+    let mut lines = report["result"].lines();
+    assert_eq!(lines.next(), Some("204800"), "the whole payload on stdin");
+    assert_eq!(lines.next(), Some("unset unset s"), "payload and fields over the cap are not in the environment");
+    let json: serde_json::Value = serde_json::from_str(lines.next().unwrap()).expect("GE_FIELDS_JSON is JSON");
+    assert_eq!(json["small"], "s");
+    assert_eq!(json["wp_id"], "big-1");
+    assert!(json.get("payload").is_none() && json.get("big").is_none(), "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_writes_before_it_reads_stdin_does_not_deadlock() {
+    let env = TestEnv::start(ROUTING).await;
+    // Both more than a pipe holds (64 KiB): an agent that writes all of stdin before reading
+    // stdout waits on the command, which waits on the agent.
+    let payload = "p".repeat(100 << 10);
+    let script = "yes | head -c 1000000; wc -c >&2";
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh(script)));
+    trigger(&env, "dolly", "chatty-1", &[("payload", &payload)]).await;
+    let (stream, report) = report_of(&env, &mut agent, "chatty-1").await;
+    assert_eq!(stream, "ge:work:completed", "{report:?}");
+    let result = &report["result"];
+    assert!(result.len() <= FIELD_CAP, "result of {} bytes", result.len());
+    assert!(result.starts_with("y\ny\n") && result.ends_with("y\ny"), "the beginning and the end are kept");
+    assert!(result.contains("bytes cut ...]"), "the cut is marked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_failure_report_fits_the_orchestrator_and_the_work_package_retries() {
     let env = TestEnv::start(ROUTING).await;
     let replica = env.replica("agent-r1");

@@ -1,21 +1,21 @@
 //! The reference agent: reads `triggers.NAME` with its own consumer group, runs a command once
-//! per trigger (payload on stdin, fields in the environment) and reports the outcome to
+//! per trigger (payload on stdin, small fields in the environment) and reports the outcome to
 //! `ge:work:completed` or `ge:work:failed` by exit status.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::StreamEntry;
 use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader, Trouble};
 
+mod command;
 mod report;
 
+use command::Outcome;
 use report::{Captured, fit};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -40,52 +40,25 @@ pub struct AgentArgs {
     pub command: Vec<String>,
 }
 
-fn env_name(field: &str) -> String {
-    let cleaned: String = field.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
-    format!("GE_{cleaned}")
-}
-
-/// Runs the command for one trigger and returns the report: (stream, fields).
+/// Runs the command for one trigger and returns the report: (completed, fields).
 async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, Vec<(&'static str, String)>) {
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    for (k, v) in fields {
-        if v.len() <= 128 << 10 && !v.contains('\0') {
-            cmd.env(env_name(k), v);
-        }
-    }
-    cmd.env("GE_FIELDS_JSON", serde_json::to_string(fields).unwrap_or_default());
-    let mut report = vec![("wp_id", get("wp_id")), ("dispatch_id", get("dispatch_id")), ("agent_id", args.name.clone())];
-    let outcome = async {
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {:?}", args.command[0]))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let payload = get("payload");
-            // A command that does not read stdin closes it early; that is not a failure.
-            let _ = stdin.write_all(payload.as_bytes()).await;
-        }
-        child.wait_with_output().await.context("waiting for the command")
-    }
-    .await;
+    let payload = get("payload");
     let cap = args.max_report_bytes;
-    let captured = |bytes: &[u8]| {
-        let mut c = Captured::new(cap);
-        c.push(bytes);
-        c
-    };
-    match outcome {
-        Ok(out) if out.status.success() => {
-            report.push(("result", fit("", &captured(&out.stdout), cap)));
+    let run = command::Run { program: &args.command, env: command::field_env(fields), stdin: payload.as_bytes(), keep: cap };
+    let mut report = vec![("wp_id", get("wp_id")), ("dispatch_id", get("dispatch_id")), ("agent_id", args.name.clone())];
+    match command::run(run).await {
+        Outcome::Exited { status, stdout, .. } if status.success() => {
+            report.push(("result", fit("", &stdout, cap)));
             (true, report)
         }
-        Ok(out) => {
-            let stderr = captured(&out.stderr);
-            let prefix = if stderr.is_empty() { out.status.to_string() } else { format!("{}: ", out.status) };
+        Outcome::Exited { status, stderr, .. } => {
+            let prefix = if stderr.is_empty() { status.to_string() } else { format!("{status}: ") };
             report.push(("error", fit(&prefix, &stderr, cap)));
             report.push(("retryable", "true".into()));
             (false, report)
         }
-        Err(e) => {
+        Outcome::Unrunnable(e) => {
             report.push(("error", fit(&format!("{e:#}"), &Captured::new(0), cap)));
             report.push(("retryable", "false".into()));
             (false, report)
