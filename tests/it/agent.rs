@@ -168,3 +168,28 @@ async fn nul_bytes_in_the_output_are_replaced_so_postgresql_can_store_the_result
     assert_eq!(stored.as_deref(), Some("a\u{FFFD}b"));
     replica.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_gets_no_secrets_unless_asked() {
+    let env = TestEnv::start(ROUTING).await;
+    let secrets = [
+        ("DATABASE_URL", "postgres://u:dbpass@db/x"),
+        ("GE_ADMIN_TOKEN", "admintoken"),
+        ("GE_ADMIN_READ_TOKEN", "readtoken"),
+        ("GE_REDIS_CA_CERT", "/etc/ca.pem"),
+    ];
+    let mut plain = Agent::start(&env, "dolly", &[], &secrets, &["env"]);
+    let mut asked = Agent::start(&env, "ada", &["--pass-env", "DATABASE_URL", "--pass-env", "REDIS_URL"], &secrets, &["env"]);
+    trigger(&env, "dolly", "env-1", &[]).await;
+    trigger(&env, "ada", "env-2", &[]).await;
+    let (_, report) = report_of(&env, &mut plain, "env-1").await;
+    let seen = &report["result"];
+    assert!(seen.contains("GE_WP_ID=env-1"), "{seen}");
+    for name in ["REDIS_URL", "DATABASE_URL", "GE_ADMIN_TOKEN", "GE_ADMIN_READ_TOKEN", "GE_REDIS_CA_CERT"] {
+        assert!(!seen.lines().any(|l| l.starts_with(&format!("{name}="))), "{name} reached the command:\n{seen}");
+    }
+    let (_, report) = report_of(&env, &mut asked, "env-2").await;
+    let seen = &report["result"];
+    assert!(seen.contains("DATABASE_URL=postgres://u:dbpass@db/x") && seen.contains(&format!("REDIS_URL={}", env.redis.url())), "{seen}");
+    assert!(!seen.contains("GE_ADMIN_TOKEN="), "{seen}");
+}

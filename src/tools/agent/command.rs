@@ -22,6 +22,11 @@ const ENV_TOTAL_MAX: usize = 64 << 10;
 /// Fields the orchestrator sets, which get their place before the budget runs out.
 const FIRST: [&str; 6] = ["wp_id", "dispatch_id", "attempt", "agent_id", "route", "source_id"];
 
+/// The agent's own secrets and Redis settings, which its command does not get unless
+/// `--pass-env` names them: a command that runs what an AI wrote has no business with the
+/// orchestrator's Redis, database or admin token.
+pub(crate) const WITHHELD: [&str; 5] = ["REDIS_URL", "DATABASE_URL", "GE_ADMIN_TOKEN", "GE_ADMIN_READ_TOKEN", "GE_REDIS_CA_CERT"];
+
 /// `GE_<FIELD>`: upper-cased, any other character than a letter or digit as `_`.
 fn env_name(field: &str) -> String {
     let cleaned: String = field.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
@@ -61,6 +66,8 @@ pub(crate) fn field_env(fields: &BTreeMap<String, String>) -> Vec<(String, Strin
 pub(crate) struct Run<'a> {
     pub program: &'a [String],
     pub env: Vec<(String, String)>,
+    /// Those of [`WITHHELD`] the command gets all the same.
+    pub pass_env: &'a [String],
     pub stdin: &'a [u8],
     /// Bytes kept of each end of stdout and of stderr.
     pub keep: usize,
@@ -81,6 +88,9 @@ pub(crate) enum Outcome {
 /// the agent waits on it.
 pub(crate) async fn run(run: Run<'_>) -> Outcome {
     let mut cmd = tokio::process::Command::new(&run.program[0]);
+    for name in WITHHELD.iter().filter(|n| !run.pass_env.iter().any(|p| p == *n)) {
+        cmd.env_remove(name);
+    }
     cmd.args(&run.program[1..]).envs(run.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = match cmd.spawn().with_context(|| format!("cannot start {:?}", run.program[0])) {
         Ok(c) => c,

@@ -33,6 +33,10 @@ pub struct AgentArgs {
     /// `GE_MAX_FIELD_BYTES`, over which it dead-letters the report.
     #[arg(long, env = "GE_AGENT_MAX_REPORT_BYTES", default_value_t = 64 << 10)]
     pub max_report_bytes: usize,
+    /// Gives the command a variable of the agent's that it is otherwise not given; repeatable.
+    #[arg(long, env = "GE_AGENT_PASS_ENV", value_delimiter = ',', value_name = "NAME",
+          value_parser = clap::builder::PossibleValuesParser::new(command::WITHHELD))]
+    pub pass_env: Vec<String>,
     #[command(flatten)]
     pub names: Names,
     /// The command to run for each trigger, after `--`.
@@ -45,7 +49,13 @@ async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, 
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     let payload = get("payload");
     let cap = args.max_report_bytes;
-    let run = command::Run { program: &args.command, env: command::field_env(fields), stdin: payload.as_bytes(), keep: cap };
+    let run = command::Run {
+        program: &args.command,
+        env: command::field_env(fields),
+        pass_env: &args.pass_env,
+        stdin: payload.as_bytes(),
+        keep: cap,
+    };
     let mut report = vec![("wp_id", get("wp_id")), ("dispatch_id", get("dispatch_id")), ("agent_id", args.name.clone())];
     match command::run(run).await {
         Outcome::Exited { status, stdout, .. } if status.success() => {
