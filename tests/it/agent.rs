@@ -3,6 +3,7 @@
 //! a hung command nor a crash of the agent wedges a work package.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,14 @@ impl Agent {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("the agent exited ({status}):\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
         }
+    }
+
+    /// SIGTERM, as on a shutdown; waits for the agent to exit.
+    async fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the agent runs") as i32;
+        // SAFETY: kill(2) of the agent this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(T, self.child.wait()).await.expect("the agent exits on SIGTERM").unwrap()
     }
 }
 
@@ -80,6 +89,17 @@ fn sh(script: &str) -> Vec<String> {
 
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Whether process `pid` still exists (a zombie waiting for its parent counts as gone).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"))
+        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,6 +187,46 @@ async fn nul_bytes_in_the_output_are_replaced_so_postgresql_can_store_the_result
         sqlx::query_scalar("SELECT result FROM work_packages WHERE wp_id = 'nul-1'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(stored.as_deref(), Some("a\u{FFFD}b"));
     replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_outlives_its_timeout_is_killed_with_its_children() {
+    let env = TestEnv::start(ROUTING).await;
+    let pidfile = env.dir.path().join("child.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", path(&pidfile));
+    let mut agent = Agent::start(&env, "dolly", &["--timeout", "1s"], &[], &args(&sh(&script)));
+    let started = Instant::now();
+    trigger(&env, "dolly", "slow-1", &[]).await;
+    let (stream, report) = report_of(&env, &mut agent, "slow-1").await;
+    assert!(started.elapsed() < Duration::from_secs(30), "reported after {:?}", started.elapsed());
+    assert_eq!(stream, "ge:work:failed");
+    assert!(report["error"].contains("timed out after 1s"), "{}", report["error"]);
+    assert_eq!(report["retryable"], "true");
+    let pid = pid_in(&pidfile).await;
+    eventually(T, "the command's child to be killed too", || async { (!alive(pid)).then_some(()) }).await;
+}
+
+/// The pid a command wrote to `file`, once it has.
+async fn pid_in(file: &Path) -> i32 {
+    eventually(T, "the command to write its pid", || async { std::fs::read_to_string(file).ok()?.trim().parse().ok() }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_kills_its_command_and_leaves_the_trigger_pending() {
+    let env = TestEnv::start(ROUTING).await;
+    let pidfile = env.dir.path().join("child.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", path(&pidfile));
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh(&script)));
+    trigger(&env, "dolly", "stop-1", &[]).await;
+    let pid = pid_in(&pidfile).await;
+    assert!(agent.stop().await.success());
+    eventually(T, "the command's child to be killed", || async { (!alive(pid)).then_some(()) }).await;
+    for stream in ["ge:work:completed", "ge:work:failed"] {
+        assert!(env.entries(stream).await.is_empty(), "nothing is reported for a run cut short");
+    }
+    let mut con = env.con.clone();
+    let pending = ge_orchestrator::engine::streams::pending_summary(&mut con, "triggers.dolly", "agent-dolly").await.unwrap();
+    assert_eq!(pending.count, 1, "the trigger waits for the next start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

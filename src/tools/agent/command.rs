@@ -1,11 +1,15 @@
 //! One run of the agent's command: what it is given (the payload on stdin, the small fields in
-//! its environment) and what comes back (its exit status and bounded output).
+//! its environment, none of the agent's secrets), what comes back (its exit status and
+//! bounded output), and its end when it runs too long or the agent stops.
 
 use std::collections::BTreeMap;
+use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use super::report::Captured;
 
@@ -71,6 +75,7 @@ pub(crate) struct Run<'a> {
     pub stdin: &'a [u8],
     /// Bytes kept of each end of stdout and of stderr.
     pub keep: usize,
+    pub timeout: Option<Duration>,
 }
 
 pub(crate) enum Outcome {
@@ -79,34 +84,91 @@ pub(crate) enum Outcome {
         stdout: Captured,
         stderr: Captured,
     },
+    /// Killed, with its process group, when `timeout` ran out.
+    TimedOut {
+        after: Duration,
+        stderr: Captured,
+    },
+    /// Killed, with its process group, because the agent is stopping.
+    Stopped,
     /// It could not be started or waited for: running it again would not help.
     Unrunnable(anyhow::Error),
 }
 
-/// Runs the command to its end. Stdin is written while stdout and stderr are read: a command
-/// that writes more than a pipe holds before it reads would otherwise wait on the agent while
-/// the agent waits on it.
-pub(crate) async fn run(run: Run<'_>) -> Outcome {
+/// How long output is still read after the command has exited: a process it left behind
+/// may hold its stdout open for ever.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs the command to its end, its timeout, or `stop`. Stdin is written while stdout and
+/// stderr are read: a command that writes more than a pipe holds before it reads would
+/// otherwise wait on the agent while the agent waits on it.
+pub(crate) async fn run(run: Run<'_>, stop: &CancellationToken) -> Outcome {
     let mut cmd = tokio::process::Command::new(&run.program[0]);
     for name in WITHHELD.iter().filter(|n| !run.pass_env.iter().any(|p| p == *n)) {
         cmd.env_remove(name);
     }
     cmd.args(&run.program[1..]).envs(run.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // A group of its own, so that what it starts can be killed with it.
+    cmd.process_group(0);
     let mut child = match cmd.spawn().with_context(|| format!("cannot start {:?}", run.program[0])) {
         Ok(c) => c,
         Err(e) => return Outcome::Unrunnable(e),
     };
+    let group = child.id();
+    let (stdin, out, err) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let (mut stdout, mut stderr) = (Captured::new(run.keep), Captured::new(run.keep));
-    let feed = async {
-        if let Some(mut pipe) = child.stdin.take() {
-            // A command that does not read stdin closes it early; that is not a failure.
-            let _ = pipe.write_all(run.stdin).await;
+    let ended = {
+        let feed = async {
+            if let Some(mut pipe) = stdin {
+                // A command that does not read stdin closes it early; that is not a failure.
+                let _ = pipe.write_all(run.stdin).await;
+            }
+        };
+        let mut io = pin!(async { tokio::join!(feed, read_into(out, &mut stdout), read_into(err, &mut stderr)) });
+        let mut deadline = pin!(async {
+            match run.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        });
+        let mut io_done = false;
+        let ended = loop {
+            tokio::select! {
+                _ = &mut io, if !io_done => io_done = true,
+                status = child.wait() => break Ended::Exited(status),
+                _ = &mut deadline => break Ended::TimedOut,
+                _ = stop.cancelled() => break Ended::Stopped,
+            }
+        };
+        if !matches!(ended, Ended::Exited(_)) {
+            kill_group(group);
+            let _ = child.wait().await;
         }
+        if !io_done && !matches!(ended, Ended::Stopped) {
+            let _ = tokio::time::timeout(DRAIN, io).await;
+        }
+        ended
     };
-    tokio::join!(feed, read_into(child.stdout.take(), &mut stdout), read_into(child.stderr.take(), &mut stderr));
-    match child.wait().await.context("waiting for the command") {
-        Ok(status) => Outcome::Exited { status, stdout, stderr },
-        Err(e) => Outcome::Unrunnable(e),
+    match ended {
+        Ended::Exited(Ok(status)) => Outcome::Exited { status, stdout, stderr },
+        Ended::Exited(Err(e)) => Outcome::Unrunnable(anyhow::Error::new(e).context("waiting for the command")),
+        Ended::TimedOut => Outcome::TimedOut { after: run.timeout.unwrap_or_default(), stderr },
+        Ended::Stopped => Outcome::Stopped,
+    }
+}
+
+enum Ended {
+    Exited(std::io::Result<ExitStatus>),
+    TimedOut,
+    Stopped,
+}
+
+/// SIGKILL to the command's process group: the command and whatever it started that did not
+/// leave the group.
+fn kill_group(group: Option<u32>) {
+    if let Some(pgid) = group.and_then(|g| i32::try_from(g).ok()) {
+        // SAFETY: kill(2) of the process group this agent created for its own child.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
 }
 

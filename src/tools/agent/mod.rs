@@ -37,6 +37,10 @@ pub struct AgentArgs {
     #[arg(long, env = "GE_AGENT_PASS_ENV", value_delimiter = ',', value_name = "NAME",
           value_parser = clap::builder::PossibleValuesParser::new(command::WITHHELD))]
     pub pass_env: Vec<String>,
+    /// A command still running after this long is killed, with its process group, and
+    /// reported as a retryable failure; `off` (or 0) lets it run for ever.
+    #[arg(long, env = "GE_AGENT_TIMEOUT", default_value = "1h", value_parser = duration_or_off)]
+    pub timeout: Duration,
     #[command(flatten)]
     pub names: Names,
     /// The command to run for each trigger, after `--`.
@@ -44,8 +48,22 @@ pub struct AgentArgs {
     pub command: Vec<String>,
 }
 
-/// Runs the command for one trigger and returns the report: (completed, fields).
-async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, Vec<(&'static str, String)>) {
+/// `off` or a humantime duration; zero means off.
+fn duration_or_off(s: &str) -> Result<Duration, humantime::DurationError> {
+    if s == "off" { Ok(Duration::ZERO) } else { humantime::parse_duration(s) }
+}
+
+fn enabled(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// Runs the command for one trigger and returns the report: (completed, fields). None when
+/// the agent stopped meanwhile: the trigger stays pending and runs again at the next start.
+async fn run_one(
+    args: &AgentArgs,
+    fields: &BTreeMap<String, String>,
+    stop: &CancellationToken,
+) -> Option<(bool, Vec<(&'static str, String)>)> {
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     let payload = get("payload");
     let cap = args.max_report_bytes;
@@ -55,25 +73,31 @@ async fn run_one(args: &AgentArgs, fields: &BTreeMap<String, String>) -> (bool, 
         pass_env: &args.pass_env,
         stdin: payload.as_bytes(),
         keep: cap,
+        timeout: enabled(args.timeout),
     };
     let mut report = vec![("wp_id", get("wp_id")), ("dispatch_id", get("dispatch_id")), ("agent_id", args.name.clone())];
-    match command::run(run).await {
-        Outcome::Exited { status, stdout, .. } if status.success() => {
-            report.push(("result", fit("", &stdout, cap)));
-            (true, report)
+    let (ok, text, retryable) = match command::run(run, stop).await {
+        Outcome::Exited { status, stdout, .. } if status.success() => (true, fit("", &stdout, cap), true),
+        Outcome::Exited { status, stderr, .. } => (false, failure(&status.to_string(), &stderr, cap), true),
+        Outcome::TimedOut { after, stderr } => {
+            let what = format!("timed out after {}; killed with its process group", humantime::format_duration(after));
+            (false, failure(&what, &stderr, cap), true)
         }
-        Outcome::Exited { status, stderr, .. } => {
-            let prefix = if stderr.is_empty() { status.to_string() } else { format!("{status}: ") };
-            report.push(("error", fit(&prefix, &stderr, cap)));
-            report.push(("retryable", "true".into()));
-            (false, report)
-        }
-        Outcome::Unrunnable(e) => {
-            report.push(("error", fit(&format!("{e:#}"), &Captured::new(0), cap)));
-            report.push(("retryable", "false".into()));
-            (false, report)
-        }
+        Outcome::Unrunnable(e) => (false, failure(&format!("{e:#}"), &Captured::new(0), cap), false),
+        Outcome::Stopped => return None,
+    };
+    if ok {
+        report.push(("result", text));
+    } else {
+        report.push(("error", text));
+        report.push(("retryable", retryable.to_string()));
     }
+    Some((ok, report))
+}
+
+/// The `error` of a failure: what happened, then the command's stderr.
+fn failure(what: &str, stderr: &Captured, cap: usize) -> String {
+    if stderr.is_empty() { fit(what, stderr, cap) } else { fit(&format!("{what}: "), stderr, cap) }
 }
 
 fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
@@ -96,7 +120,13 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
     while let Some(entries) = reader.next(&token).await {
         for e in &entries {
             let fields = decode(e);
-            let (ok, report) = run_one(&args, &fields).await;
+            let Some((ok, report)) = run_one(&args, &fields, &token).await else {
+                tracing::info!(
+                    wp_id = fields.get("wp_id").map(String::as_str).unwrap_or(""),
+                    "stopped during the command; the trigger stays pending"
+                );
+                return Ok(());
+            };
             let target = if ok { &args.names.completed } else { &args.names.failed };
             tracing::info!(
                 wp_id = fields.get("wp_id").map(String::as_str).unwrap_or(""),
