@@ -44,6 +44,11 @@ impl Agent {
         unsafe { libc::kill(pid, libc::SIGTERM) };
         tokio::time::timeout(T, self.child.wait()).await.expect("the agent exits on SIGTERM").unwrap()
     }
+
+    /// kill -9, as a crash or the OOM killer would.
+    async fn crash(&mut self) {
+        self.child.kill().await.expect("kill the agent");
+    }
 }
 
 /// A trigger for `agent` as the orchestrator would publish it, with `extra` fields.
@@ -227,6 +232,62 @@ async fn a_stopped_agent_kills_its_command_and_leaves_the_trigger_pending() {
     let mut con = env.con.clone();
     let pending = ge_orchestrator::engine::streams::pending_summary(&mut con, "triggers.dolly", "agent-dolly").await.unwrap();
     assert_eq!(pending.count, 1, "the trigger waits for the next start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_runs_the_trigger_it_had_taken_when_it_crashed() {
+    let env = TestEnv::start(ROUTING).await;
+    let (flag, pidfile) = (env.dir.path().join("started"), env.dir.path().join("sleep.pid"));
+    // The first run hangs (and the agent is killed during it); the run after the restart ends.
+    let script = format!(
+        "if [ -e {f} ]; then echo second run; else touch {f}; echo $$ > {p}; exec sleep 300; fi",
+        f = path(&flag),
+        p = path(&pidfile)
+    );
+    let mut first = Agent::start(&env, "dolly", &[], &[], &args(&sh(&script)));
+    trigger(&env, "dolly", "crash-1", &[]).await;
+    let pid = pid_in(&pidfile).await;
+    first.crash().await;
+    // SAFETY: kill(2) of the orphaned command this test started through the agent.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+
+    let mut second = Agent::start(&env, "dolly", &[], &[], &args(&sh(&script)));
+    let (stream, report) = report_of(&env, &mut second, "crash-1").await;
+    assert_eq!((stream, report["result"].as_str()), ("ge:work:completed", "second run"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_left_by_a_gone_consumer_are_claimed_and_none_runs_twice() {
+    let env = TestEnv::start(ROUTING).await;
+    let mut con = env.con.clone();
+    ge_orchestrator::engine::streams::ensure_group(&mut con, "triggers.dolly", "agent-dolly").await.unwrap();
+    trigger(&env, "dolly", "orphan-1", &[]).await;
+    // Taken by a consumer under a random name, as earlier agents used, that never comes back.
+    let taken = ge_orchestrator::engine::streams::read_group(&mut con, "triggers.dolly", "agent-dolly", "dolly-5ca1ab1e", 10, None, ">")
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+
+    // Two instances; each run lasts longer than --claim-idle, which must not make the other
+    // instance take it.
+    let runs = env.dir.path().join("runs");
+    let script = format!("echo $GE_WP_ID >> {}; sleep 3; echo ok", path(&runs));
+    let flags = |c: &'static str| ["--consumer", c, "--claim-idle", "1s"];
+    let mut one = Agent::start(&env, "dolly", &flags("one"), &[], &args(&sh(&script)));
+    let mut two = Agent::start(&env, "dolly", &flags("two"), &[], &args(&sh(&script)));
+    for wp in ["fresh-1", "fresh-2"] {
+        trigger(&env, "dolly", wp, &[]).await;
+    }
+    for wp in ["orphan-1", "fresh-1", "fresh-2"] {
+        let (stream, _) = report_of(&env, &mut one, wp).await;
+        assert_eq!(stream, "ge:work:completed");
+    }
+    two.assert_running();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut ran: Vec<String> = std::fs::read_to_string(&runs).unwrap().lines().map(str::to_string).collect();
+    ran.sort();
+    assert_eq!(ran, ["fresh-1", "fresh-2", "orphan-1"], "each trigger runs once");
+    assert_eq!(env.entries("ge:work:completed").await.len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,11 +8,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::entry::StreamEntry;
+use redis::aio::ConnectionManager;
+
+use crate::core::entry::{RawFields, StreamEntry};
+use crate::engine::backoff::Backoff;
 use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader, Trouble};
 
 mod command;
+mod liveness;
 mod report;
 
 use command::Outcome;
@@ -27,8 +31,14 @@ pub struct AgentArgs {
     /// Consumer group of this agent on its trigger stream; default `agent-NAME`.
     #[arg(long)]
     pub agent_group: Option<String>,
-    #[arg(long)]
+    /// Consumer name in the group; default NAME. A restart under the same name runs first the
+    /// triggers it had taken; several instances of one agent need one name each.
+    #[arg(long, env = "GE_AGENT_CONSUMER")]
     pub consumer: Option<String>,
+    /// A trigger pending in the group this long is taken over (its consumer is gone);
+    /// triggers being worked on are kept fresh meanwhile. `off` for never.
+    #[arg(long, env = "GE_AGENT_CLAIM_IDLE", default_value = "60s", value_parser = duration_or_off)]
+    pub claim_idle: Duration,
     /// Cap on a report's `result` and `error`, in bytes: the orchestrator's
     /// `GE_MAX_FIELD_BYTES`, over which it dead-letters the report.
     #[arg(long, env = "GE_AGENT_MAX_REPORT_BYTES", default_value_t = 64 << 10)]
@@ -100,50 +110,136 @@ fn failure(what: &str, stderr: &Captured, cap: usize) -> String {
     if stderr.is_empty() { fit(what, stderr, cap) } else { fit(&format!("{what}: "), stderr, cap) }
 }
 
-fn decode(e: &StreamEntry) -> BTreeMap<String, String> {
-    e.fields.iter().flatten().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
+fn decode(fields: &RawFields) -> BTreeMap<String, String> {
+    fields.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
+}
+
+/// One agent process: its consumer of the trigger stream, and the connection it reports on.
+struct Agent {
+    args: AgentArgs,
+    stream: String,
+    group: String,
+    consumer: String,
+    con: ConnectionManager,
+}
+
+impl Agent {
+    /// Runs the command for one trigger and reports the outcome, acknowledging the trigger in
+    /// the same MULTI/EXEC. False when the agent is stopping: the trigger is left pending.
+    async fn handle(&mut self, e: &StreamEntry, token: &CancellationToken, backoff: &mut Backoff) -> bool {
+        let (target, reports) = match &e.fields {
+            // Deleted from the stream while pending: there is nothing to run.
+            None => (&self.args.names.failed, Vec::new()),
+            Some(raw) => {
+                let fields = decode(raw);
+                let wp_id = fields.get("wp_id").cloned().unwrap_or_default();
+                let keep = liveness::keep_claimed(self.con.clone(), &self.stream, &self.group, &self.consumer, &e.id, self.touch_every());
+                let outcome = tokio::select! {
+                    outcome = run_one(&self.args, &fields, token) => outcome,
+                    never = keep => match never {},
+                };
+                let Some((ok, report)) = outcome else {
+                    tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
+                    return false;
+                };
+                tracing::info!(wp_id, dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or(""), ok, "trigger handled");
+                (if ok { &self.args.names.completed } else { &self.args.names.failed }, vec![report])
+            }
+        };
+        while let Err(err) = streams::report_and_ack(&mut self.con, target, &reports, &self.stream, &self.group, &[&e.id]).await {
+            tracing::warn!(error = %err, "agent cannot report; retrying");
+            if token.is_cancelled() {
+                return false;
+            }
+            backoff.wait(token).await;
+        }
+        backoff.reset();
+        true
+    }
+
+    /// How often a trigger being worked on is claimed again, so that it never looks
+    /// abandoned to another instance of this agent.
+    fn touch_every(&self) -> Option<Duration> {
+        enabled(self.args.claim_idle).map(|idle| idle / 4)
+    }
+
+    /// Claims, one at a time, the triggers pending in the group for longer than
+    /// `--claim-idle` (their consumer is gone, e.g. an instance under another name) and
+    /// handles them. False when the agent is stopping.
+    async fn claim_abandoned(&mut self, idle: Duration, token: &CancellationToken, backoff: &mut Backoff) -> bool {
+        let mut cursor = "0-0".to_string();
+        loop {
+            // One at a time: a claimed trigger waiting behind a long command would look
+            // abandoned in its turn.
+            let page = streams::autoclaim(&mut self.con, &self.stream, &self.group, &self.consumer, idle, &cursor, 1).await;
+            let (next, entries, deleted) = match page {
+                Ok(page) => page,
+                Err(err) => {
+                    tracing::warn!(error = %err, "agent cannot claim abandoned triggers; trying again later");
+                    return true;
+                }
+            };
+            if !deleted.is_empty() {
+                tracing::info!(?deleted, "abandoned triggers were deleted from the stream; nothing to run");
+            }
+            for e in &entries {
+                tracing::info!(id = %e.id, "claimed a trigger its consumer left pending");
+                if !self.handle(e, token, backoff).await {
+                    return false;
+                }
+            }
+            if next == "0-0" {
+                return true;
+            }
+            cursor = next;
+        }
+    }
 }
 
 pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()> {
     let client = streams::client(&args.redis_url)?;
     let stream = args.names.trigger_stream(&args.name);
     let group = args.agent_group.clone().unwrap_or_else(|| format!("agent-{}", args.name));
-    let consumer = args.consumer.clone().unwrap_or_else(crate::engine::settings::default_consumer_name);
-    let mut manager = streams::manager(&client).await.context("connecting to Redis")?;
-    streams::ensure_group(&mut manager, &stream, &group).await.context("creating the agent's consumer group")?;
-    tracing::info!(agent = %args.name, stream = %stream, "agent started");
-    let mut reader = Reader::new(client, &stream, &group, &consumer, 16, Duration::from_secs(1)).on_trouble(|trouble| match trouble {
-        Trouble::Connect(e) => tracing::warn!(error = %e, "agent cannot connect; retrying"),
-        Trouble::GroupMissing(e) | Trouble::Read(e) => tracing::warn!(error = %e, "agent read failed; retrying"),
-        Trouble::GroupRecreated(_) => {}
-    });
-    while let Some(entries) = reader.next(&token).await {
-        for e in &entries {
-            let fields = decode(e);
-            let Some((ok, report)) = run_one(&args, &fields, &token).await else {
-                tracing::info!(
-                    wp_id = fields.get("wp_id").map(String::as_str).unwrap_or(""),
-                    "stopped during the command; the trigger stays pending"
-                );
-                return Ok(());
-            };
-            let target = if ok { &args.names.completed } else { &args.names.failed };
-            tracing::info!(
-                wp_id = fields.get("wp_id").map(String::as_str).unwrap_or(""),
-                dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or(""),
-                ok,
-                "trigger handled"
-            );
-            while let Err(err) =
-                streams::report_and_ack(&mut manager, target, std::slice::from_ref(&report), &stream, &group, &[&e.id]).await
-            {
-                tracing::warn!(error = %err, "agent cannot report; retrying");
-                if token.is_cancelled() {
-                    return Ok(());
-                }
-                reader.backoff.wait(&token).await;
+    let consumer = args.consumer.clone().unwrap_or_else(|| args.name.clone());
+    let mut con = streams::manager(&client).await.context("connecting to Redis")?;
+    streams::ensure_group(&mut con, &stream, &group).await.context("creating the agent's consumer group")?;
+    tracing::info!(agent = %args.name, stream = %stream, consumer = %consumer, "agent started");
+    // One trigger per read: one that waited behind a long command would look abandoned.
+    let mut reader =
+        Reader::new(client, &stream, &group, &consumer, 1, Duration::from_secs(1)).own_first_after_reconnect().on_trouble(|trouble| {
+            match trouble {
+                Trouble::Connect(e) => tracing::warn!(error = %e, "agent cannot connect; retrying"),
+                Trouble::GroupMissing(e) | Trouble::Read(e) => tracing::warn!(error = %e, "agent read failed; retrying"),
+                Trouble::GroupRecreated(_) => {}
             }
-            reader.backoff.reset();
+        });
+    let claim_idle = enabled(args.claim_idle);
+    let mut agent = Agent { args, stream, group, consumer, con };
+    while !token.is_cancelled() {
+        if let Some(idle) = claim_idle
+            && !agent.claim_abandoned(idle, &token, &mut reader.backoff).await
+        {
+            break;
+        }
+        // Reads until the next sweep for abandoned triggers is due; the reader stops only
+        // between reads, so no delivered trigger is dropped.
+        let round = token.child_token();
+        let sweep = claim_idle.map(|idle| {
+            let round = round.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(idle / 2).await;
+                round.cancel();
+            })
+        });
+        'round: while let Some(entries) = reader.next(&round).await {
+            for e in &entries {
+                if !agent.handle(e, &token, &mut reader.backoff).await {
+                    break 'round;
+                }
+            }
+        }
+        if let Some(s) = sweep {
+            s.abort();
         }
     }
     Ok(())
