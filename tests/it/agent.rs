@@ -314,3 +314,20 @@ async fn the_command_gets_no_secrets_unless_asked() {
     assert!(seen.contains("DATABASE_URL=postgres://u:dbpass@db/x") && seen.contains(&format!("REDIS_URL={}", env.redis.url())), "{seen}");
     assert!(!seen.contains("GE_ADMIN_TOKEN="), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_flow_while_the_command_runs_and_stop_when_it_ends() {
+    let env = TestEnv::start(ROUTING).await;
+    let mut agent = Agent::start(&env, "dolly", &["--heartbeat-interval", "200ms"], &[], &["sleep", "2"]);
+    trigger(&env, "dolly", "beat-1", &[]).await;
+    let beats = eventually(T, "heartbeats", || async { Some(env.entries("ge:work:heartbeat").await).filter(|b| b.len() >= 2) }).await;
+    assert!(env.entries("ge:work:completed").await.is_empty(), "the heartbeats came while the command ran");
+    for b in &beats {
+        assert_eq!((b["wp_id"].as_str(), b["dispatch_id"].as_str(), b["agent_id"].as_str()), ("beat-1", "beat-1:1", "dolly"));
+    }
+    report_of(&env, &mut agent, "beat-1").await;
+    let after = env.entries("ge:work:heartbeat").await.len();
+    assert!(after >= 4, "{after} heartbeats in 2 s at 200 ms");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.entries("ge:work:heartbeat").await.len(), after, "no heartbeat once the command has ended");
+}

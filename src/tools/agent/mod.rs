@@ -51,6 +51,10 @@ pub struct AgentArgs {
     /// reported as a retryable failure; `off` (or 0) lets it run for ever.
     #[arg(long, env = "GE_AGENT_TIMEOUT", default_value = "1h", value_parser = duration_or_off)]
     pub timeout: Duration,
+    /// While a command runs, a heartbeat for its dispatch goes to the heartbeat stream this
+    /// often; `off` (or 0) for none.
+    #[arg(long, env = "GE_AGENT_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = duration_or_off)]
+    pub heartbeat_interval: Duration,
     #[command(flatten)]
     pub names: Names,
     /// The command to run for each trigger, after `--`.
@@ -133,16 +137,21 @@ impl Agent {
             Some(raw) => {
                 let fields = decode(raw);
                 let wp_id = fields.get("wp_id").cloned().unwrap_or_default();
+                let dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or("");
+                let beat = [("wp_id", wp_id.as_str()), ("dispatch_id", dispatch_id), ("agent_id", self.args.name.as_str())];
+                let beats =
+                    liveness::heartbeats(self.con.clone(), &self.args.names.heartbeat, &beat, enabled(self.args.heartbeat_interval));
                 let keep = liveness::keep_claimed(self.con.clone(), &self.stream, &self.group, &self.consumer, &e.id, self.touch_every());
                 let outcome = tokio::select! {
                     outcome = run_one(&self.args, &fields, token) => outcome,
+                    never = beats => match never {},
                     never = keep => match never {},
                 };
                 let Some((ok, report)) = outcome else {
                     tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
                     return false;
                 };
-                tracing::info!(wp_id, dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or(""), ok, "trigger handled");
+                tracing::info!(wp_id, dispatch_id, ok, "trigger handled");
                 (if ok { &self.args.names.completed } else { &self.args.names.failed }, vec![report])
             }
         };
