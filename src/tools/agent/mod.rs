@@ -1,14 +1,15 @@
 //! The reference agent: reads `triggers.NAME` with its own consumer group, runs a command once
 //! per trigger (payload on stdin, small fields in the environment) and reports the outcome to
-//! `ge:work:completed` or `ge:work:failed` by exit status.
+//! `ge:work:completed` or `ge:work:failed` by exit status. Here: its settings and its loop over
+//! triggers (its own pending ones, new ones, abandoned ones); `command` runs one, `report`
+//! makes the text of the report, `liveness` is what goes on while a command runs.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
-
 use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::{RawFields, StreamEntry};
 use crate::engine::backoff::Backoff;
