@@ -109,7 +109,6 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             ctx.metrics.failed(agent, kind);
         }
     }
-    ctx.note_deadletters(&deadletters);
 
     let scope = Scope { wp_ids: unblocked, all: false, include_ready: freed_slot };
     if let Err(e) = dispatch::round(ctx, &scope).await {

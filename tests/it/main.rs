@@ -6,6 +6,7 @@
 mod harness;
 
 mod admin;
+mod agent;
 mod api_schema;
 mod architecture;
 mod cli_ops;

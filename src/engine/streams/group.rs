@@ -180,3 +180,24 @@ pub(crate) async fn group_lag<C: redis::aio::ConnectionLike>(con: &mut C, stream
     }
     Ok(None)
 }
+
+/// An XCLAIM of an entry by the consumer that has it, in one script with the check that it
+/// still has it. JUSTID: it does not count as a delivery.
+const KEEP_CLAIMED: &str = r#"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"#;
+
+/// Sets the idle time of `id` back to zero while it is pending with `consumer`, so that the
+/// XAUTOCLAIM of another consumer does not take an entry its owner is still working on. False
+/// when it is no longer pending with `consumer` (acknowledged, or claimed by another).
+pub(crate) async fn keep_claimed<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    id: &str,
+) -> RedisResult<bool> {
+    redis::Script::new(KEEP_CLAIMED).key(stream).arg(group).arg(consumer).arg(id).invoke_async(con).await
+}
