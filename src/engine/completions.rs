@@ -8,6 +8,14 @@ use crate::engine::input::Input;
 use crate::engine::store::{self, ReportOutcome};
 use crate::engine::streams::DeadLetter;
 
+/// A report that passed validation, in stream order.
+struct Report<'a> {
+    wp_id: String,
+    dispatch_id: Option<String>,
+    entry: &'a StreamEntry,
+    fields: std::collections::BTreeMap<String, String>,
+}
+
 pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let stream = input.stream(ctx).to_string();
     let policy = ctx.routing.get().retry.clone();
@@ -17,7 +25,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let (mut completed, mut failed) = (0u64, 0u64);
     // (wp_id, completed?) of the reports applied, for the per-agent metrics.
     let mut reported: Vec<(String, bool)> = Vec::new();
-    let mut tx = ctx.pool.begin().await?;
+    let mut reports: Vec<Report<'_>> = Vec::new();
     for e in entries {
         let dead = |reason: &str, detail: String| DeadLetter {
             reason: reason.to_string(),
@@ -48,32 +56,46 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
                 continue;
             }
         };
-        let dispatch_id = fields.get("dispatch_id").map(String::as_str).filter(|d| !d.is_empty());
-        if let Some(d) = dispatch_id.filter(|d| d.contains('\0')) {
+        let dispatch_id = fields.get("dispatch_id").filter(|d| !d.is_empty()).cloned();
+        if let Some(d) = dispatch_id.as_deref().filter(|d| d.contains('\0')) {
             deadletters.push(dead(
                 "invalid",
                 format!("dispatch_id {} contains a NUL byte; report the dispatch_id of the trigger", entry::excerpt(d)),
             ));
             continue;
         }
-        let outcome = match input {
-            Input::Completed => {
-                let result = fields.get("result").map(|r| entry::report_text(r));
-                store::complete(&mut tx, &wp_id, dispatch_id, result.as_deref()).await?
+        reports.push(Report { wp_id, dispatch_id, entry: e, fields });
+    }
+
+    let mut tx = ctx.pool.begin().await?;
+    let outcomes: Vec<ReportOutcome> = match input {
+        // The hot path: every completion of the batch in one statement.
+        Input::Completed => {
+            let batch: Vec<(&str, Option<&str>, Option<String>)> = reports
+                .iter()
+                .map(|r| (r.wp_id.as_str(), r.dispatch_id.as_deref(), r.fields.get("result").map(|t| entry::report_text(t).into_owned())))
+                .collect();
+            store::complete_many(&mut tx, &batch).await?
+        }
+        _ => {
+            let mut out = Vec::with_capacity(reports.len());
+            for r in &reports {
+                let error = entry::report_text(r.fields.get("error").map(String::as_str).unwrap_or("(no error text given)"));
+                let retryable = !matches!(r.fields.get("retryable").map(String::as_str), Some("false"));
+                out.push(store::fail(&mut tx, &r.wp_id, r.dispatch_id.as_deref(), &error, retryable, &policy).await?);
             }
-            _ => {
-                let error = entry::report_text(fields.get("error").map(String::as_str).unwrap_or("(no error text given)"));
-                let retryable = !matches!(fields.get("retryable").map(String::as_str), Some("false"));
-                store::fail(&mut tx, &wp_id, dispatch_id, &error, retryable, &policy).await?
-            }
-        };
+            out
+        }
+    };
+    for (Report { wp_id, dispatch_id, entry: e, .. }, outcome) in reports.iter().zip(outcomes) {
+        let dispatch_id = dispatch_id.as_deref();
         match outcome {
             ReportOutcome::Completed => {
                 completed += 1;
                 freed_slot = true;
                 reported.push((wp_id.clone(), true));
                 tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package completed");
-                changed.push(wp_id);
+                changed.push(wp_id.clone());
             }
             ReportOutcome::RetryWait { delay_ms } => {
                 failed += 1;
@@ -88,10 +110,13 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
                 tracing::warn!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package failed; no attempts left");
             }
             ReportOutcome::Stale(why) => tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "{why}"),
-            ReportOutcome::UnknownWp => deadletters.push(dead(
-                "unknown_wp",
-                format!("no work package {wp_id} was ever submitted; check the agent reports the wp_id of its trigger"),
-            )),
+            ReportOutcome::UnknownWp => deadletters.push(DeadLetter {
+                reason: "unknown_wp".into(),
+                detail: format!("no work package {wp_id} was ever submitted; check the agent reports the wp_id of its trigger"),
+                stream: stream.clone(),
+                source_id: e.id.clone(),
+                fields: e.fields.clone().unwrap_or_default(),
+            }),
         }
     }
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;

@@ -357,6 +357,69 @@ pub async fn complete(
     stale_or_unknown(tx, wp_id, dispatch_id).await
 }
 
+/// Completes every report of a batch that names the current dispatch of a dispatched work
+/// package, in one statement; the others are told apart (stale or unknown) in one more. The
+/// outcomes are in the order of `reports`. When one batch reports the same work package twice,
+/// the first report that matches wins and the rest are stale.
+pub(crate) async fn complete_many(
+    tx: &mut Transaction<'_, Postgres>,
+    reports: &[(&str, Option<&str>, Option<String>)],
+) -> Result<Vec<ReportOutcome>, sqlx::Error> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wp_ids: Vec<&str> = reports.iter().map(|r| r.0).collect();
+    let dispatch_ids: Vec<Option<&str>> = reports.iter().map(|r| r.1).collect();
+    let results: Vec<Option<&str>> = reports.iter().map(|r| r.2.as_deref()).collect();
+    // The first matching report per work package, so the UPDATE sees one row for each.
+    let done: Vec<(String, i64)> = sqlx::query_as(
+        "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(wp_id, dispatch_id, result, i)),
+              first AS (SELECT DISTINCT ON (r.wp_id) r.* FROM r JOIN work_packages w ON w.wp_id = r.wp_id
+                        WHERE w.status = 'dispatched' AND (r.dispatch_id IS NULL OR w.dispatch_id = r.dispatch_id)
+                        ORDER BY r.wp_id, r.i)
+         UPDATE work_packages w SET status = 'completed', completed_at = now(), updated_at = now(), result = first.result,
+                wait_reason = NULL
+         FROM first
+         WHERE w.wp_id = first.wp_id AND w.status = 'dispatched' AND (first.dispatch_id IS NULL OR w.dispatch_id = first.dispatch_id)
+         RETURNING w.wp_id, first.i",
+    )
+    .bind(&wp_ids)
+    .bind(&dispatch_ids)
+    .bind(&results)
+    .fetch_all(&mut **tx)
+    .await?;
+    let applied: HashSet<i64> = done.into_iter().map(|(_, i)| i).collect();
+    let rest: Vec<&str> = reports.iter().enumerate().filter(|(i, _)| !applied.contains(&(*i as i64 + 1))).map(|(_, r)| r.0).collect();
+    let current: HashMap<String, (String, Option<String>)> = if rest.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (String, String, Option<String>)>("SELECT wp_id, status, dispatch_id FROM work_packages WHERE wp_id = ANY($1)")
+            .bind(&rest)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(w, s, d)| (w, (s, d)))
+            .collect()
+    };
+    Ok(reports
+        .iter()
+        .enumerate()
+        .map(|(i, (wp_id, dispatch_id, _))| {
+            if applied.contains(&(i as i64 + 1)) {
+                return ReportOutcome::Completed;
+            }
+            match current.get(*wp_id) {
+                None => ReportOutcome::UnknownWp,
+                Some((status, current)) => ReportOutcome::Stale(format!(
+                    "report for {} ignored: work package is {status}, current dispatch {}",
+                    dispatch_id.unwrap_or(wp_id),
+                    current.as_deref().unwrap_or("none")
+                )),
+            }
+        })
+        .collect())
+}
+
 async fn stale_or_unknown(
     tx: &mut Transaction<'_, Postgres>,
     wp_id: &str,
