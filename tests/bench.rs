@@ -8,9 +8,9 @@ use std::process::Command;
 fn every_workload_runs_and_accounts_for_all_work() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    // The kill comes at a third of the takeover load, and the survivors stop when the load is
-    // done: what follows the kill must outlast the lease (2 s) and a sweep (0.5 s), or no
-    // survivor is left to take the killed replica over.
+    // The kill comes at a third of the takeover load; the survivors are stopped only once the
+    // killed replica has left the group (its lease, 2 s, and a sweep, 0.5 s), however short
+    // the load.
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
         .args(["bench", "--route", "2000", "--dag-plans", "30", "--rate", "300", "--takeover-load", "6s", "--timeout", "60s", "--json"])
         .arg(&json)

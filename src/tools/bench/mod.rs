@@ -302,6 +302,10 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A short load is done before the killed replica's lease lapses (its TTL and a sweep):
+    // the survivors must still be running to take it over.
+    let left_by = tokio::time::Instant::from_std(killed) + args.timeout;
+    let left_group_after_s = tokio::time::timeout_at(left_by, left).await.ok().and_then(|j| j.ok()).flatten().map(|d| d.as_secs_f64());
     token.cancel();
     rss.extend(rss_mb(&procs).into_iter().skip(1));
     procs.stop_all(Duration::from_secs(10)).await;
@@ -324,7 +328,6 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
     pool.close().await;
 
-    let left_group_after_s = left.await.ok().flatten().map(|d| d.as_secs_f64());
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     let (finished, seconds, wp_per_s) = throughput(&l.completed, first);
     let held = held_in.len() + held_done.len();
