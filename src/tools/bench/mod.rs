@@ -398,6 +398,11 @@ async fn chains(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> anyh
 }
 
 pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.replicas >= 1, "--replicas must be at least 1");
+    anyhow::ensure!(
+        args.replicas >= 2 || !args.workloads.iter().any(|w| w == "takeover"),
+        "the takeover workload kills a replica and needs a survivor: give --replicas 2 or more, or leave takeover out of --workloads"
+    );
     let stack = Stack::start(&args).await?;
     let client = streams::client(&stack.redis_url)?;
     // Migrations once, before any replica starts.
