@@ -8,12 +8,14 @@ use std::process::Command;
 fn every_workload_runs_and_accounts_for_all_work() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    // The kill comes at a third of the takeover load, and the survivors stop when the load is
-    // done: what follows the kill must outlast the lease (2 s) and a sweep (0.5 s), or no
-    // survivor is left to take the killed replica over.
+    // The kill comes at a third of the takeover load; the survivors are stopped only once the
+    // killed replica has left the group (its lease, 2 s, and a sweep, 0.5 s), however short
+    // the load.
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
         .args(["bench", "--route", "2000", "--dag-plans", "30", "--rate", "300", "--takeover-load", "6s", "--timeout", "60s", "--json"])
         .arg(&json)
+        // chains runs only when named.
+        .args(["--workloads", "route,ceiling,dag,dag-paced,takeover,chains", "--chains", "30"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -23,7 +25,7 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["route", "ceiling", "dag", "dag-paced", "takeover"]);
+    assert_eq!(names, ["route", "ceiling", "dag", "dag-paced", "takeover", "chains"]);
     for r in runs {
         let w = r["workload"].as_str().unwrap();
         assert_eq!(r["finished"], r["work_packages"], "{w}: every work package accounted for");
@@ -36,8 +38,10 @@ fn every_workload_runs_and_accounts_for_all_work() {
     // In each plan of 10, nine wait for something.
     assert_eq!(get("dag")["completion_to_dispatch"]["count"], 30 * 9);
     assert!(get("route")["peak_rss_mb"].as_array().unwrap().iter().all(|m| m.as_f64().unwrap() > 0.0), "RSS read for each replica");
+    assert_eq!(get("chains")["work_packages"], 30 * 10, "chains of 10");
+    assert_eq!(get("chains")["peak_rss_mb"].as_array().unwrap().len(), 2, "RSS of each replica");
     let takeover = &get("takeover")["takeover"];
     assert!(takeover["left_group_after_s"].is_number(), "the killed replica was taken over: {takeover}");
     assert!(report["route_ceiling_ratio"].is_number());
-    assert_eq!(report["targets"].as_array().unwrap().len(), 5);
+    assert_eq!(report["targets"].as_array().unwrap().len(), 6);
 }

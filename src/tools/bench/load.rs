@@ -62,6 +62,23 @@ pub fn plans(plans: usize, prefix: &str) -> Vec<Wp> {
     out
 }
 
+/// `chains` chains of 10, chain after chain: each work package depends on the one before it
+/// in its chain (`depends_on`) and is routed by work type, through the agents' role.
+pub(crate) fn chains(chains: usize, prefix: &str) -> Vec<Wp> {
+    let mut out = Vec::with_capacity(chains * 10);
+    for c in 0..chains {
+        for i in 0..10 {
+            let mut fields = vec![("work_type", "build".to_string())];
+            let prereqs: Vec<String> = (i > 0).then(|| format!("{prefix}{c}.{}", i - 1)).into_iter().collect();
+            if let Some(p) = prereqs.first() {
+                fields.push(("depends_on", p.clone()));
+            }
+            out.push(Wp { wp_id: format!("{prefix}{c}.{i}"), fields, prereqs });
+        }
+    }
+    out
+}
+
 /// Submits `wps` in stream order, in pipelines, each entry stamped with its send time. With a
 /// rate, sends a slice every 10 ms to hold it; without, as fast as Redis takes them. Returns
 /// the entry id of each work package and the time the first was sent.

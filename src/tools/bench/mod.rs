@@ -30,7 +30,7 @@ pub struct BenchArgs {
     /// Use this PostgreSQL database instead of starting one. Its work packages are wiped.
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Workloads to run, in this order.
+    /// Workloads to run, in this order; `chains` runs only when named.
     #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover")]
     pub workloads: Vec<String>,
     #[arg(long, default_value_t = 2)]
@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Plans of 10 work packages in the dag workloads.
     #[arg(long, default_value_t = 1000)]
     pub dag_plans: usize,
+    /// Chains of 10 work packages in the chains workload, written before the replicas start.
+    #[arg(long, default_value_t = 2000)]
+    pub chains: usize,
     /// Work packages per second of dag-paced and of the takeover load.
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
@@ -154,6 +157,20 @@ fn throughput(done: &std::collections::HashMap<String, u64>, first: u64) -> (usi
 
 fn rss_mb(procs: &ReplicaProcs) -> Vec<f64> {
     (0..procs.len()).map(|s| procs.peak_rss(s).map(|b| b as f64 / 1_048_576.0).unwrap_or(0.0)).collect()
+}
+
+/// Waits until the agents have reported all `n` work packages and PostgreSQL records them as
+/// completed, or `timeout`; returns how many it records as completed.
+async fn wait_completed(log: &Arc<Mutex<AgentLog>>, pool: &sqlx::PgPool, n: usize, timeout: Duration) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    load::wait_for(log, timeout, |l| l.completed.len() >= n).await;
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(pool).await?;
+        if done >= n as i64 || tokio::time::Instant::now() >= deadline {
+            return Ok(done.max(0) as usize);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Route or ceiling: `n` independent work packages sent as fast as Redis takes them, timed from
@@ -291,17 +308,12 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let pending_done = pending_of(&mut con, names, &names.completed, &victim).await?;
     let left = tokio::spawn(procs::left_group(client.clone(), victim.clone(), killed));
     let (_, first) = producer.await.context("the takeover producer panicked")??;
-    load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
     let pool = store::connect(&stack.database_url, 1).await?;
-    // The agents have sent every completion; lost is what PostgreSQL never records as completed.
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    while tokio::time::Instant::now() < deadline {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
-        if done >= n as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_completed(&log, &pool, n, args.timeout).await?;
+    // A short load is done before the killed replica's lease lapses (its TTL and a sweep):
+    // the survivors must still be running to take it over.
+    let left_by = tokio::time::Instant::from_std(killed) + args.timeout;
+    let left_group_after_s = tokio::time::timeout_at(left_by, left).await.ok().and_then(|j| j.ok()).flatten().map(|d| d.as_secs_f64());
     token.cancel();
     rss.extend(rss_mb(&procs).into_iter().skip(1));
     procs.stop_all(Duration::from_secs(10)).await;
@@ -324,7 +336,6 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed'").fetch_one(&pool).await?;
     pool.close().await;
 
-    let left_group_after_s = left.await.ok().flatten().map(|d| d.as_secs_f64());
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     let (finished, seconds, wp_per_s) = throughput(&l.completed, first);
     let held = held_in.len() + held_done.len();
@@ -346,7 +357,52 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     })
 }
 
+/// Chains of 10 written to the incoming stream before any replica starts: how fast the replicas
+/// drain a backlog in which every step waits for the one before it. Timed from the start of the
+/// first replica to the last completion PostgreSQL records.
+async fn chains(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> anyhow::Result<Run> {
+    stack.reset(client).await?;
+    let token = CancellationToken::new();
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let agents = load::agents(client, &AGENTS, true, &log, &token);
+    let wps = load::chains(args.chains, "c");
+    let n = wps.len();
+    let mut con = streams::blocking(client).await?;
+    load::produce(&mut con, &stack.names.incoming, &wps, None, &token).await?;
+    let pool = store::connect(&stack.database_url, 1).await?;
+    let first = now_us();
+    let mut procs = stack.replicas(args, client, "bench-chains").await?;
+    let finished = wait_completed(&log, &pool, n, args.timeout).await?;
+    token.cancel();
+    let peak_rss_mb = rss_mb(&procs);
+    procs.stop_all(Duration::from_secs(10)).await;
+    for a in agents {
+        let _ = a.await;
+    }
+    let last: Option<f64> =
+        sqlx::query_scalar("SELECT (extract(epoch FROM max(completed_at)) * 1e6)::float8 FROM work_packages").fetch_one(&pool).await?;
+    pool.close().await;
+    let seconds = last.map_or(0.0, |t| (t - first as f64).max(0.0) / 1e6);
+    let l = log.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(Run {
+        workload: "chains".into(),
+        work_packages: n,
+        finished,
+        seconds,
+        wp_per_s: finished as f64 / seconds.max(1e-6),
+        duplicates: l.duplicates(),
+        lost: n - finished.min(n),
+        peak_rss_mb,
+        ..Default::default()
+    })
+}
+
 pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.replicas >= 1, "--replicas must be at least 1");
+    anyhow::ensure!(
+        args.replicas >= 2 || !args.workloads.iter().any(|w| w == "takeover"),
+        "the takeover workload kills a replica and needs a survivor: give --replicas 2 or more, or leave takeover out of --workloads"
+    );
     let stack = Stack::start(&args).await?;
     let client = streams::client(&stack.redis_url)?;
     // Migrations once, before any replica starts.
@@ -370,7 +426,8 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
             "dag" => dag(&args, &stack, &client, None).await?,
             "dag-paced" => dag(&args, &stack, &client, Some(args.rate)).await?,
             "takeover" => takeover(&args, &stack, &client).await?,
-            other => anyhow::bail!("unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover)"),
+            "chains" => chains(&args, &stack, &client).await?,
+            other => anyhow::bail!("unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains)"),
         };
         println!("  {}", report::line(&run));
         runs.push(run);

@@ -35,7 +35,8 @@ impl Latency {
 pub(crate) struct Run {
     pub workload: String,
     pub work_packages: usize,
-    /// Work packages whose trigger (route, ceiling) or completion (dag) was seen.
+    /// Work packages whose trigger (route, ceiling) or completion (dag, takeover) was seen; for
+    /// chains, those PostgreSQL records as completed.
     pub finished: usize,
     pub seconds: f64,
     pub wp_per_s: f64,
@@ -126,6 +127,7 @@ impl Report {
         };
         let targets = vec![
             at_least("route throughput", 30_000.0, get("route").map(|r| r.wp_per_s), "WP/s"),
+            at_least("chains throughput (backlog)", 10_000.0, get("chains").map(|r| r.wp_per_s), "WP/s"),
             at_least("route / ceiling", 0.3, ratio, "ratio"),
             at_most(
                 "completion->dispatch p99 (dag-paced)",
