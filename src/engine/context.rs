@@ -77,13 +77,24 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The `agent` label of a dead letter. Its `agent_id` is whatever a producer wrote, and each
+    /// distinct label value is a series the recorder keeps forever, so only the routing file's
+    /// agents name themselves; any other name is `other`, and none stays empty.
+    fn agent_label(&self, agent: Option<&str>) -> String {
+        match agent {
+            None | Some("") => String::new(),
+            Some(a) if self.routing.get().agents.contains_key(a) => a.to_string(),
+            Some(_) => "other".into(),
+        }
+    }
+
     /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
     pub(crate) fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
         Stats::add(&self.stats.deadlettered, dls.len() as u64);
         for dl in dls {
             let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
             let (agent, wp_id, dispatch_id) = (field(b"agent_id"), field(b"wp_id"), field(b"dispatch_id"));
-            self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+            self.metrics.deadlettered(&dl.reason, &self.agent_label(agent.as_deref()));
             tracing::warn!(
                 wp_id = wp_id.as_deref().unwrap_or(""),
                 dispatch_id = dispatch_id.as_deref().unwrap_or(""),
