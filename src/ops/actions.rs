@@ -128,6 +128,15 @@ fn deadletter_view(id: String, raw: &crate::core::entry::RawFields) -> DeadLette
     DeadLetterView { id, reason: meta("reason"), detail: meta("detail"), stream: meta("stream"), source_id: meta("source_id"), fields }
 }
 
+/// Entries read per Redis command. Redis runs one command at a time, so reading the stream
+/// in pages keeps any one reply (dead letters may be large) from stalling everyone else.
+const PAGE: usize = 100;
+
+/// How far back a reason filter looks for a page to fill: it stops after this many entries
+/// even if the page is not full.
+const SCAN_PER_ENTRY: usize = 20;
+const SCAN_MAX: usize = 10_000;
+
 /// The newest `limit` dead letters, newest first, optionally of one reason.
 pub async fn deadletters<C: redis::aio::ConnectionLike>(
     con: &mut C,
@@ -135,15 +144,26 @@ pub async fn deadletters<C: redis::aio::ConnectionLike>(
     limit: usize,
     reason: Option<&str>,
 ) -> Result<Vec<DeadLetterView>, redis::RedisError> {
-    // A reason filter reads further back so a page of `limit` can still fill.
-    let scan = if reason.is_some() { limit.saturating_mul(20).min(100_000) } else { limit };
-    Ok(streams::newest(con, stream, scan.max(1))
-        .await?
-        .into_iter()
-        .map(|e| deadletter_view(e.id, &e.fields.unwrap_or_default()))
-        .filter(|d| reason.is_none_or(|r| d.reason == r))
-        .take(limit)
-        .collect())
+    let scan = if reason.is_some() { limit.saturating_mul(SCAN_PER_ENTRY).min(SCAN_MAX) } else { limit };
+    let mut out = Vec::new();
+    let (mut end, mut scanned) = ("+".to_string(), 0);
+    while out.len() < limit && scanned < scan {
+        let count = PAGE.min(scan - scanned);
+        let page = streams::newest_before(con, stream, &end, count).await?;
+        scanned += page.len();
+        let last = page.len() < count;
+        if let Some(e) = page.last() {
+            end = format!("({}", e.id);
+        }
+        out.extend(
+            page.into_iter().map(|e| deadletter_view(e.id, &e.fields.unwrap_or_default())).filter(|d| reason.is_none_or(|r| d.reason == r)),
+        );
+        if last {
+            break;
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -175,17 +195,30 @@ pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, 
 }
 
 /// Requeues every dead letter (of one reason, if given), oldest first so the incoming order
-/// is kept. Returns what became of each.
+/// is kept. Returns what became of each. Only the dead letters there when it starts are
+/// looked at: one that is dead-lettered again meanwhile (its cause not fixed) is appended
+/// behind them and must not be sent round again.
 pub(crate) async fn requeue_all<C: redis::aio::ConnectionLike>(
     con: &mut C,
     names: &Names,
     reason: Option<&str>,
 ) -> Result<Vec<Requeue>, redis::RedisError> {
-    let mut all = deadletters(con, &names.deadletter, 100_000, reason).await?;
-    all.reverse();
-    let mut out = Vec::with_capacity(all.len());
-    for d in all {
-        out.push(requeue(con, names, &d.id).await?);
+    let Some(newest) = streams::newest(con, &names.deadletter, 1).await?.pop() else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page = streams::range_page(con, &names.deadletter, &start, &newest.id, PAGE).await?;
+        let last = page.len() < PAGE;
+        if let Some(e) = page.last() {
+            start = format!("({}", e.id);
+        }
+        for e in page {
+            if reason.is_none_or(|r| deadletter_view(e.id.clone(), &e.fields.unwrap_or_default()).reason == r) {
+                out.push(requeue(con, names, &e.id).await?);
+            }
+        }
+        if last {
+            return Ok(out);
+        }
     }
-    Ok(out)
 }

@@ -78,6 +78,11 @@ impl<S: Send + Sync> FromRequestParts<S> for P {
     }
 }
 
+/// The most rows or entries one read returns: what one page of the dashboard shows. A read
+/// holds a pooled PostgreSQL connection, or Redis itself, for as long as it takes.
+pub(crate) const MAX_WORK_PACKAGES: i64 = 1000;
+pub(crate) const MAX_DEADLETTERS: i64 = 500;
+
 fn check_limit(limit: Option<i64>, max: i64) -> Result<(), ApiError> {
     match limit {
         Some(n) if !(1..=max).contains(&n) => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit must be between 1 and {max}"))),
@@ -149,7 +154,7 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
 }
 
 async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiResult {
-    check_limit(f.limit, 100_000)?;
+    check_limit(f.limit, MAX_WORK_PACKAGES)?;
     if let Some(s) = f.status.as_deref().filter(|s| !STATUSES.contains(s)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), STATUSES.join(", "))));
     }
@@ -223,9 +228,9 @@ struct DeadLetterQuery {
 
 async fn list_deadletters(State(ctx): State<Arc<Ctx>>, Q(q): Q<DeadLetterQuery>) -> ApiResult {
     let mut redis = ctx.redis.clone();
-    check_limit(q.limit, 10_000)?;
+    check_limit(q.limit, MAX_DEADLETTERS)?;
     let reason = q.reason.as_deref().filter(|r| !r.is_empty());
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_DEADLETTERS) as usize;
     ok(actions::deadletters(&mut redis, &ctx.settings.names.deadletter, limit, reason).await?)
 }
 
