@@ -54,6 +54,7 @@ async fn connect(
 /// in hand, a `stopping` health entry is written, and the consumer leaves the group if it
 /// holds nothing pending.
 pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Result<()> {
+    settings.validate()?;
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };

@@ -7,8 +7,25 @@ use std::time::Duration;
 
 use crate::core::limits::Limits;
 
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
+/// The longest period or lifetime a setting may have. Far beyond any sensible value, and
+/// short enough that adding it to an instant cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A period or lifetime: more than zero (a zero period panics `tokio::time::interval` inside a
+/// loop's task, `BLOCK 0` blocks forever, a zero TTL is refused by Redis) and at most a year.
+fn check_duration(d: Duration) -> Result<(), String> {
+    if d.is_zero() {
+        Err("must be more than 0".into())
+    } else if d > MAX_DURATION {
+        Err(format!("must be at most {} days", MAX_DURATION.as_secs() / 86_400))
+    } else {
+        Ok(())
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 500ms, 5s, 2m, 7days)"))?;
+    check_duration(d).map(|()| d)
 }
 
 /// Redis keys and the consumer group. Defaults are the contract's names.
@@ -168,6 +185,72 @@ impl RunSettings {
         }
     }
 
+    /// Refuses settings that cannot work, each problem naming its flag and variable: zero or
+    /// absurd periods, sizes of zero, and a lease that lapses between its refreshes. Called
+    /// before anything connects, so a bad value stops the start, not a loop later on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        let durations = [
+            ("block", self.block),
+            ("health_interval", self.health_interval),
+            ("recover_interval", self.recover_interval),
+            ("claim_min_idle", self.claim_min_idle),
+            ("lease_ttl", self.lease_ttl),
+            ("lease_refresh", self.lease_refresh),
+            ("scheduler_interval", self.scheduler_interval),
+            ("republish_after", self.republish_after),
+            ("dispatch_key_ttl", self.dispatch_key_ttl),
+        ];
+        for (id, d) in durations {
+            if let Err(e) = check_duration(d) {
+                problems.push(format!("{} {e}, not {}", flag(id), humantime::format_duration(d)));
+            }
+        }
+        // Upper bounds beyond which a value is a mistake: Redis takes no bulk string over
+        // 512 MiB, and a batch is one PostgreSQL transaction.
+        const MIB_512: u64 = 512 << 20;
+        let sizes = [
+            ("batch_size", self.batch_size as u64, 1, 10_000),
+            ("max_deliveries", self.max_deliveries, 1, u64::MAX),
+            ("deadletter_maxlen", self.deadletter_maxlen, 1, u64::MAX),
+            ("health_maxlen", self.health_maxlen, 1, u64::MAX),
+            ("db_pool", u64::from(self.db_pool), 1, 1_000),
+            ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
+            ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
+            ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),
+            ("max_depends_on", self.limits.max_depends_on as u64, 0, 1_000_000),
+        ];
+        for (id, v, min, max) in sizes {
+            if !(min..=max).contains(&v) {
+                let range = if max == u64::MAX { format!("at least {min}") } else { format!("between {min} and {max}") };
+                problems.push(format!("{} must be {range}, not {v}", flag(id)));
+            }
+        }
+        let orders = [
+            (
+                "lease_refresh",
+                self.lease_refresh,
+                "lease_ttl",
+                self.lease_ttl,
+                "the lease lapses between refreshes and survivors take this replica over",
+            ),
+            (
+                "republish_after",
+                self.republish_after,
+                "dispatch_key_ttl",
+                self.dispatch_key_ttl,
+                "a dispatch published again after its key expired goes out twice",
+            ),
+        ];
+        for (short_id, short, long_id, long, why) in orders {
+            if short >= long {
+                let (s, l) = (humantime::format_duration(short), humantime::format_duration(long));
+                problems.push(format!("{} ({s}) must be shorter than {} ({l}), or {why}", flag(short_id), flag(long_id)));
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
+    }
+
     pub(crate) fn consumer_name(&self) -> String {
         self.consumer.clone().unwrap_or_else(default_consumer_name)
     }
@@ -180,4 +263,21 @@ pub(crate) fn default_consumer_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "replica".into());
     format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+/// `--flag (ENV)` of the setting whose field is `id`, as clap declares it, so messages cannot
+/// drift from the flags.
+fn flag(id: &str) -> String {
+    use clap::Args;
+    let cmd = RunSettings::augment_args(clap::Command::new("run"));
+    match cmd.get_arguments().find(|a| a.get_id() == id) {
+        Some(a) => {
+            let long = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| id.to_string());
+            match a.get_env() {
+                Some(env) => format!("{long} ({})", env.to_string_lossy()),
+                None => long,
+            }
+        }
+        None => id.to_string(),
+    }
 }

@@ -23,3 +23,4 @@ mod recovery;
 mod routing;
 mod security;
 mod self_contained;
+mod settings;
