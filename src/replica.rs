@@ -81,6 +81,10 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
+    // The lease outlives the other loops: while they finish the batches in hand at shutdown,
+    // no survivor should take this replica over.
+    let lease_token = CancellationToken::new();
+    let lease = tokio::spawn(takeover::refresh_lease(ctx.clone(), lease_token.clone()));
     let tracker = TaskTracker::new();
     for input in Input::ALL {
         tracker.spawn(consume::run(ctx.clone(), input, token.clone()));
@@ -97,6 +101,10 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
 
     token.cancelled().await;
     tracker.wait().await;
+    lease_token.cancel();
+    if let Err(e) = lease.await {
+        tracing::warn!(error = %e, "the lease task failed");
+    }
 
     if let Err(e) = health::report(&ctx, "stopping").await {
         tracing::warn!(error = %e, "cannot write the stopping health entry");
