@@ -91,7 +91,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, &stream, &names.group, &ids, &deadletters, &names.deadletter, ctx.settings.deadletter_maxlen)
+    streams::ack_with_deadletters(&mut redis, &stream, &names.group, &ids, &deadletters, &names.deadletter, ctx.deadletter_bounds())
         .await?;
     Stats::add(&ctx.stats.completed, completed);
     Stats::add(&ctx.stats.failed, failed);

@@ -88,6 +88,11 @@ impl Ctx {
         }
     }
 
+    /// What a dead letter keeps of an entry, from the settings.
+    pub(crate) fn deadletter_bounds(&self) -> crate::engine::streams::DeadLetterBounds {
+        crate::engine::streams::DeadLetterBounds::of(&self.settings)
+    }
+
     /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
     pub(crate) fn note_deadletters(&self, dls: &[crate::engine::streams::DeadLetter]) {
         Stats::add(&self.stats.deadlettered, dls.len() as u64);

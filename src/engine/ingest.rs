@@ -61,7 +61,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         &ids,
         &deadletters,
         &names.deadletter,
-        ctx.settings.deadletter_maxlen,
+        ctx.deadletter_bounds(),
     )
     .await?;
     ctx.note_deadletters(&deadletters);

@@ -58,8 +58,7 @@ pub(crate) async fn ack_deleted(ctx: &Ctx, stream: &str, deleted: &[String]) -> 
         })
         .collect();
     let mut redis = ctx.redis.clone();
-    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.settings.deadletter_maxlen)
-        .await?;
+    streams::ack_with_deadletters(&mut redis, stream, &names.group, deleted, &dls, &names.deadletter, ctx.deadletter_bounds()).await?;
     ctx.note_deadletters(&dls);
     Ok(())
 }
@@ -95,8 +94,7 @@ pub(crate) async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEnt
     }
     if !poison.is_empty() {
         let ids: Vec<String> = poison.iter().map(|p| p.source_id.clone()).collect();
-        streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.settings.deadletter_maxlen)
-            .await?;
+        streams::ack_with_deadletters(&mut redis, stream, &names.group, &ids, &poison, &names.deadletter, ctx.deadletter_bounds()).await?;
         ctx.note_deadletters(&poison);
     }
     Ok(live)

@@ -142,6 +142,10 @@ pub struct RunSettings {
     pub limits: Limits,
     #[arg(long, env = "GE_DEADLETTER_MAXLEN", default_value_t = 100_000)]
     pub deadletter_maxlen: u64,
+    /// Bytes a dead letter keeps of each original value; a longer one is cut, its full size
+    /// and SHA-256 recorded beside it, and the dead letter can no longer be requeued.
+    #[arg(long, env = "GE_DEADLETTER_VALUE_BYTES", default_value_t = 4096)]
+    pub deadletter_value_bytes: usize,
     #[arg(long, env = "GE_HEALTH_MAXLEN", default_value_t = 10_000)]
     pub health_maxlen: u64,
     /// Address of /healthz, /readyz, /metrics, the admin API and the dashboard; `off` for none.
@@ -178,6 +182,7 @@ impl RunSettings {
             dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
             limits: Limits::default(),
             deadletter_maxlen: 100_000,
+            deadletter_value_bytes: 4096,
             health_maxlen: 10_000,
             db_pool: 8,
             http_addr: "off".into(),
@@ -213,6 +218,7 @@ impl RunSettings {
             ("batch_size", self.batch_size as u64, 1, 10_000),
             ("max_deliveries", self.max_deliveries, 1, u64::MAX),
             ("deadletter_maxlen", self.deadletter_maxlen, 1, u64::MAX),
+            ("deadletter_value_bytes", self.deadletter_value_bytes as u64, 1, MIB_512),
             ("health_maxlen", self.health_maxlen, 1, u64::MAX),
             ("db_pool", u64::from(self.db_pool), 1, 1_000),
             ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),

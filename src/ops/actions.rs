@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::core::routing_file::RoutingTable;
 use crate::engine::settings::Names;
-use crate::engine::streams::{self, DEADLETTER_META, Requeued};
+use crate::engine::streams::{self, CUT_PREFIX, Requeued, is_deadletter_meta};
 use crate::ops::reads;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,22 +110,54 @@ pub(crate) struct DeadLetterView {
     pub detail: String,
     pub stream: String,
     pub source_id: String,
-    /// The original entry's fields, with `original.NAME` restored to `NAME`.
+    /// The original entry's fields, with `original.NAME` restored to `NAME`; a value in `cut`
+    /// is only its start.
     pub fields: BTreeMap<String, String>,
+    /// The values kept only in part, by field: their full size and SHA-256.
+    pub cut: BTreeMap<String, CutValue>,
+    /// Original fields left out (beyond `--max-fields`, or with an impossible name).
+    pub dropped_fields: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct CutValue {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 fn deadletter_view(id: String, raw: &crate::core::entry::RawFields) -> DeadLetterView {
     let all = text_fields(raw);
     let meta = |k: &str| all.get(k).cloned().unwrap_or_default();
-    let fields = all
-        .iter()
-        .filter(|(k, _)| !DEADLETTER_META.contains(&k.as_str()))
-        .map(|(k, v)| match k.strip_prefix("original.") {
-            Some(base) if DEADLETTER_META.contains(&base) => (base.to_string(), v.clone()),
-            _ => (k.clone(), v.clone()),
-        })
-        .collect();
-    DeadLetterView { id, reason: meta("reason"), detail: meta("detail"), stream: meta("stream"), source_id: meta("source_id"), fields }
+    let mut fields = BTreeMap::new();
+    let mut cut: BTreeMap<String, CutValue> = BTreeMap::new();
+    let mut dropped_fields = 0;
+    for (k, v) in &all {
+        if let Some(record) = k.strip_prefix(CUT_PREFIX) {
+            if record == "fields" {
+                dropped_fields = v.parse().unwrap_or_default();
+            } else if let Some(name) = record.strip_suffix(".bytes") {
+                cut.entry(name.to_string()).or_default().bytes = v.parse().unwrap_or_default();
+            } else if let Some(name) = record.strip_suffix(".sha256") {
+                cut.entry(name.to_string()).or_default().sha256 = v.clone();
+            }
+        } else if !is_deadletter_meta(k.as_bytes()) {
+            let name = match k.strip_prefix("original.") {
+                Some(base) if is_deadletter_meta(base.as_bytes()) => base,
+                _ => k,
+            };
+            fields.insert(name.to_string(), v.clone());
+        }
+    }
+    DeadLetterView {
+        id,
+        reason: meta("reason"),
+        detail: meta("detail"),
+        stream: meta("stream"),
+        source_id: meta("source_id"),
+        fields,
+        cut,
+        dropped_fields,
+    }
 }
 
 /// Entries read per Redis command. Redis runs one command at a time, so reading the stream
@@ -181,6 +213,11 @@ pub(crate) enum Requeue {
     Empty {
         id: String,
     },
+    /// A dead letter whose values or fields were cut holds only part of the entry: sending
+    /// that would submit different work than the producer's.
+    Cut {
+        id: String,
+    },
 }
 
 /// Sends one dead letter back to the input stream it came from, once however many operators
@@ -190,6 +227,7 @@ pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, 
     Ok(match streams::requeue_deadletter(con, names, &id).await? {
         Requeued::Sent { stream, new_id } => Requeue::Requeued { id, stream, new_id },
         Requeued::Empty => Requeue::Empty { id },
+        Requeued::Cut => Requeue::Cut { id },
         Requeued::NotFound => Requeue::NotFound { id },
     })
 }

@@ -257,6 +257,13 @@ async fn requeue_one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(id): P) 
         actions::Requeue::Empty { .. } => {
             Err(ApiError(StatusCode::CONFLICT, format!("dead letter {id} has no original fields to send again")))
         }
+        actions::Requeue::Cut { .. } => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "dead letter {id} was cut when it was written (see `cut` and `dropped_fields`): it no longer holds the whole \
+                 entry, so it cannot be sent again; resubmit the entry from its source"
+            ),
+        )),
     }
 }
 
