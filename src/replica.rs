@@ -16,7 +16,7 @@ use crate::engine::input::Input;
 use crate::engine::settings::RunSettings;
 use crate::{
     core::redact, engine::config_watch, engine::health, engine::recover, engine::scheduler, engine::store, engine::streams,
-    engine::takeover, ops::http,
+    engine::takeover, ops::http, ops::reads,
 };
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
@@ -27,7 +27,7 @@ async fn connect(
     let client = streams::client(&settings.conn.redis_url)?;
     let mut backoff = Backoff::default();
     let pool = loop {
-        match store::connect(&settings.conn.database_url, settings.db_pool).await {
+        match store::connect_with(&settings.conn.database_url, settings.db_pool, Some(settings.statement_timeout)).await {
             Ok(p) => break p,
             Err(e) => tracing::warn!(error = format!("{e:#}"), "PostgreSQL not ready; retrying"),
         }
@@ -58,6 +58,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
+    let ops_pool = reads::pool(&settings.conn.database_url, settings.db_ops_pool, settings.statement_timeout)?;
     for input in Input::ALL {
         let stream = input.stream_in(&settings.names);
         streams::ensure_group(&mut manager, stream, &settings.names.group).await.context("creating the consumer group")?;
@@ -71,6 +72,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         settings,
         consumer,
         pool,
+        ops_pool,
         client,
         redis: manager,
         routing: SharedRouting::new(routing),
@@ -121,5 +123,6 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     }
     tracing::info!(consumer = %ctx.consumer, "replica stopped");
     ctx.pool.close().await;
+    ctx.ops_pool.close().await;
     Ok(())
 }

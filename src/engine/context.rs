@@ -61,7 +61,11 @@ impl Stats {
 pub struct Ctx {
     pub settings: RunSettings,
     pub consumer: String,
+    /// The engine's connections: ingest, completions, dispatch, the operators' changes.
     pub pool: PgPool,
+    /// The operators' reads (admin API, /metrics, the dashboard, /readyz): a few connections
+    /// of their own, so that however many slow reads pile up, the engine's are free.
+    pub ops_pool: PgPool,
     pub client: redis::Client,
     pub redis: ConnectionManager,
     pub routing: SharedRouting,

@@ -155,9 +155,17 @@ pub struct RunSettings {
     /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
     #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
     pub admin_token: Option<String>,
-    /// PostgreSQL connections of this replica.
+    /// PostgreSQL connections of this replica's engine.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
     pub db_pool: u32,
+    /// PostgreSQL connections for the operators' reads (admin API, /metrics, the dashboard),
+    /// apart from the engine's, so that no number of slow reads can starve ingest or dispatch.
+    #[arg(long, env = "GE_DB_OPS_POOL", default_value_t = 2)]
+    pub db_ops_pool: u32,
+    /// The longest any one statement of this replica may run (PostgreSQL `statement_timeout`);
+    /// a longer one is cancelled and fails like a lost connection.
+    #[arg(long, env = "GE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub statement_timeout: Duration,
 }
 
 impl RunSettings {
@@ -185,6 +193,8 @@ impl RunSettings {
             deadletter_value_bytes: 4096,
             health_maxlen: 10_000,
             db_pool: 8,
+            db_ops_pool: 2,
+            statement_timeout: Duration::from_secs(30),
             http_addr: "off".into(),
             admin_token: None,
         }
@@ -205,11 +215,18 @@ impl RunSettings {
             ("scheduler_interval", self.scheduler_interval),
             ("republish_after", self.republish_after),
             ("dispatch_key_ttl", self.dispatch_key_ttl),
+            ("statement_timeout", self.statement_timeout),
         ];
         for (id, d) in durations {
             if let Err(e) = check_duration(d) {
                 problems.push(format!("{} {e}, not {}", flag(id), humantime::format_duration(d)));
             }
+        }
+        // PostgreSQL takes it in milliseconds in an int4.
+        const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(24 * 86_400);
+        if self.statement_timeout > MAX_STATEMENT_TIMEOUT {
+            let given = humantime::format_duration(self.statement_timeout);
+            problems.push(format!("{} must be at most 24 days, not {given}", flag("statement_timeout")));
         }
         // Upper bounds beyond which a value is a mistake: Redis takes no bulk string over
         // 512 MiB, and a batch is one PostgreSQL transaction.
@@ -221,6 +238,7 @@ impl RunSettings {
             ("deadletter_value_bytes", self.deadletter_value_bytes as u64, 1, MIB_512),
             ("health_maxlen", self.health_maxlen, 1, u64::MAX),
             ("db_pool", u64::from(self.db_pool), 1, 1_000),
+            ("db_ops_pool", u64::from(self.db_ops_pool), 1, 1_000),
             ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
             ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
             ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),

@@ -143,7 +143,7 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     let mut redis = ctx.redis.clone();
     let deadletters = streams::len(&mut redis, &ctx.settings.names.deadletter).await?;
     let counts: serde_json::Map<String, serde_json::Value> =
-        reads::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
+        reads::counts(&ctx.ops_pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
     let routing = ctx.routing.get();
     ok(json!({
         "counts": counts,
@@ -164,16 +164,16 @@ async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiRes
     if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
         return ok(Vec::<reads::WpView>::new());
     }
-    ok(reads::list(&ctx.pool, &f).await?)
+    ok(reads::list(&ctx.ops_pool, &f).await?)
 }
 
 async fn one_wp(State(ctx): State<Arc<Ctx>>, P(wp_id): P) -> ApiResult {
     valid_wp(&wp_id)?;
-    let views = reads::work_packages(&ctx.pool, Some(&wp_id), 1).await?;
-    let (Some(view), Some(detail)) = (views.into_iter().next(), reads::detail(&ctx.pool, &wp_id).await?) else {
+    let views = reads::work_packages(&ctx.ops_pool, Some(&wp_id), 1).await?;
+    let (Some(view), Some(detail)) = (views.into_iter().next(), reads::detail(&ctx.ops_pool, &wp_id).await?) else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no work package {wp_id}")));
     };
-    let history = reads::history(&ctx.pool, &wp_id).await?;
+    let history = reads::history(&ctx.ops_pool, &wp_id).await?;
     let mut v = serde_json::to_value(view).unwrap_or_default();
     if let (Some(obj), Ok(serde_json::Value::Object(d))) = (v.as_object_mut(), serde_json::to_value(detail)) {
         obj.extend(d);
@@ -277,7 +277,7 @@ async fn requeue_all(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Q(q): Q<De
 }
 
 async fn agents(State(ctx): State<Arc<Ctx>>) -> ApiResult {
-    ok(actions::agents(&ctx.pool, &ctx.routing.get()).await?)
+    ok(actions::agents(&ctx.ops_pool, &ctx.routing.get()).await?)
 }
 
 async fn replicas(State(ctx): State<Arc<Ctx>>) -> ApiResult {

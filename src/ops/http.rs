@@ -28,7 +28,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Value>) {
     let mut redis = ctx.redis.clone();
     let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, streams::ping(&mut redis)).await, Ok(Ok(())));
-    let pg_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, reads::ping(&ctx.pool)).await, Ok(true));
+    let pg_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, reads::ping(&ctx.ops_pool)).await, Ok(true));
     let joined = ctx.group_joined.load(Ordering::Relaxed);
     let ready = redis_ok && pg_ok && joined;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -92,6 +92,19 @@ impl TestEnv {
         s
     }
 
+    /// `ge-orchestrator run --consumer CONSUMER ARGS...` against this Redis, database and
+    /// routing file, killed when dropped.
+    pub fn run_command(&self, consumer: &str, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(["run", "--consumer", consumer])
+            .args(args)
+            .env("REDIS_URL", self.redis.url())
+            .env("DATABASE_URL", &self.database_url)
+            .env("GE_ROUTING_CONFIG", &self.config)
+            .kill_on_drop(true);
+        cmd
+    }
+
     pub fn replica(&self, consumer: &str) -> Replica {
         Replica::spawn(self.settings(consumer))
     }

@@ -15,6 +15,7 @@ mod dev_stack;
 mod fnmatch;
 mod hostile;
 mod ingest;
+mod isolation;
 mod lifecycle;
 mod logs;
 mod metrics;

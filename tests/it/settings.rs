@@ -8,19 +8,13 @@ use std::time::Duration;
 use ge_orchestrator::engine::settings::RunSettings;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{BIN, ROUTING, TestEnv};
+use crate::harness::{ROUTING, TestEnv};
 
 /// Runs `ge-orchestrator run` against `env` with `vars` added; (exit status, stderr), or None
 /// when it was still running after a few seconds (it accepted the settings).
 async fn run_binary(env: &TestEnv, vars: &[(&str, &str)]) -> Option<(std::process::ExitStatus, String)> {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(["run", "--consumer", "settings-1", "--http-addr", "off"])
-        .env("REDIS_URL", env.redis.url())
-        .env("DATABASE_URL", &env.database_url)
-        .env("GE_ROUTING_CONFIG", &env.config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = env.run_command("settings-1", &["--http-addr", "off"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     for (k, v) in vars {
         cmd.env(k, v);
     }
