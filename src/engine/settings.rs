@@ -151,6 +151,17 @@ pub struct RunSettings {
     /// Address of /healthz, /readyz, /metrics, the admin API and the dashboard; `off` for none.
     #[arg(long, env = "GE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
+    /// How long a client has to send a request's headers; an idle connection is closed after
+    /// as long.
+    #[arg(long, env = "GE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub http_header_timeout: Duration,
+    /// The longest a request is worked on (then it is answered 503), and the longest writing
+    /// its response may stall on a client that does not read (then the connection is closed).
+    #[arg(long, env = "GE_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub http_request_timeout: Duration,
+    /// Connections served at once; one more is answered 503 and closed.
+    #[arg(long, env = "GE_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
+    pub http_max_connections: usize,
     /// Bearer token that admin API calls which change something must carry. Unset: such
     /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
     #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
@@ -196,6 +207,9 @@ impl RunSettings {
             db_ops_pool: 2,
             statement_timeout: Duration::from_secs(30),
             http_addr: "off".into(),
+            http_header_timeout: Duration::from_secs(10),
+            http_request_timeout: Duration::from_secs(30),
+            http_max_connections: 64,
             admin_token: None,
         }
     }
@@ -216,6 +230,8 @@ impl RunSettings {
             ("republish_after", self.republish_after),
             ("dispatch_key_ttl", self.dispatch_key_ttl),
             ("statement_timeout", self.statement_timeout),
+            ("http_header_timeout", self.http_header_timeout),
+            ("http_request_timeout", self.http_request_timeout),
         ];
         for (id, d) in durations {
             if let Err(e) = check_duration(d) {
@@ -239,6 +255,7 @@ impl RunSettings {
             ("health_maxlen", self.health_maxlen, 1, u64::MAX),
             ("db_pool", u64::from(self.db_pool), 1, 1_000),
             ("db_ops_pool", u64::from(self.db_ops_pool), 1, 1_000),
+            ("http_max_connections", self.http_max_connections as u64, 1, 100_000),
             ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
             ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
             ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),

@@ -2,18 +2,28 @@
 //! PostgreSQL answer and the group is joined), for load balancers and Kubernetes probes;
 //! `/metrics` for Prometheus; the admin API under `/api` and the dashboard at `/`.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::engine::context::Ctx;
 use crate::engine::streams;
@@ -65,11 +75,147 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .merge(crate::ops::admin::router(ctx))
 }
 
+/// What the port allows one client and all of them.
+#[derive(Clone, Copy)]
+struct Limits {
+    header: Duration,
+    request: Duration,
+    connections: usize,
+}
+
+/// Answers 503 when the handler has not answered within `limit`: whatever it waits for
+/// (PostgreSQL, Redis) is dropped with it.
+async fn within(limit: Duration, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let error = format!("the request took longer than {}; try again later or ask for less", humantime::format_duration(limit));
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error }))).into_response()
+        }
+    }
+}
+
+/// A client connection whose writes may stall for at most `limit`: a client that stops
+/// reading a response would otherwise hold the connection, and the response, forever.
+struct StallGuard {
+    inner: TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallGuard {
+    fn new(inner: TcpStream, limit: Duration) -> Self {
+        StallGuard { inner, limit, stalled: None }
+    }
+
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading the response"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for StallGuard {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallGuard {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, poll)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, poll)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, poll)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// One connection too many: a 503 if the socket takes it at once, and closed.
+fn refuse(stream: TcpStream) {
+    const BODY: &str = r#"{"error":"too many connections to this replica; try again"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+    tracing::debug!("refused an HTTP connection: --http-max-connections are open");
+}
+
 /// Serves until shutdown. The listener is bound by the caller so a bad address fails start-up.
+///
+/// Its own accept loop rather than `axum::serve`, which gives a client unlimited time to send
+/// its headers and serves any number of connections: here a client has the header timeout to
+/// send a request (an idle connection is closed after as long), the request timeout for the
+/// answer and for each stall of its writing, and connections beyond the cap are refused.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, token: CancellationToken) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "serving /healthz, /readyz, /metrics, /api and the dashboard");
-    if let Err(e) = axum::serve(listener, router(ctx)).with_graceful_shutdown(token.cancelled_owned()).await {
-        tracing::error!(error = %e, "the HTTP server stopped");
+    let s = &ctx.settings;
+    let limits = Limits { header: s.http_header_timeout, request: s.http_request_timeout, connections: s.http_max_connections };
+    let app = router(ctx.clone()).layer(axum::middleware::from_fn(move |req, next| within(limits.request, req, next)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header);
+    let permits = Arc::new(Semaphore::new(limits.connections));
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to close rather than spin.
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = token.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refuse(stream);
+            continue;
+        };
+        let conn = http.serve_connection(TokioIo::new(StallGuard::new(stream, limits.request)), TowerToHyperService::new(app.clone()));
+        let token = token.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "an HTTP connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    // A request in hand is answered within the request timeout; idle connections close at once.
+    if tokio::time::timeout(limits.request + Duration::from_secs(1), connections.wait()).await.is_err() {
+        tracing::warn!("HTTP connections still open at shutdown were dropped");
     }
 }

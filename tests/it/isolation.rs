@@ -5,10 +5,9 @@
 //! `prefix` filter calls: sessions opened after `slow_prefix_reads` find a `public.starts_with`
 //! that sleeps before the built-in one.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, free_port, http, http_settings, wait_ready};
+use crate::harness::{ROUTING, Replica, T, TestEnv, eventually, http, http_settings, wait_ready};
 
 async fn slow_prefix_reads(env: &TestEnv, seconds: u32) {
     // One work package, so that the filter has a row to call the function on.
@@ -56,6 +55,15 @@ async fn sleeping(env: &TestEnv) -> Vec<String> {
     .unwrap()
 }
 
+/// A slow read is answered 503 within a few seconds, saying `why`.
+async fn slow_read_answered_503(port: u16, why: &str) {
+    let start = Instant::now();
+    let (code, v) = http(port, "GET", "/api/work-packages?prefix=seed", None, None).await;
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+    assert!(start.elapsed() < Duration::from_secs(5), "answered after {:?}", start.elapsed());
+}
+
 #[tokio::test]
 async fn slow_operator_reads_leave_the_engine_its_connections() {
     use tokio::io::AsyncWriteExt;
@@ -96,22 +104,9 @@ async fn slow_operator_reads_leave_the_engine_its_connections() {
 async fn the_statement_timeout_ends_slow_statements_of_operators_and_engine() {
     let env = TestEnv::start(ROUTING).await;
     slow_prefix_reads(&env, 60).await;
-    let port = free_port();
     let log = env.dir.path().join("replica.log");
-    let mut child = env
-        .run_command("iso-2", &["--block", "200ms", "--http-addr", &format!("127.0.0.1:{port}")])
-        .env("GE_STATEMENT_TIMEOUT", "1s")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_ready(port).await;
-
-    let start = Instant::now();
-    let (code, v) = http(port, "GET", "/api/work-packages?prefix=seed", None, None).await;
-    assert_eq!(code, 503, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("statement timeout"), "{v}");
-    assert!(start.elapsed() < Duration::from_secs(5), "ended after {:?}", start.elapsed());
+    let (mut child, port) = env.serve_process("iso-2", &[("GE_STATEMENT_TIMEOUT", "1s")], Some(&log)).await;
+    slow_read_answered_503(port, "statement timeout").await;
 
     // The engine's ingest waits on a lock longer than the limit: it fails, and goes through
     // once the lock is gone.
@@ -128,5 +123,16 @@ async fn the_statement_timeout_ends_slow_statements_of_operators_and_engine() {
 
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     assert!(child.wait().await.unwrap().success());
+    end_slow_reads(&env).await;
+}
+
+/// A request that takes longer than `GE_HTTP_REQUEST_TIMEOUT` is answered 503 then, whatever
+/// it still waits for.
+#[tokio::test]
+async fn a_request_is_answered_within_the_request_timeout() {
+    let env = TestEnv::start(ROUTING).await;
+    slow_prefix_reads(&env, 60).await;
+    let (_replica, port) = env.serve_process("iso-3", &[("GE_HTTP_REQUEST_TIMEOUT", "1s")], None).await;
+    slow_read_answered_503(port, "took longer than 1s").await;
     end_slow_reads(&env).await;
 }

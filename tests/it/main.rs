@@ -14,6 +14,7 @@ mod deploy;
 mod dev_stack;
 mod fnmatch;
 mod hostile;
+mod http_limits;
 mod ingest;
 mod isolation;
 mod lifecycle;
