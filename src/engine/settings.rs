@@ -166,6 +166,11 @@ pub struct RunSettings {
     /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
     #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
     pub admin_token: Option<String>,
+    /// Bearer token that every read of the admin API and /metrics must carry (the admin token
+    /// does too). Unset: reads are open. The probes, the dashboard's page and the API document
+    /// stay open either way. Only the environment is read.
+    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub admin_read_token: Option<String>,
     /// PostgreSQL connections of this replica's engine.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
     pub db_pool: u32,
@@ -211,6 +216,7 @@ impl RunSettings {
             http_request_timeout: Duration::from_secs(30),
             http_max_connections: 64,
             admin_token: None,
+            admin_read_token: None,
         }
     }
 

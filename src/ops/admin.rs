@@ -1,14 +1,16 @@
 //! The admin API: JSON over HTTP under `/api`, described by `openapi.json` (served at
-//! `/api/openapi.json`). Reads are open, like `/metrics`; every call that changes something
-//! needs `Authorization: Bearer $GE_ADMIN_TOKEN`, and is refused outright when the replica
-//! has no token configured.
+//! `/api/openapi.json`). Reads are open, like `/metrics`, unless the replica has a read token
+//! (`GE_ADMIN_READ_TOKEN`); every call that changes something needs
+//! `Authorization: Bearer $GE_ADMIN_TOKEN`, and is refused outright when the replica has no
+//! token configured.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,7 +31,12 @@ pub(crate) struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        // Every 401 of the API asks for a bearer token.
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
@@ -100,6 +107,17 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether the request carries one of `tokens` as its bearer token.
+fn bearer_is(headers: &HeaderMap, tokens: &[Option<&str>]) -> bool {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|t| tokens.iter().flatten().any(|expected| same(t.trim().as_bytes(), expected.as_bytes())))
+}
+
+/// A 401 that says which token to send.
+fn unauthorized(which: &str) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, format!("send Authorization: Bearer <{which}>"))
+}
+
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = ctx.settings.admin_token.as_deref() else {
         return Err(ApiError(
@@ -107,10 +125,18 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
             "this replica has no admin token; set GE_ADMIN_TOKEN in its environment to allow changes through the API".into(),
         ));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if same(t.trim().as_bytes(), expected.as_bytes()) => Ok(()),
-        _ => Err(ApiError(StatusCode::UNAUTHORIZED, "send Authorization: Bearer <GE_ADMIN_TOKEN>".into())),
+    if bearer_is(headers, &[Some(expected)]) { Ok(()) } else { Err(unauthorized("GE_ADMIN_TOKEN")) }
+}
+
+/// Guards the reads (the API's, `/metrics`) when the replica has a read token: they need it,
+/// or the admin token.
+pub(crate) async fn require_read_token(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> Response {
+    let s = &ctx.settings;
+    match s.admin_read_token.as_deref() {
+        Some(read) if !bearer_is(req.headers(), &[Some(read), s.admin_token.as_deref()]) => {
+            unauthorized("GE_ADMIN_READ_TOKEN (or GE_ADMIN_TOKEN)").into_response()
+        }
+        _ => next.run(req).await,
     }
 }
 
@@ -309,19 +335,23 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
 }
 
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
-    Router::new()
-        .route("/api/openapi.json", get(openapi))
+    let reads = Router::new()
         .route("/api/overview", get(overview))
         .route("/api/work-packages", get(list_wps))
         .route("/api/work-packages/{wp_id}", get(one_wp))
+        .route("/api/deadletters", get(list_deadletters))
+        .route("/api/agents", get(agents))
+        .route("/api/replicas", get(replicas))
+        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), require_read_token));
+    // Each change checks the admin token itself; the API document is public anyway.
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
         .route("/api/work-packages/{wp_id}/retry", post(retry))
         .route("/api/work-packages/{wp_id}/cancel", post(cancel))
         .route("/api/work-packages/{wp_id}/skip", post(skip))
-        .route("/api/deadletters", get(list_deadletters))
         .route("/api/deadletters/requeue", post(requeue_all))
         .route("/api/deadletters/{id}/requeue", post(requeue_one))
-        .route("/api/agents", get(agents))
-        .route("/api/replicas", get(replicas))
         .route("/api/reload", post(reload))
+        .merge(reads)
         .with_state(ctx)
 }

@@ -24,5 +24,6 @@ mod outages;
 mod recovery;
 mod routing;
 mod security;
+mod security_http;
 mod self_contained;
 mod settings;
