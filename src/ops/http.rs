@@ -30,6 +30,7 @@ use crate::engine::streams;
 use crate::ops::reads;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn healthz() -> &'static str {
     "ok"
@@ -249,8 +250,9 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, toke
         });
     }
     connections.close();
-    // A request in hand is answered within the request timeout; idle connections close at once.
-    if tokio::time::timeout(limits.request + Duration::from_secs(1), connections.wait()).await.is_err() {
+    // Idle connections close at once; a request in hand gets a few seconds, not the whole
+    // request timeout: the replica's drain has to fit in the termination grace period.
+    if tokio::time::timeout(limits.request.min(SHUTDOWN_GRACE), connections.wait()).await.is_err() {
         tracing::warn!("HTTP connections still open at shutdown were dropped");
     }
 }
