@@ -16,7 +16,7 @@ use crate::engine::input::Input;
 use crate::engine::settings::RunSettings;
 use crate::{
     core::redact, engine::config_watch, engine::health, engine::recover, engine::scheduler, engine::store, engine::streams,
-    engine::takeover, ops::http,
+    engine::takeover, ops::http, ops::reads,
 };
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
@@ -27,7 +27,7 @@ async fn connect(
     let client = streams::client(&settings.conn.redis_url)?;
     let mut backoff = Backoff::default();
     let pool = loop {
-        match store::connect(&settings.conn.database_url, settings.db_pool).await {
+        match store::connect_with(&settings.conn.database_url, settings.db_pool, Some(settings.statement_timeout)).await {
             Ok(p) => break p,
             Err(e) => tracing::warn!(error = format!("{e:#}"), "PostgreSQL not ready; retrying"),
         }
@@ -54,9 +54,11 @@ async fn connect(
 /// in hand, a `stopping` health entry is written, and the consumer leaves the group if it
 /// holds nothing pending.
 pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Result<()> {
+    settings.validate()?;
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
     let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
+    let ops_pool = reads::pool(&settings.conn.database_url, settings.db_ops_pool, settings.statement_timeout)?;
     for input in Input::ALL {
         let stream = input.stream_in(&settings.names);
         streams::ensure_group(&mut manager, stream, &settings.names.group).await.context("creating the consumer group")?;
@@ -70,6 +72,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         settings,
         consumer,
         pool,
+        ops_pool,
         client,
         redis: manager,
         routing: SharedRouting::new(routing),
@@ -80,6 +83,10 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
+    // The lease outlives the other loops: while they finish the batches in hand at shutdown,
+    // no survivor should take this replica over.
+    let lease_token = CancellationToken::new();
+    let lease = tokio::spawn(takeover::refresh_lease(ctx.clone(), lease_token.clone()));
     let tracker = TaskTracker::new();
     for input in Input::ALL {
         tracker.spawn(consume::run(ctx.clone(), input, token.clone()));
@@ -96,6 +103,10 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
 
     token.cancelled().await;
     tracker.wait().await;
+    lease_token.cancel();
+    if let Err(e) = lease.await {
+        tracing::warn!(error = %e, "the lease task failed");
+    }
 
     if let Err(e) = health::report(&ctx, "stopping").await {
         tracing::warn!(error = %e, "cannot write the stopping health entry");
@@ -112,5 +123,6 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     }
     tracing::info!(consumer = %ctx.consumer, "replica stopped");
     ctx.pool.close().await;
+    ctx.ops_pool.close().await;
     Ok(())
 }

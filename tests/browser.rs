@@ -2,7 +2,8 @@
 //! dashboard, reference agents as processes, the sample plan), then `tests/browser/dashboard.mjs`
 //! (playwright-core) checks the DAG's statuses and swimlanes, what blocked work waits for,
 //! the agents and replicas panels, and requeues a dead letter from the UI after a routing fix
-//! and a reload, until it completes. Screenshots go to `$GE_SCREENSHOTS` (the docs use
+//! and a reload, until it completes. The replica has a read token, which the page asks for
+//! before it shows anything. Screenshots go to `$GE_SCREENSHOTS` (the docs use
 //! `GE_SCREENSHOTS=docs/screenshots`), else to a temporary directory.
 
 #[path = "it/harness.rs"]
@@ -16,6 +17,7 @@ use ge_orchestrator::tools::plan::Plan;
 use harness::{BIN, ROUTING, Replica, T, TestEnv, eventually, http_settings, wait_ready};
 
 const TOKEN: &str = "browser-test-token";
+const READ_TOKEN: &str = "browser-read-token";
 
 fn agent(env: &TestEnv, name: &str) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
@@ -38,7 +40,9 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     );
 
     let env = TestEnv::start(ROUTING).await;
-    let (settings, port) = http_settings(&env, "replica-1", Some(TOKEN));
+    let (mut settings, port) = http_settings(&env, "replica-1", Some(TOKEN));
+    // Reads need a token too: the dashboard must send the one pasted in its header.
+    settings.admin_read_token = Some(READ_TOKEN.into());
     let replica = Replica::spawn(settings);
     wait_ready(port).await;
     let _agents: Vec<_> = ["dolly", "ada", "turing", "ghost"].iter().map(|a| agent(&env, a)).collect();
@@ -72,6 +76,7 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     let shots = std::env::var("GE_SCREENSHOTS").map(|d| root.join(d)).unwrap_or_else(|_| env.dir.path().join("screenshots"));
     let spec = serde_json::json!({
         "token": TOKEN,
+        "read_token": READ_TOKEN,
         "expect": expect,
         "blocked": { "e2e.after-held": "e2e.held", "e2e.unblocked-later": "e2e.held", "e2e.held": "hopper" },
         "requeue": "e2e.hotfix",

@@ -71,6 +71,10 @@ impl Action {
                             failed = true;
                         }
                         Requeue::Empty { id } => eprintln!("{id}: has no original fields to send again; left in place"),
+                        Requeue::Cut { id } => {
+                            eprintln!("{id}: values were cut when it was dead-lettered; resubmit it from its source; left in place");
+                            failed = true;
+                        }
                     }
                 }
                 if outcomes.is_empty() {

@@ -71,6 +71,9 @@ pub(crate) fn excerpt(s: &str) -> String {
     }
 }
 
+/// The longest field name an entry may have.
+pub(crate) const MAX_FIELD_NAME_BYTES: usize = 256;
+
 /// Turns raw fields into UTF-8 text, rejecting non-UTF-8, duplicates and oversize values.
 pub(crate) fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap<String, String>, Rejection> {
     if raw.len() > limits.max_fields {
@@ -88,8 +91,8 @@ pub(crate) fn decode_fields(raw: &RawFields, limits: &Limits) -> Result<BTreeMap
         if value.len() > cap {
             return Err(Rejection::new("invalid", format!("field {} is {} bytes; the limit is {cap} bytes", excerpt(key), value.len())));
         }
-        if key.is_empty() || key.len() > 256 {
-            return Err(Rejection::new("invalid", format!("field name {} must be 1 to 256 bytes", excerpt(key))));
+        if key.is_empty() || key.len() > MAX_FIELD_NAME_BYTES {
+            return Err(Rejection::new("invalid", format!("field name {} must be 1 to {MAX_FIELD_NAME_BYTES} bytes", excerpt(key))));
         }
         if fields.insert(key.to_string(), value.to_string()).is_some() {
             return Err(Rejection::new("invalid", format!("field {} appears twice in the entry", excerpt(key))));

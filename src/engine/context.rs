@@ -61,7 +61,11 @@ impl Stats {
 pub struct Ctx {
     pub settings: RunSettings,
     pub consumer: String,
+    /// The engine's connections: ingest, completions, dispatch, the operators' changes.
     pub pool: PgPool,
+    /// The operators' reads (admin API, /metrics, the dashboard, /readyz): a few connections
+    /// of their own, so that however many slow reads pile up, the engine's are free.
+    pub ops_pool: PgPool,
     pub client: redis::Client,
     pub redis: ConnectionManager,
     pub routing: SharedRouting,
@@ -94,11 +98,27 @@ impl Ctx {
             ids,
             deadletters,
             &names.deadletter,
-            self.settings.deadletter_maxlen,
+            self.deadletter_bounds(),
         )
         .await?;
         self.note_deadletters(deadletters);
         Ok(())
+    }
+
+    /// The `agent` label of a dead letter. Its `agent_id` is whatever a producer wrote, and each
+    /// distinct label value is a series the recorder keeps forever, so only the routing file's
+    /// agents name themselves; any other name is `other`, and none stays empty.
+    fn agent_label(&self, agent: Option<&str>) -> String {
+        match agent {
+            None | Some("") => String::new(),
+            Some(a) if self.routing.get().agents.contains_key(a) => a.to_string(),
+            Some(_) => "other".into(),
+        }
+    }
+
+    /// What a dead letter keeps of an entry, from the settings.
+    pub(crate) fn deadletter_bounds(&self) -> crate::engine::streams::DeadLetterBounds {
+        crate::engine::streams::DeadLetterBounds::of(&self.settings)
     }
 
     /// Counts and logs dead letters written (health counters, `/metrics`, one log line each).
@@ -107,7 +127,7 @@ impl Ctx {
         for dl in dls {
             let field = |name: &[u8]| dl.fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
             let (agent, wp_id, dispatch_id) = (field(b"agent_id"), field(b"wp_id"), field(b"dispatch_id"));
-            self.metrics.deadlettered(&dl.reason, agent.as_deref().unwrap_or(""));
+            self.metrics.deadlettered(&dl.reason, &self.agent_label(agent.as_deref()));
             tracing::warn!(
                 wp_id = wp_id.as_deref().unwrap_or(""),
                 dispatch_id = dispatch_id.as_deref().unwrap_or(""),

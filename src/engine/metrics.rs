@@ -62,7 +62,8 @@ impl Metrics {
         self.counter(FAILED, &[("route", kind), ("agent", agent)], 1);
     }
     /// Dead letters carry no route (most never got one); the reason and the agent the entry
-    /// asked for, if any, are what an operator filters on.
+    /// asked for, if any, are what an operator filters on. `agent` must come from a bounded
+    /// set (see `Ctx::note_deadletters`).
     pub(crate) fn deadlettered(&self, reason: &str, agent: &str) {
         self.counter(DEADLETTERED, &[("reason", reason), ("agent", agent)], 1);
     }

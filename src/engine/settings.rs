@@ -7,8 +7,25 @@ use std::time::Duration;
 
 use crate::core::limits::Limits;
 
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
+/// The longest period or lifetime a setting may have. Far beyond any sensible value, and
+/// short enough that adding it to an instant cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A period or lifetime: more than zero (a zero period panics `tokio::time::interval` inside a
+/// loop's task, `BLOCK 0` blocks forever, a zero TTL is refused by Redis) and at most a year.
+fn check_duration(d: Duration) -> Result<(), String> {
+    if d.is_zero() {
+        Err("must be more than 0".into())
+    } else if d > MAX_DURATION {
+        Err(format!("must be at most {} days", MAX_DURATION.as_secs() / 86_400))
+    } else {
+        Ok(())
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 500ms, 5s, 2m, 7days)"))?;
+    check_duration(d).map(|()| d)
 }
 
 /// Redis keys and the consumer group. Defaults are the contract's names.
@@ -125,18 +142,46 @@ pub struct RunSettings {
     pub limits: Limits,
     #[arg(long, env = "GE_DEADLETTER_MAXLEN", default_value_t = 100_000)]
     pub deadletter_maxlen: u64,
+    /// Bytes a dead letter keeps of each original value; a longer one is cut, its full size
+    /// and SHA-256 recorded beside it, and the dead letter can no longer be requeued.
+    #[arg(long, env = "GE_DEADLETTER_VALUE_BYTES", default_value_t = 4096)]
+    pub deadletter_value_bytes: usize,
     #[arg(long, env = "GE_HEALTH_MAXLEN", default_value_t = 10_000)]
     pub health_maxlen: u64,
     /// Address of /healthz, /readyz, /metrics, the admin API and the dashboard; `off` for none.
     #[arg(long, env = "GE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
+    /// How long a client has to send a request's headers; an idle connection is closed after
+    /// as long.
+    #[arg(long, env = "GE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub http_header_timeout: Duration,
+    /// The longest a request is worked on (then it is answered 503), and the longest writing
+    /// its response may stall on a client that does not read (then the connection is closed).
+    #[arg(long, env = "GE_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub http_request_timeout: Duration,
+    /// Connections served at once; one more is answered 503 and closed.
+    #[arg(long, env = "GE_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
+    pub http_max_connections: usize,
     /// Bearer token that admin API calls which change something must carry. Unset: such
     /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
     #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
     pub admin_token: Option<String>,
-    /// PostgreSQL connections of this replica.
+    /// Bearer token that every read of the admin API and /metrics must carry (the admin token
+    /// does too). Unset: reads are open. The probes, the dashboard's page and the API document
+    /// stay open either way. Only the environment is read.
+    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub admin_read_token: Option<String>,
+    /// PostgreSQL connections of this replica's engine.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
     pub db_pool: u32,
+    /// PostgreSQL connections for the operators' reads (admin API, /metrics, the dashboard),
+    /// apart from the engine's, so that no number of slow reads can starve ingest or dispatch.
+    #[arg(long, env = "GE_DB_OPS_POOL", default_value_t = 2)]
+    pub db_ops_pool: u32,
+    /// The longest any one statement of this replica may run (PostgreSQL `statement_timeout`);
+    /// a longer one is cancelled and fails like a lost connection.
+    #[arg(long, env = "GE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub statement_timeout: Duration,
 }
 
 impl RunSettings {
@@ -161,11 +206,96 @@ impl RunSettings {
             dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
             limits: Limits::default(),
             deadletter_maxlen: 100_000,
+            deadletter_value_bytes: 4096,
             health_maxlen: 10_000,
             db_pool: 8,
+            db_ops_pool: 2,
+            statement_timeout: Duration::from_secs(30),
             http_addr: "off".into(),
+            http_header_timeout: Duration::from_secs(10),
+            http_request_timeout: Duration::from_secs(30),
+            http_max_connections: 64,
             admin_token: None,
+            admin_read_token: None,
         }
+    }
+
+    /// Refuses settings that cannot work, each problem naming its flag and variable: zero or
+    /// absurd periods, sizes of zero, and a lease that lapses between its refreshes. Called
+    /// before anything connects, so a bad value stops the start, not a loop later on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        let durations = [
+            ("block", self.block),
+            ("health_interval", self.health_interval),
+            ("recover_interval", self.recover_interval),
+            ("claim_min_idle", self.claim_min_idle),
+            ("lease_ttl", self.lease_ttl),
+            ("lease_refresh", self.lease_refresh),
+            ("scheduler_interval", self.scheduler_interval),
+            ("republish_after", self.republish_after),
+            ("dispatch_key_ttl", self.dispatch_key_ttl),
+            ("statement_timeout", self.statement_timeout),
+            ("http_header_timeout", self.http_header_timeout),
+            ("http_request_timeout", self.http_request_timeout),
+        ];
+        for (id, d) in durations {
+            if let Err(e) = check_duration(d) {
+                problems.push(format!("{} {e}, not {}", flag(id), humantime::format_duration(d)));
+            }
+        }
+        // PostgreSQL takes it in milliseconds in an int4.
+        const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(24 * 86_400);
+        if self.statement_timeout > MAX_STATEMENT_TIMEOUT {
+            let given = humantime::format_duration(self.statement_timeout);
+            problems.push(format!("{} must be at most 24 days, not {given}", flag("statement_timeout")));
+        }
+        // Upper bounds beyond which a value is a mistake: Redis takes no bulk string over
+        // 512 MiB, and a batch is one PostgreSQL transaction.
+        const MIB_512: u64 = 512 << 20;
+        let sizes = [
+            ("batch_size", self.batch_size as u64, 1, 10_000),
+            ("max_deliveries", self.max_deliveries, 1, u64::MAX),
+            ("deadletter_maxlen", self.deadletter_maxlen, 1, u64::MAX),
+            ("deadletter_value_bytes", self.deadletter_value_bytes as u64, 1, MIB_512),
+            ("health_maxlen", self.health_maxlen, 1, u64::MAX),
+            ("db_pool", u64::from(self.db_pool), 1, 1_000),
+            ("db_ops_pool", u64::from(self.db_ops_pool), 1, 1_000),
+            ("http_max_connections", self.http_max_connections as u64, 1, 100_000),
+            ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
+            ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
+            ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),
+            ("max_depends_on", self.limits.max_depends_on as u64, 0, 1_000_000),
+        ];
+        for (id, v, min, max) in sizes {
+            if !(min..=max).contains(&v) {
+                let range = if max == u64::MAX { format!("at least {min}") } else { format!("between {min} and {max}") };
+                problems.push(format!("{} must be {range}, not {v}", flag(id)));
+            }
+        }
+        let orders = [
+            (
+                "lease_refresh",
+                self.lease_refresh,
+                "lease_ttl",
+                self.lease_ttl,
+                "the lease lapses between refreshes and survivors take this replica over",
+            ),
+            (
+                "republish_after",
+                self.republish_after,
+                "dispatch_key_ttl",
+                self.dispatch_key_ttl,
+                "a dispatch published again after its key expired goes out twice",
+            ),
+        ];
+        for (short_id, short, long_id, long, why) in orders {
+            if short >= long {
+                let (s, l) = (humantime::format_duration(short), humantime::format_duration(long));
+                problems.push(format!("{} ({s}) must be shorter than {} ({l}), or {why}", flag(short_id), flag(long_id)));
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
     }
 
     pub(crate) fn consumer_name(&self) -> String {
@@ -180,4 +310,21 @@ pub(crate) fn default_consumer_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "replica".into());
     format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+/// `--flag (ENV)` of the setting whose field is `id`, as clap declares it, so messages cannot
+/// drift from the flags.
+fn flag(id: &str) -> String {
+    use clap::Args;
+    let cmd = RunSettings::augment_args(clap::Command::new("run"));
+    match cmd.get_arguments().find(|a| a.get_id() == id) {
+        Some(a) => {
+            let long = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| id.to_string());
+            match a.get_env() {
+                Some(env) => format!("{long} ({})", env.to_string_lossy()),
+                None => long,
+            }
+        }
+        None => id.to_string(),
+    }
 }

@@ -18,15 +18,38 @@ pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// Connects and applies the embedded migrations. sqlx takes an advisory lock around them, so
 /// replicas that start together apply each migration once.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    connect_with(url, max_connections, None).await
+}
+
+/// The options of a session for `url`: named `application_name` in `pg_stat_activity`, and
+/// with a `statement_timeout` when given, so that no statement holds a connection, or the
+/// locks it took, for longer.
+pub fn session_options(
+    url: &str,
+    application_name: &str,
+    statement_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
     use anyhow::Context;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", crate::core::redact::url(url)))?;
-    MIGRATOR.run(&pool).await.context("applying database migrations")?;
-    Ok(pool)
+    let options: sqlx::postgres::PgConnectOptions =
+        url.parse().with_context(|| format!("invalid DATABASE_URL {}", crate::core::redact::url(url)))?;
+    let options = options.application_name(application_name);
+    Ok(match statement_timeout {
+        Some(t) => options.options([("statement_timeout", format!("{}ms", t.as_millis()))]),
+        None => options,
+    })
+}
+
+/// `connect` with a `statement_timeout` on every connection of the pool. The migrations run on
+/// a connection of their own without it: one on a large table may rightly take longer than
+/// any statement of the engine.
+pub async fn connect_with(url: &str, max_connections: u32, statement_timeout: Option<std::time::Duration>) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    let connecting = format!("connecting to PostgreSQL at {}", crate::core::redact::url(url));
+    let pool = |size: u32| sqlx::postgres::PgPoolOptions::new().max_connections(size).acquire_timeout(std::time::Duration::from_secs(10));
+    let migrating = pool(1).connect_with(session_options(url, "ge-orchestrator", None)?).await.context(connecting.clone())?;
+    MIGRATOR.run(&migrating).await.context("applying database migrations")?;
+    migrating.close().await;
+    pool(max_connections).connect_with(session_options(url, "ge-orchestrator", statement_timeout)?).await.context(connecting)
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -114,21 +114,44 @@ pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, In
     Ok(removed)
 }
 
-/// Refreshes this replica's lease and looks for dead consumers, every `lease_refresh`.
-pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
-    let mut tick = tokio::time::interval(ctx.settings.lease_refresh);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut started = std::collections::HashMap::new();
-    loop {
+/// Ticks every `lease_refresh`; a step that overruns delays the next tick rather than
+/// bunching them up.
+struct Ticker(tokio::time::Interval);
+
+impl Ticker {
+    fn new(ctx: &Ctx) -> Ticker {
+        let mut tick = tokio::time::interval(ctx.settings.lease_refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker(tick)
+    }
+
+    /// False once shutdown is asked.
+    async fn next(&mut self, token: &CancellationToken) -> bool {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = token.cancelled() => return,
+            _ = self.0.tick() => true,
+            _ = token.cancelled() => false,
         }
+    }
+}
+
+/// Refreshes this replica's lease every `lease_refresh`. It is a task of its own: a takeover
+/// can take as long as the dead consumer's backlog and PostgreSQL make it, and a refresh
+/// waiting behind it would let this replica's lease lapse, so that it is taken over in turn.
+pub async fn refresh_lease(ctx: Arc<Ctx>, token: CancellationToken) {
+    let mut ticker = Ticker::new(&ctx);
+    while ticker.next(&token).await {
         if let Err(e) = refresh(&ctx).await {
             tracing::warn!(error = %e, "cannot refresh the lease");
             ctx.stats.note_error();
-            continue;
         }
+    }
+}
+
+/// Looks for consumers without a lease every `lease_refresh` and takes them over.
+pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
+    let mut ticker = Ticker::new(&ctx);
+    let mut started = std::collections::HashMap::new();
+    while ticker.next(&token).await {
         if let Err(e) = sweep(&ctx, &mut started).await {
             tracing::warn!(error = format!("{e:#}"), "takeover sweep failed");
             ctx.stats.note_error();

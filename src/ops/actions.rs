@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::core::routing_file::RoutingTable;
 use crate::engine::settings::Names;
-use crate::engine::streams::{self, DEADLETTER_META, Requeued};
+use crate::engine::streams::{self, CUT_PREFIX, Requeued, is_deadletter_meta};
 use crate::ops::reads;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,23 +110,64 @@ pub(crate) struct DeadLetterView {
     pub detail: String,
     pub stream: String,
     pub source_id: String,
-    /// The original entry's fields, with `original.NAME` restored to `NAME`.
+    /// The original entry's fields, with `original.NAME` restored to `NAME`; a value in `cut`
+    /// is only its start.
     pub fields: BTreeMap<String, String>,
+    /// The values kept only in part, by field: their full size and SHA-256.
+    pub cut: BTreeMap<String, CutValue>,
+    /// Original fields left out (beyond `--max-fields`, or with an impossible name).
+    pub dropped_fields: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct CutValue {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 fn deadletter_view(id: String, raw: &crate::core::entry::RawFields) -> DeadLetterView {
     let all = text_fields(raw);
     let meta = |k: &str| all.get(k).cloned().unwrap_or_default();
-    let fields = all
-        .iter()
-        .filter(|(k, _)| !DEADLETTER_META.contains(&k.as_str()))
-        .map(|(k, v)| match k.strip_prefix("original.") {
-            Some(base) if DEADLETTER_META.contains(&base) => (base.to_string(), v.clone()),
-            _ => (k.clone(), v.clone()),
-        })
-        .collect();
-    DeadLetterView { id, reason: meta("reason"), detail: meta("detail"), stream: meta("stream"), source_id: meta("source_id"), fields }
+    let mut fields = BTreeMap::new();
+    let mut cut: BTreeMap<String, CutValue> = BTreeMap::new();
+    let mut dropped_fields = 0;
+    for (k, v) in &all {
+        if let Some(record) = k.strip_prefix(CUT_PREFIX) {
+            if record == "fields" {
+                dropped_fields = v.parse().unwrap_or_default();
+            } else if let Some(name) = record.strip_suffix(".bytes") {
+                cut.entry(name.to_string()).or_default().bytes = v.parse().unwrap_or_default();
+            } else if let Some(name) = record.strip_suffix(".sha256") {
+                cut.entry(name.to_string()).or_default().sha256 = v.clone();
+            }
+        } else if !is_deadletter_meta(k.as_bytes()) {
+            let name = match k.strip_prefix("original.") {
+                Some(base) if is_deadletter_meta(base.as_bytes()) => base,
+                _ => k,
+            };
+            fields.insert(name.to_string(), v.clone());
+        }
+    }
+    DeadLetterView {
+        id,
+        reason: meta("reason"),
+        detail: meta("detail"),
+        stream: meta("stream"),
+        source_id: meta("source_id"),
+        fields,
+        cut,
+        dropped_fields,
+    }
 }
+
+/// Entries read per Redis command. Redis runs one command at a time, so reading the stream
+/// in pages keeps any one reply (dead letters may be large) from stalling everyone else.
+const PAGE: usize = 100;
+
+/// How far back a reason filter looks for a page to fill: it stops after this many entries
+/// even if the page is not full.
+const SCAN_PER_ENTRY: usize = 20;
+const SCAN_MAX: usize = 10_000;
 
 /// The newest `limit` dead letters, newest first, optionally of one reason.
 pub async fn deadletters<C: redis::aio::ConnectionLike>(
@@ -135,15 +176,26 @@ pub async fn deadletters<C: redis::aio::ConnectionLike>(
     limit: usize,
     reason: Option<&str>,
 ) -> Result<Vec<DeadLetterView>, redis::RedisError> {
-    // A reason filter reads further back so a page of `limit` can still fill.
-    let scan = if reason.is_some() { limit.saturating_mul(20).min(100_000) } else { limit };
-    Ok(streams::newest(con, stream, scan.max(1))
-        .await?
-        .into_iter()
-        .map(|e| deadletter_view(e.id, &e.fields.unwrap_or_default()))
-        .filter(|d| reason.is_none_or(|r| d.reason == r))
-        .take(limit)
-        .collect())
+    let scan = if reason.is_some() { limit.saturating_mul(SCAN_PER_ENTRY).min(SCAN_MAX) } else { limit };
+    let mut out = Vec::new();
+    let (mut end, mut scanned) = ("+".to_string(), 0);
+    while out.len() < limit && scanned < scan {
+        let count = PAGE.min(scan - scanned);
+        let page = streams::newest_before(con, stream, &end, count).await?;
+        scanned += page.len();
+        let last = page.len() < count;
+        if let Some(e) = page.last() {
+            end = format!("({}", e.id);
+        }
+        out.extend(
+            page.into_iter().map(|e| deadletter_view(e.id, &e.fields.unwrap_or_default())).filter(|d| reason.is_none_or(|r| d.reason == r)),
+        );
+        if last {
+            break;
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -161,6 +213,11 @@ pub(crate) enum Requeue {
     Empty {
         id: String,
     },
+    /// A dead letter whose values or fields were cut holds only part of the entry: sending
+    /// that would submit different work than the producer's.
+    Cut {
+        id: String,
+    },
 }
 
 /// Sends one dead letter back to the input stream it came from, once however many operators
@@ -170,22 +227,36 @@ pub async fn requeue<C: redis::aio::ConnectionLike>(con: &mut C, names: &Names, 
     Ok(match streams::requeue_deadletter(con, names, &id).await? {
         Requeued::Sent { stream, new_id } => Requeue::Requeued { id, stream, new_id },
         Requeued::Empty => Requeue::Empty { id },
+        Requeued::Cut => Requeue::Cut { id },
         Requeued::NotFound => Requeue::NotFound { id },
     })
 }
 
 /// Requeues every dead letter (of one reason, if given), oldest first so the incoming order
-/// is kept. Returns what became of each.
+/// is kept. Returns what became of each. Only the dead letters there when it starts are
+/// looked at: one that is dead-lettered again meanwhile (its cause not fixed) is appended
+/// behind them and must not be sent round again.
 pub(crate) async fn requeue_all<C: redis::aio::ConnectionLike>(
     con: &mut C,
     names: &Names,
     reason: Option<&str>,
 ) -> Result<Vec<Requeue>, redis::RedisError> {
-    let mut all = deadletters(con, &names.deadletter, 100_000, reason).await?;
-    all.reverse();
-    let mut out = Vec::with_capacity(all.len());
-    for d in all {
-        out.push(requeue(con, names, &d.id).await?);
+    let Some(newest) = streams::newest(con, &names.deadletter, 1).await?.pop() else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page = streams::range_page(con, &names.deadletter, &start, &newest.id, PAGE).await?;
+        let last = page.len() < PAGE;
+        if let Some(e) = page.last() {
+            start = format!("({}", e.id);
+        }
+        for e in page {
+            if reason.is_none_or(|r| deadletter_view(e.id.clone(), &e.fields.unwrap_or_default()).reason == r) {
+                out.push(requeue(con, names, &e.id).await?);
+            }
+        }
+        if last {
+            return Ok(out);
+        }
     }
-    Ok(out)
 }

@@ -1,14 +1,16 @@
 //! The admin API: JSON over HTTP under `/api`, described by `openapi.json` (served at
-//! `/api/openapi.json`). Reads are open, like `/metrics`; every call that changes something
-//! needs `Authorization: Bearer $GE_ADMIN_TOKEN`, and is refused outright when the replica
-//! has no token configured.
+//! `/api/openapi.json`). Reads are open, like `/metrics`, unless the replica has a read token
+//! (`GE_ADMIN_READ_TOKEN`); every call that changes something needs
+//! `Authorization: Bearer $GE_ADMIN_TOKEN`, and is refused outright when the replica has no
+//! token configured.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,7 +31,12 @@ pub(crate) struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        // Every 401 of the API asks for a bearer token.
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
@@ -78,6 +85,11 @@ impl<S: Send + Sync> FromRequestParts<S> for P {
     }
 }
 
+/// The most rows or entries one read returns: what one page of the dashboard shows. A read
+/// holds a pooled PostgreSQL connection, or Redis itself, for as long as it takes.
+pub(crate) const MAX_WORK_PACKAGES: i64 = 1000;
+pub(crate) const MAX_DEADLETTERS: i64 = 500;
+
 fn check_limit(limit: Option<i64>, max: i64) -> Result<(), ApiError> {
     match limit {
         Some(n) if !(1..=max).contains(&n) => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit must be between 1 and {max}"))),
@@ -95,6 +107,17 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether the request carries one of `tokens` as its bearer token.
+fn bearer_is(headers: &HeaderMap, tokens: &[Option<&str>]) -> bool {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|t| tokens.iter().flatten().any(|expected| same(t.trim().as_bytes(), expected.as_bytes())))
+}
+
+/// A 401 that says which token to send.
+fn unauthorized(which: &str) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, format!("send Authorization: Bearer <{which}>"))
+}
+
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = ctx.settings.admin_token.as_deref() else {
         return Err(ApiError(
@@ -102,10 +125,18 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
             "this replica has no admin token; set GE_ADMIN_TOKEN in its environment to allow changes through the API".into(),
         ));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if same(t.trim().as_bytes(), expected.as_bytes()) => Ok(()),
-        _ => Err(ApiError(StatusCode::UNAUTHORIZED, "send Authorization: Bearer <GE_ADMIN_TOKEN>".into())),
+    if bearer_is(headers, &[Some(expected)]) { Ok(()) } else { Err(unauthorized("GE_ADMIN_TOKEN")) }
+}
+
+/// Guards the reads (the API's, `/metrics`) when the replica has a read token: they need it,
+/// or the admin token.
+pub(crate) async fn require_read_token(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> Response {
+    let s = &ctx.settings;
+    match s.admin_read_token.as_deref() {
+        Some(read) if !bearer_is(req.headers(), &[Some(read), s.admin_token.as_deref()]) => {
+            unauthorized("GE_ADMIN_READ_TOKEN (or GE_ADMIN_TOKEN)").into_response()
+        }
+        _ => next.run(req).await,
     }
 }
 
@@ -138,7 +169,7 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     let mut redis = ctx.redis.clone();
     let deadletters = streams::len(&mut redis, &ctx.settings.names.deadletter).await?;
     let counts: serde_json::Map<String, serde_json::Value> =
-        reads::counts(&ctx.pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
+        reads::counts(&ctx.ops_pool).await?.into_iter().map(|(s, n)| (s, n.into())).collect();
     let routing = ctx.routing.get();
     ok(json!({
         "counts": counts,
@@ -149,7 +180,7 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
 }
 
 async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiResult {
-    check_limit(f.limit, 100_000)?;
+    check_limit(f.limit, MAX_WORK_PACKAGES)?;
     if let Some(s) = f.status.as_deref().filter(|s| !STATUSES.contains(s)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown status {}; one of {}", entry::excerpt(s), STATUSES.join(", "))));
     }
@@ -159,16 +190,16 @@ async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiRes
     if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
         return ok(Vec::<reads::WpView>::new());
     }
-    ok(reads::list(&ctx.pool, &f).await?)
+    ok(reads::list(&ctx.ops_pool, &f).await?)
 }
 
 async fn one_wp(State(ctx): State<Arc<Ctx>>, P(wp_id): P) -> ApiResult {
     valid_wp(&wp_id)?;
-    let views = reads::work_packages(&ctx.pool, Some(&wp_id), 1).await?;
-    let (Some(view), Some(detail)) = (views.into_iter().next(), reads::detail(&ctx.pool, &wp_id).await?) else {
+    let views = reads::work_packages(&ctx.ops_pool, Some(&wp_id), 1).await?;
+    let (Some(view), Some(detail)) = (views.into_iter().next(), reads::detail(&ctx.ops_pool, &wp_id).await?) else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no work package {wp_id}")));
     };
-    let history = reads::history(&ctx.pool, &wp_id).await?;
+    let history = reads::history(&ctx.ops_pool, &wp_id).await?;
     let mut v = serde_json::to_value(view).unwrap_or_default();
     if let (Some(obj), Ok(serde_json::Value::Object(d))) = (v.as_object_mut(), serde_json::to_value(detail)) {
         obj.extend(d);
@@ -223,9 +254,9 @@ struct DeadLetterQuery {
 
 async fn list_deadletters(State(ctx): State<Arc<Ctx>>, Q(q): Q<DeadLetterQuery>) -> ApiResult {
     let mut redis = ctx.redis.clone();
-    check_limit(q.limit, 10_000)?;
+    check_limit(q.limit, MAX_DEADLETTERS)?;
     let reason = q.reason.as_deref().filter(|r| !r.is_empty());
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_DEADLETTERS) as usize;
     ok(actions::deadletters(&mut redis, &ctx.settings.names.deadletter, limit, reason).await?)
 }
 
@@ -252,6 +283,13 @@ async fn requeue_one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(id): P) 
         actions::Requeue::Empty { .. } => {
             Err(ApiError(StatusCode::CONFLICT, format!("dead letter {id} has no original fields to send again")))
         }
+        actions::Requeue::Cut { .. } => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "dead letter {id} was cut when it was written (see `cut` and `dropped_fields`): it no longer holds the whole \
+                 entry, so it cannot be sent again; resubmit the entry from its source"
+            ),
+        )),
     }
 }
 
@@ -265,7 +303,7 @@ async fn requeue_all(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Q(q): Q<De
 }
 
 async fn agents(State(ctx): State<Arc<Ctx>>) -> ApiResult {
-    ok(actions::agents(&ctx.pool, &ctx.routing.get()).await?)
+    ok(actions::agents(&ctx.ops_pool, &ctx.routing.get()).await?)
 }
 
 async fn replicas(State(ctx): State<Arc<Ctx>>) -> ApiResult {
@@ -297,19 +335,23 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
 }
 
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
-    Router::new()
-        .route("/api/openapi.json", get(openapi))
+    let reads = Router::new()
         .route("/api/overview", get(overview))
         .route("/api/work-packages", get(list_wps))
         .route("/api/work-packages/{wp_id}", get(one_wp))
+        .route("/api/deadletters", get(list_deadletters))
+        .route("/api/agents", get(agents))
+        .route("/api/replicas", get(replicas))
+        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), require_read_token));
+    // Each change checks the admin token itself; the API document is public anyway.
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
         .route("/api/work-packages/{wp_id}/retry", post(retry))
         .route("/api/work-packages/{wp_id}/cancel", post(cancel))
         .route("/api/work-packages/{wp_id}/skip", post(skip))
-        .route("/api/deadletters", get(list_deadletters))
         .route("/api/deadletters/requeue", post(requeue_all))
         .route("/api/deadletters/{id}/requeue", post(requeue_one))
-        .route("/api/agents", get(agents))
-        .route("/api/replicas", get(replicas))
         .route("/api/reload", post(reload))
+        .merge(reads)
         .with_state(ctx)
 }

@@ -75,7 +75,7 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
         Err(_) => errors += 1,
     }
 
-    match reads::counts(&ctx.pool).await {
+    match reads::counts(&ctx.ops_pool).await {
         Ok(counts) => {
             out.family("ge_work_packages", "gauge", "Work packages by status.");
             let mut by: std::collections::BTreeMap<String, i64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
@@ -88,7 +88,7 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
     }
 
     let routing = ctx.routing.get();
-    match reads::in_flight(&ctx.pool).await {
+    match reads::in_flight(&ctx.ops_pool).await {
         Ok(in_flight) => {
             out.family("ge_agent_in_flight", "gauge", "Work packages dispatched to an agent and not yet reported.");
             for agent in routing.agents.keys() {

@@ -7,6 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
+/// The operators' pool: `size` connections, opened when first needed (the engine's pool has
+/// applied the migrations), each statement limited to `statement_timeout`. Waiting for one
+/// of them is short; a read that cannot get one answers 503 rather than queue.
+pub(crate) fn pool(url: &str, size: u32, statement_timeout: std::time::Duration) -> anyhow::Result<PgPool> {
+    let options = crate::engine::store::session_options(url, "ge-orchestrator-ops", Some(statement_timeout))?;
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct WpView {
     pub wp_id: String,

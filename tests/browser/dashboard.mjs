@@ -1,6 +1,7 @@
 // End-to-end check of the dashboard in headless Chromium, run by tests/browser.rs against a
 // running stack. Usage: node dashboard.mjs BASE_URL SPEC_JSON
-//   SPEC_JSON: { token, expect: {wp_id: status}, blocked: {wp_id: text its "why" contains},
+//   SPEC_JSON: { token, read_token (the replica asks for it on reads), expect: {wp_id: status},
+//                blocked: {wp_id: text its "why" contains},
 //                requeue: wp_id of a dead letter to requeue after pressing "reload routing",
 //                screenshots: directory for the PNGs }
 // Exits non-zero with a message on the first check that fails.
@@ -20,6 +21,13 @@ try {
   page.setDefaultTimeout(30_000);
   await page.goto(base);
   step("loaded the dashboard");
+  if (spec.read_token) {
+    // Without the token the replica answers no read, and the dashboard says what to do.
+    await page.waitForSelector('#updated.err:has-text("token")');
+    await page.fill("#token", spec.read_token);
+    await page.dispatchEvent("#token", "change");
+    step("the read token pasted");
+  }
 
   // The plan's DAG shows each work package with the status the API has.
   for (const [wp, status] of Object.entries(spec.expect)) {

@@ -172,3 +172,45 @@ async fn agents_show_their_load_and_replicas_their_heartbeats() {
     assert_eq!(o["counts"]["dispatched"], 1);
     replica.stop().await;
 }
+
+/// One read holds Redis (single-threaded) or a pooled PostgreSQL connection for as long as it
+/// takes; a limit is capped at what one page of the dashboard shows.
+#[tokio::test]
+async fn limits_beyond_one_page_are_refused_and_the_caps_hold() {
+    let env = TestEnv::start(ROUTING).await;
+    let (replica, port) = start(&env, Some(TOKEN)).await;
+    // More than a page of each: work held for the disabled agent, dead letters for a ghost.
+    let mut con = env.con.clone();
+    let mut pipe = redis::pipe();
+    for i in 0..1005 {
+        pipe.cmd("XADD").arg("ge:work:incoming").arg("*").arg("wp_id").arg(format!("held-{i}")).arg("agent_id").arg("hopper").ignore();
+    }
+    for i in 0..505 {
+        pipe.cmd("XADD").arg("ge:work:incoming").arg("*").arg("wp_id").arg(format!("dl-{i}")).arg("agent_id").arg("ghost").ignore();
+    }
+    let () = pipe.query_async(&mut con).await.unwrap();
+    eventually(T, "all of it ingested or dead-lettered", || async {
+        let (_, o) = http(port, "GET", "/api/overview", None, None).await;
+        (o["counts"]["ready"] == 1005 && o["deadletters"] == 505).then_some(())
+    })
+    .await;
+
+    for (path, max) in [("/api/work-packages", 1000), ("/api/deadletters", 500)] {
+        let (code, v) = http(port, "GET", &format!("{path}?limit={}", max + 1), None, None).await;
+        assert_eq!(code, 400, "{path} refuses limit={}", max + 1);
+        assert!(v["error"].as_str().unwrap().contains(&max.to_string()), "the answer names the cap: {v}");
+        assert_eq!(http(port, "GET", &format!("{path}?limit=100000"), None, None).await.0, 400);
+        let (code, v) = http(port, "GET", &format!("{path}?limit={max}"), None, None).await;
+        assert_eq!((code, v.as_array().map(Vec::len)), (200, Some(max)), "{path}");
+    }
+    // A reason filter pages through the stream rather than reading it at once.
+    let (code, v) = http(port, "GET", "/api/deadletters?reason=unknown_agent&limit=500", None, None).await;
+    assert_eq!((code, v.as_array().map(Vec::len)), (200, Some(500)));
+
+    // Requeue all goes through every page once: what is dead-lettered again meanwhile (the
+    // ghost is still unknown) is not sent a second time.
+    let (code, v) = http(port, "POST", "/api/deadletters/requeue", Some(TOKEN), None).await;
+    assert_eq!((code, v["requeued"].as_u64()), (200, Some(505)), "{}", v["requeued"]);
+    eventually(T, "the requeued entries dead-lettered again", || async { (env.deadletters().await.len() == 505).then_some(()) }).await;
+    replica.stop().await;
+}

@@ -92,6 +92,39 @@ impl TestEnv {
         s
     }
 
+    /// `ge-orchestrator run --consumer CONSUMER ARGS...` against this Redis, database and
+    /// routing file, killed when dropped.
+    pub fn run_command(&self, consumer: &str, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(["run", "--consumer", consumer])
+            .args(args)
+            .env("REDIS_URL", self.redis.url())
+            .env("DATABASE_URL", &self.database_url)
+            .env("GE_ROUTING_CONFIG", &self.config)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// A replica process serving HTTP on a free port, with `vars` in its environment and its
+    /// log in `log` (when given), once it is ready.
+    pub async fn serve_process(
+        &self,
+        consumer: &str,
+        vars: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> (tokio::process::Child, u16) {
+        let port = free_port();
+        let mut cmd = self.run_command(consumer, &["--block", "200ms", "--http-addr", &format!("127.0.0.1:{port}")]);
+        cmd.stdout(std::process::Stdio::null()).stderr(match log {
+            Some(path) => std::process::Stdio::from(std::fs::File::create(path).expect("create the log")),
+            None => std::process::Stdio::null(),
+        });
+        cmd.envs(vars.iter().copied());
+        let child = cmd.spawn().expect("start the replica");
+        wait_ready(port).await;
+        (child, port)
+    }
+
     pub fn replica(&self, consumer: &str) -> Replica {
         Replica::spawn(self.settings(consumer))
     }

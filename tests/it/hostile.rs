@@ -99,3 +99,66 @@ async fn hostile_entries_are_dead_lettered_and_traffic_flows() {
     }
     replica.stop().await;
 }
+
+/// An oversized entry is dead-lettered with each value cut to `--deadletter-value-bytes`
+/// (4 KiB by default) and at most `--max-fields` fields, the full size and SHA-256 of each cut
+/// value recorded beside it; such a dead letter cannot be requeued, since it no longer holds
+/// what it would send.
+#[tokio::test]
+async fn oversized_entries_are_dead_lettered_cut_and_cannot_be_requeued() {
+    use crate::harness::{http, http_settings, wait_ready};
+    const TOKEN: &str = "hostile-token";
+    let env = TestEnv::start(ROUTING).await;
+    let (settings, port) = http_settings(&env, "r1", Some(TOKEN));
+    let replica = crate::harness::Replica::spawn(settings);
+    wait_ready(port).await;
+
+    let huge = "é".repeat(300_000) + "x"; // 600,001 bytes, over the 64 KiB of a field
+    let huge_id = xadd_raw(&env, &[f("wp_id", "big-1"), f("note", &huge), f("cut.note.bytes", "forged")]).await;
+    let many: Vec<(Vec<u8>, Vec<u8>)> = (0..1000).map(|i| f(&format!("k{i}"), "v")).collect();
+    let many_id = xadd_raw(&env, &many).await;
+    let small_id = xadd_raw(&env, &[f("wp_id", "small-1"), f("agent_id", "ghost")]).await;
+    let dls = eventually(T, "three dead letters", || async {
+        let d = env.deadletters().await;
+        (d.len() == 3).then_some(d)
+    })
+    .await;
+    let by_source = |id: &str| dls.iter().find(|d| d["source_id"] == id).unwrap().clone();
+
+    let big = by_source(&huge_id);
+    assert!(big["note"].len() <= 4096 && huge.starts_with(&big["note"]), "the value cut at a character boundary");
+    assert_eq!(big["cut.note.bytes"], huge.len().to_string());
+    let digest = ring::digest::digest(&ring::digest::SHA256, huge.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(big["cut.note.sha256"], hex);
+    assert_eq!(big["original.cut.note.bytes"], "forged", "an original field named like the record is kept apart");
+    assert_eq!(big["reason"], "invalid");
+
+    let many_dl = by_source(&many_id);
+    let kept = many_dl.keys().filter(|k| k.starts_with('k')).count();
+    assert_eq!(kept, 256, "at most --max-fields original fields");
+    assert_eq!(many_dl["cut.fields"], "744");
+
+    // The API shows what was cut; a requeue of a cut dead letter is refused, the rest goes.
+    let (code, listed) = http(port, "GET", "/api/deadletters", None, None).await;
+    assert_eq!(code, 200);
+    let listed_big = listed.as_array().unwrap().iter().find(|d| d["source_id"] == huge_id.as_str()).unwrap().clone();
+    assert_eq!(listed_big["cut"]["note"]["bytes"], huge.len() as u64);
+    assert_eq!(listed_big["cut"]["note"]["sha256"], hex.as_str());
+    assert_eq!(listed_big["fields"]["cut.note.bytes"], "forged");
+    let listed_many = listed.as_array().unwrap().iter().find(|d| d["source_id"] == many_id.as_str()).unwrap().clone();
+    assert_eq!(listed_many["dropped_fields"], 744);
+
+    let (code, v) = http(port, "POST", &format!("/api/deadletters/{}/requeue", big["_id"]), Some(TOKEN), None).await;
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("cut"), "{v}");
+    let (code, v) = http(port, "POST", "/api/deadletters/requeue", Some(TOKEN), None).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["requeued"], 1, "only the dead letter that was not cut: {v}");
+    let outcomes: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes.iter().filter(|o| **o == "cut").count(), 2, "{v}");
+    let left: Vec<String> = env.deadletters().await.iter().map(|d| d["source_id"].clone()).collect();
+    assert!(left.contains(&huge_id) && left.contains(&many_id), "cut dead letters stay: {left:?}");
+    let _ = small_id;
+    replica.stop().await;
+}

@@ -8,12 +8,17 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
+async fn start(env: &TestEnv, consumer: &str) -> (Replica, u16) {
+    let (settings, port) = http_settings(env, consumer, None);
+    let replica = Replica::spawn(settings);
+    wait_ready(port).await;
+    (replica, port)
+}
+
 #[tokio::test]
 async fn metrics_cover_streams_work_agents_and_config() {
     let env = TestEnv::start(ROUTING).await;
-    let (settings, port) = http_settings(&env, "m1", None);
-    let replica = Replica::spawn(settings);
-    wait_ready(port).await;
+    let (replica, port) = start(&env, "m1").await;
 
     env.submit(&[("wp_id", "m-a"), ("agent_id", "dolly")]).await;
     env.submit(&[("wp_id", "m-b"), ("work_type", "implement")]).await;
@@ -35,7 +40,7 @@ async fn metrics_cover_streams_work_agents_and_config() {
     has(r#"ge_entries_routed_total{route="explicit",agent="dolly"}"#, 1.0);
     let routed_b = text.lines().any(|l| l.starts_with(r#"ge_entries_routed_total{route="work_type",agent="#) && l.ends_with(" 1"));
     assert!(routed_b, "m-b routed by work_type:\n{text}");
-    has(r#"ge_entries_deadlettered_total{reason="unknown_agent",agent="nobody"}"#, 1.0);
+    has(r#"ge_entries_deadlettered_total{reason="unknown_agent",agent="other"}"#, 1.0);
     assert!(text.contains("# TYPE ge_dispatch_latency_seconds histogram"), "{text}");
     assert!(text.contains(r#"ge_dispatch_latency_seconds_bucket{route="explicit",agent="dolly",le="+Inf"} 1"#), "{text}");
 
@@ -65,5 +70,28 @@ async fn metrics_cover_streams_work_agents_and_config() {
         (sample(&body, "ge_config_reload_failures_total") == Some(1.0)).then_some(())
     })
     .await;
+    replica.stop().await;
+}
+
+/// A dead letter's `agent_id` is whatever a producer wrote; as a label value each distinct one
+/// would be a new series forever. Only the routing file's agents are labels; the rest is `other`.
+#[tokio::test]
+async fn dead_letter_agent_labels_come_only_from_the_routing_file() {
+    let env = TestEnv::start(ROUTING).await;
+    let (replica, port) = start(&env, "m2").await;
+
+    for i in 0..5 {
+        env.submit(&[("wp_id", &format!("g-{i}")), ("agent_id", &format!("ghost-{i}"))]).await;
+    }
+    // A known agent keeps its name, whatever the reason.
+    env.submit(&[("wp_id", "not valid"), ("agent_id", "dolly")]).await;
+    let text = eventually(T, "six dead letters counted", || async {
+        let (_, body) = http_get(port, "/metrics").await?;
+        let other = sample(&body, r#"ge_entries_deadlettered_total{reason="unknown_agent",agent="other"}"#);
+        let dolly = sample(&body, r#"ge_entries_deadlettered_total{reason="invalid",agent="dolly"}"#);
+        (other == Some(5.0) && dolly == Some(1.0)).then_some(body)
+    })
+    .await;
+    assert!(!text.contains("ghost-"), "a producer's agent name became a label:\n{text}");
     replica.stop().await;
 }

@@ -160,3 +160,44 @@ async fn an_unconfirmed_dispatch_is_published_again_but_never_twice() {
     assert_eq!(t["dispatch_id"], "x:1");
     replica.stop().await;
 }
+
+/// A takeover that takes longer than the lease lives (here: PostgreSQL holds the work of the
+/// dead consumer behind a lock) must not let the survivor's own lease lapse, or a third
+/// replica would take the survivor over in turn.
+#[tokio::test]
+async fn a_slow_takeover_does_not_let_the_survivors_own_lease_lapse() {
+    let env = TestEnv::start(ROUTING).await;
+    env.submit(&[("wp_id", "slow-1"), ("agent_id", "dolly")]).await;
+    assert_eq!(read_as(&env, "gone", 1).await.len(), 1);
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE work_packages IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+
+    let mut settings = env.settings("survivor");
+    settings.lease_ttl = Duration::from_millis(1000);
+    settings.lease_refresh = Duration::from_millis(200);
+    let replica = Replica::spawn(settings);
+    let key = "ge:lease:orchestrator-group:survivor";
+    let mut con = env.con.clone();
+    eventually(T, "the survivor's lease", || {
+        let mut con = con.clone();
+        async move { redis::cmd("EXISTS").arg(key).query_async::<bool>(&mut con).await.unwrap().then_some(()) }
+    })
+    .await;
+    // The takeover has claimed the entry and is stuck on the lock.
+    eventually(T, "the entry claimed by the survivor", || async {
+        let p =
+            ge_orchestrator::engine::streams::pending_summary(&mut env.con.clone(), "ge:work:incoming", "orchestrator-group").await.ok()?;
+        (p.consumers.iter().any(|(c, n)| c == "survivor" && *n == 1)).then_some(())
+    })
+    .await;
+    // Three lease lifetimes while the takeover is stuck: the lease never lapses.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let alive: bool = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.unwrap();
+        assert!(alive, "the survivor's lease lapsed while its takeover was slow");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.commit().await.unwrap();
+    eventually(T, "slow-1 dispatched", || async { (env.status("slow-1").await.as_deref() == Some("dispatched")).then_some(()) }).await;
+    replica.stop().await;
+}

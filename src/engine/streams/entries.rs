@@ -60,8 +60,32 @@ pub(crate) async fn range<C: redis::aio::ConnectionLike>(
     Ok(parse_entries(&v))
 }
 
-/// `XREVRANGE ... COUNT`: the newest `count` entries, newest first.
-pub(crate) async fn newest<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, count: usize) -> RedisResult<Vec<StreamEntry>> {
-    let v: Value = redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(count).query_async(con).await?;
+/// `XRANGE ... COUNT`: at most `count` entries from `start` to `end`, oldest first. A bound
+/// written `(ID` excludes that id, so the next page starts after the last one seen.
+pub(crate) async fn range_page<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> RedisResult<Vec<StreamEntry>> {
+    let v: Value = redis::cmd("XRANGE").arg(stream).arg(start).arg(end).arg("COUNT").arg(count).query_async(con).await?;
     Ok(parse_entries(&v))
+}
+
+/// `XREVRANGE ... COUNT`: at most `count` entries from `end` back, newest first (`+` for the
+/// newest; `(ID` for the page before that id).
+pub(crate) async fn newest_before<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    end: &str,
+    count: usize,
+) -> RedisResult<Vec<StreamEntry>> {
+    let v: Value = redis::cmd("XREVRANGE").arg(stream).arg(end).arg("-").arg("COUNT").arg(count).query_async(con).await?;
+    Ok(parse_entries(&v))
+}
+
+/// The newest `count` entries, newest first.
+pub(crate) async fn newest<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, count: usize) -> RedisResult<Vec<StreamEntry>> {
+    newest_before(con, stream, "+", count).await
 }

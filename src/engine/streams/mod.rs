@@ -16,9 +16,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
 use crate::core::entry::{RawFields, StreamEntry};
-pub(crate) use ack::{DEADLETTER_META, DeadLetter, Requeued, ack_with_deadletters, report_and_ack, requeue_deadletter};
+pub(crate) use ack::{
+    CUT_PREFIX, DeadLetter, DeadLetterBounds, Requeued, ack_with_deadletters, is_deadletter_meta, report_and_ack, requeue_deadletter,
+};
 pub use entries::{len, xadd};
-pub(crate) use entries::{newest, range, xadd_many};
+pub(crate) use entries::{newest, newest_before, range, range_page, xadd_many};
 pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, keep_claimed, remove_consumer};
 pub use group::{ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
 pub use publish::Trigger;

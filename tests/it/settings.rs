@@ -1,0 +1,82 @@
+//! Settings that cannot work are refused at start-up with an error naming the flag, before
+//! anything connects or any loop starts: a zero period panicked inside a loop's task (the
+//! replica went on without it), a zero size made Redis or the pool misbehave.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use ge_orchestrator::engine::settings::RunSettings;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{ROUTING, TestEnv};
+
+/// Runs `ge-orchestrator run` against `env` with `vars` added; (exit status, stderr), or None
+/// when it was still running after a few seconds (it accepted the settings).
+async fn run_binary(env: &TestEnv, vars: &[(&str, &str)]) -> Option<(std::process::ExitStatus, String)> {
+    let mut cmd = env.run_command("settings-1", &["--http-addr", "off"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("start ge-orchestrator run");
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.ok()?.expect("wait for the replica");
+    Some((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+#[tokio::test]
+async fn the_binary_refuses_a_zero_period_and_a_lease_refreshed_slower_than_it_lives() {
+    let env = TestEnv::start(ROUTING).await;
+    for (vars, names) in [
+        (vec![("GE_LEASE_REFRESH", "0s")], vec!["--lease-refresh"]),
+        (vec![("GE_SCHEDULER_INTERVAL", "0ms")], vec!["--scheduler-interval"]),
+        (vec![("GE_LEASE_REFRESH", "3s"), ("GE_LEASE_TTL", "2s")], vec!["--lease-refresh", "--lease-ttl"]),
+        (vec![("GE_BATCH_SIZE", "0")], vec!["--batch-size", "GE_BATCH_SIZE"]),
+        (vec![("GE_DB_POOL", "0")], vec!["--db-pool", "GE_DB_POOL"]),
+    ] {
+        let (status, stderr) = run_binary(&env, &vars).await.unwrap_or_else(|| panic!("{vars:?} was accepted: the replica kept running"));
+        assert!(!status.success(), "{vars:?}: exit {status}");
+        for name in names {
+            assert!(stderr.contains(name), "{vars:?}: the error names {name}:\n{stderr}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn replica_run_returns_an_error_for_each_setting_that_cannot_work() {
+    let env = TestEnv::start(ROUTING).await;
+    const ZERO: Duration = Duration::ZERO;
+    type Mutation = fn(&mut RunSettings);
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("--block", |s| s.block = ZERO),
+        ("--health-interval", |s| s.health_interval = ZERO),
+        ("--recover-interval", |s| s.recover_interval = ZERO),
+        ("--claim-min-idle", |s| s.claim_min_idle = ZERO),
+        ("--lease-ttl", |s| s.lease_ttl = ZERO),
+        ("--lease-refresh", |s| s.lease_refresh = ZERO),
+        ("--scheduler-interval", |s| s.scheduler_interval = ZERO),
+        ("--republish-after", |s| s.republish_after = ZERO),
+        ("--dispatch-key-ttl", |s| s.dispatch_key_ttl = ZERO),
+        ("--republish-after", |s| s.republish_after = s.dispatch_key_ttl),
+        ("--health-interval", |s| s.health_interval = Duration::from_secs(1000 * 365 * 86_400)),
+        ("--batch-size", |s| s.batch_size = 0),
+        ("--max-deliveries", |s| s.max_deliveries = 0),
+        ("--deadletter-maxlen", |s| s.deadletter_maxlen = 0),
+        ("--health-maxlen", |s| s.health_maxlen = 0),
+        ("--db-pool", |s| s.db_pool = 0),
+        ("--max-payload-bytes", |s| s.limits.max_payload_bytes = 0),
+        ("--max-field-bytes", |s| s.limits.max_field_bytes = 0),
+        ("--max-fields", |s| s.limits.max_fields = 0),
+    ];
+    for (flag, mutate) in cases {
+        let mut settings = env.settings("settings-2");
+        mutate(&mut settings);
+        let token = CancellationToken::new();
+        let run = tokio::time::timeout(Duration::from_secs(5), ge_orchestrator::replica::run(settings, token.clone())).await;
+        token.cancel();
+        match run {
+            Ok(Err(e)) => assert!(format!("{e:#}").contains(flag), "the error names {flag}: {e:#}"),
+            Ok(Ok(())) => panic!("{flag}: run returned Ok"),
+            Err(_) => panic!("{flag}: accepted; the replica ran"),
+        }
+    }
+}
