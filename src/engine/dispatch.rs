@@ -214,12 +214,13 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
 
     if !waits.0.is_empty() {
         sqlx::query(
-            "UPDATE work_packages w SET status = c.status, wait_reason = c.reason, updated_at = now(),
+            "WITH locked AS MATERIALIZED (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)
+             UPDATE work_packages w SET status = c.status, wait_reason = c.reason, updated_at = now(),
                     ready_at = CASE WHEN c.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
              FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
-             WHERE w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
+             WHERE w.wp_id = ANY($1) AND w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
                AND w.status IN ('blocked', 'ready', 'retry_wait')
-               AND w.wp_id IN (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)",
+               AND w.wp_id IN (SELECT wp_id FROM locked)",
         )
         .bind(&waits.0)
         .bind(&waits.1)
@@ -229,14 +230,15 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     }
 
     let claim_sql = concat!(
-        "UPDATE work_packages w SET status = 'dispatched', agent_id = c.agent, route = c.route,
+        "WITH locked AS MATERIALIZED (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)
+         UPDATE work_packages w SET status = 'dispatched', agent_id = c.agent, route = c.route,
                 attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
                 dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
                 updated_at = now(), timeout_ms = c.timeout_ms,
                 deadline_at = now() + make_interval(secs => c.timeout_ms / 1000.0)
          FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS c(wp_id, agent, route, timeout_ms)
-         WHERE w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait')
-           AND w.wp_id IN (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED) AND ",
+         WHERE w.wp_id = ANY($1) AND w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait')
+           AND w.wp_id IN (SELECT wp_id FROM locked) AND ",
         may_run!(),
         "
          RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id"
