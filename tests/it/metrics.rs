@@ -23,6 +23,8 @@ async fn metrics_cover_streams_work_agents_and_config() {
     env.submit(&[("wp_id", "m-a"), ("agent_id", "dolly")]).await;
     env.submit(&[("wp_id", "m-b"), ("work_type", "implement")]).await;
     env.submit(&[("wp_id", "m-c"), ("agent_id", "nobody")]).await;
+    // A report for a work package never submitted: dead-lettered by the completions loop.
+    env.report("ge:work:completed", &[("wp_id", "m-ghost")]).await;
     let ta = eventually(T, "m-a dispatched", || async { env.triggers("dolly").await.into_iter().find(|t| t["wp_id"] == "m-a") }).await;
     env.complete(&ta).await;
     eventually(T, "m-a completed", || async { (env.status("m-a").await.as_deref() == Some("completed")).then_some(()) }).await;
@@ -31,7 +33,8 @@ async fn metrics_cover_streams_work_agents_and_config() {
     let text = eventually(T, "counters in /metrics", || async {
         let (code, body) = http_get(port, "/metrics").await?;
         assert_eq!(code, 200);
-        (sample(&body, r#"ge_entries_completed_total{route="explicit",agent="dolly"}"#) == Some(1.0)).then_some(body)
+        let done = sample(&body, r#"ge_entries_completed_total{route="explicit",agent="dolly"}"#) == Some(1.0);
+        (done && sample(&body, "ge_deadletter_entries") == Some(2.0)).then_some(body)
     })
     .await;
     let has = |series: &str, v: f64| {
@@ -41,6 +44,8 @@ async fn metrics_cover_streams_work_agents_and_config() {
     let routed_b = text.lines().any(|l| l.starts_with(r#"ge_entries_routed_total{route="work_type",agent="#) && l.ends_with(" 1"));
     assert!(routed_b, "m-b routed by work_type:\n{text}");
     has(r#"ge_entries_deadlettered_total{reason="unknown_agent",agent="other"}"#, 1.0);
+    // Counted once, though the dead letter is written and noted by one call.
+    has(r#"ge_entries_deadlettered_total{reason="unknown_wp",agent=""}"#, 1.0);
     assert!(text.contains("# TYPE ge_dispatch_latency_seconds histogram"), "{text}");
     assert!(text.contains(r#"ge_dispatch_latency_seconds_bucket{route="explicit",agent="dolly",le="+Inf"} 1"#), "{text}");
 
@@ -50,7 +55,7 @@ async fn metrics_cover_streams_work_agents_and_config() {
     has(r#"ge_work_packages{status="completed"}"#, 1.0);
     has(r#"ge_work_packages{status="dispatched"}"#, 1.0);
     has(r#"ge_work_packages{status="failed"}"#, 0.0);
-    has(r#"ge_deadletter_entries"#, 1.0);
+    has(r#"ge_deadletter_entries"#, 2.0);
     has(r#"ge_agent_capacity{agent="ada"}"#, 4.0);
     has(r#"ge_agent_capacity{agent="hopper"}"#, 0.0);
     assert!(text.contains(r#"ge_agent_capacity{agent="dolly"} +Inf"#), "{text}");
