@@ -27,13 +27,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let mut reported: Vec<(String, bool)> = Vec::new();
     let mut reports: Vec<Report<'_>> = Vec::new();
     for e in entries {
-        let dead = |reason: &str, detail: String| DeadLetter {
-            reason: reason.to_string(),
-            detail,
-            stream: stream.clone(),
-            source_id: e.id.clone(),
-            fields: e.fields.clone().unwrap_or_default(),
-        };
+        let dead = |reason: &str, detail: String| DeadLetter::of(&stream, e, reason, detail);
         let Some(raw) = &e.fields else {
             deadletters.push(dead("deleted", "the entry was deleted from the stream before it was processed".into()));
             continue;
@@ -110,13 +104,12 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
                 tracing::warn!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package failed; no attempts left");
             }
             ReportOutcome::Stale(why) => tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "{why}"),
-            ReportOutcome::UnknownWp => deadletters.push(DeadLetter {
-                reason: "unknown_wp".into(),
-                detail: format!("no work package {wp_id} was ever submitted; check the agent reports the wp_id of its trigger"),
-                stream: stream.clone(),
-                source_id: e.id.clone(),
-                fields: e.fields.clone().unwrap_or_default(),
-            }),
+            ReportOutcome::UnknownWp => deadletters.push(DeadLetter::of(
+                &stream,
+                e,
+                "unknown_wp",
+                format!("no work package {wp_id} was ever submitted; check the agent reports the wp_id of its trigger"),
+            )),
         }
     }
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;

@@ -52,14 +52,12 @@ fn data_error(e: &anyhow::Error) -> Option<String> {
 
 async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refused: &str) -> anyhow::Result<()> {
     let stream = input.stream(ctx);
-    let dl = DeadLetter {
-        reason: "invalid".into(),
-        detail: format!("PostgreSQL refused to store this entry: {refused}; fix the entry and requeue it"),
-        stream: stream.to_string(),
-        source_id: entry.id.clone(),
-        fields: entry.fields.clone().unwrap_or_default(),
-    };
-    let dls = [dl];
+    let dls = [DeadLetter::of(
+        stream,
+        entry,
+        "invalid",
+        format!("PostgreSQL refused to store this entry: {refused}; fix the entry and requeue it"),
+    )];
     ctx.ack(stream, std::slice::from_ref(&entry.id), &dls).await?;
     Ok(())
 }

@@ -60,13 +60,7 @@ pub(crate) async fn handle_heartbeats(ctx: &Ctx, entries: &[StreamEntry]) -> any
                 wp_ids.push(w);
                 dispatch_ids.push(d);
             }
-            Err(rej) => deadletters.push(DeadLetter {
-                reason: rej.reason.to_string(),
-                detail: rej.detail,
-                stream: names.heartbeat.clone(),
-                source_id: e.id.clone(),
-                fields: e.fields.clone().unwrap_or_default(),
-            }),
+            Err(rej) => deadletters.push(DeadLetter::of(&names.heartbeat, e, rej.reason, rej.detail)),
         }
     }
     if !wp_ids.is_empty() {

@@ -13,13 +13,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let routing = ctx.routing.get();
     let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
     let mut deadletters = Vec::new();
-    let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter {
-        reason: reason.to_string(),
-        detail,
-        stream: names.incoming.clone(),
-        source_id: e.id.clone(),
-        fields: e.fields.clone().unwrap_or_default(),
-    };
+    let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter::of(&names.incoming, e, reason, detail);
     for e in entries {
         let spec = match entry::parse_incoming(e, &ctx.settings.limits) {
             Ok(s) => s,

@@ -75,16 +75,11 @@ pub(crate) async fn split_poison(ctx: &Ctx, stream: &str, entries: Vec<StreamEnt
     for e in entries {
         let n = counts.iter().find(|(id, _)| *id == e.id).map(|(_, n)| *n).unwrap_or(0);
         if n > ctx.settings.max_deliveries {
-            poison.push(DeadLetter {
-                reason: "poison".into(),
-                detail: format!(
-                    "delivered {n} times (more than max_deliveries = {}) without being acknowledged; inspect it before requeueing",
-                    ctx.settings.max_deliveries
-                ),
-                stream: stream.to_string(),
-                source_id: e.id.clone(),
-                fields: e.fields.clone().unwrap_or_default(),
-            });
+            let detail = format!(
+                "delivered {n} times (more than max_deliveries = {}) without being acknowledged; inspect it before requeueing",
+                ctx.settings.max_deliveries
+            );
+            poison.push(DeadLetter::of(stream, &e, "poison", detail));
         } else {
             live.push(e);
         }

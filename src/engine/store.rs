@@ -355,31 +355,6 @@ pub enum ReportOutcome {
     UnknownWp,
 }
 
-/// Marks a dispatched work package completed. A report for another attempt, or a repeat,
-/// changes nothing.
-pub async fn complete(
-    tx: &mut Transaction<'_, Postgres>,
-    wp_id: &str,
-    dispatch_id: Option<&str>,
-    result: Option<&str>,
-) -> Result<ReportOutcome, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE work_packages SET status = 'completed', completed_at = now(), updated_at = now(), result = $3,
-                wait_reason = NULL
-         WHERE wp_id = $1 AND status = 'dispatched' AND ($2::text IS NULL OR dispatch_id = $2)",
-    )
-    .bind(wp_id)
-    .bind(dispatch_id)
-    .bind(result)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if done == 1 {
-        return Ok(ReportOutcome::Completed);
-    }
-    stale_or_unknown(tx, wp_id, dispatch_id).await
-}
-
 /// Completes every report of a batch that names the current dispatch of a dispatched work
 /// package, in one statement; the others are told apart (stale or unknown) in one more. The
 /// outcomes are in the order of `reports`. When one batch reports the same work package twice,
@@ -433,14 +408,15 @@ pub(crate) async fn complete_many(
             }
             match current.get(*wp_id) {
                 None => ReportOutcome::UnknownWp,
-                Some((status, current)) => ReportOutcome::Stale(format!(
-                    "report for {} ignored: work package is {status}, current dispatch {}",
-                    dispatch_id.unwrap_or(wp_id),
-                    current.as_deref().unwrap_or("none")
-                )),
+                Some((status, current)) => stale(dispatch_id.unwrap_or(wp_id), status, current.as_deref()),
             }
         })
         .collect())
+}
+
+/// A report that names no current dispatch: kept in the log, changes nothing.
+fn stale(report: &str, status: &str, current: Option<&str>) -> ReportOutcome {
+    ReportOutcome::Stale(format!("report for {report} ignored: work package is {status}, current dispatch {}", current.unwrap_or("none")))
 }
 
 async fn stale_or_unknown(
@@ -454,11 +430,7 @@ async fn stale_or_unknown(
         Some(r) => {
             let status: String = r.try_get("status")?;
             let current: Option<String> = r.try_get("dispatch_id")?;
-            ReportOutcome::Stale(format!(
-                "report for {} ignored: work package is {status}, current dispatch {}",
-                dispatch_id.unwrap_or(wp_id),
-                current.as_deref().unwrap_or("none")
-            ))
+            stale(dispatch_id.unwrap_or(wp_id), &status, current.as_deref())
         }
     })
 }

@@ -5,7 +5,7 @@
 use redis::{RedisResult, ToRedisArgs, Value};
 
 use super::entries::xadd_cmd;
-use crate::core::entry::{MAX_FIELD_NAME_BYTES, RawFields};
+use crate::core::entry::{MAX_FIELD_NAME_BYTES, RawFields, StreamEntry};
 use crate::engine::settings::{Names, RunSettings};
 
 /// An entry that could not be processed, with where it came from and why.
@@ -75,6 +75,17 @@ fn sha256_hex(v: &[u8]) -> String {
 }
 
 impl DeadLetter {
+    /// The dead letter of `entry`, read from `stream`, with its original fields.
+    pub(crate) fn of(stream: &str, entry: &StreamEntry, reason: &str, detail: impl Into<String>) -> DeadLetter {
+        DeadLetter {
+            reason: reason.to_string(),
+            detail: detail.into(),
+            stream: stream.to_string(),
+            source_id: entry.id.clone(),
+            fields: entry.fields.clone().unwrap_or_default(),
+        }
+    }
+
     /// The dead-letter entry's fields: the metadata, then the original fields within
     /// `bounds`, then what was cut. An original field whose name collides with the metadata
     /// or the record of cuts is kept as `original.NAME`; one whose name is longer than any
