@@ -66,16 +66,19 @@ macro_rules! may_run {
 }
 
 /// Held work packages in `scope` that may go now, oldest first; `$1` is the limit, `$2` the
-/// wp_ids of the scope.
+/// wp_ids of the scope. `$held` tests the status: through the open-work index for a sweep, as
+/// a filter after the key for a scope of wp_ids (see `store` on `COLLATE "C"`).
 macro_rules! candidates_sql {
-    ($scope:literal) => {
+    ($held:literal, $scope:literal) => {
         concat!(
             "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq,
                     extract(epoch FROM ",
             eligible_since!(),
             ")::float8 AS eligible_since
              FROM work_packages w
-             WHERE w.status IN ('blocked', 'ready', 'retry_wait')
+             WHERE ",
+            $held,
+            "
                AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
                AND ",
             $scope,
@@ -131,11 +134,11 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
     // looks them up by key instead of filtering the whole backlog.
     let sql = if scope.all {
-        candidates_sql!("cardinality($2::text[]) >= 0")
+        candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "cardinality($2::text[]) >= 0")
     } else if scope.include_ready {
-        candidates_sql!("(w.wp_id = ANY($2) OR w.status = 'ready')")
+        candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "(w.wp_id = ANY($2) OR w.status = 'ready')")
     } else {
-        candidates_sql!("w.wp_id = ANY($2)")
+        candidates_sql!("w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')", "w.wp_id = ANY($2)")
     };
     let candidates: Vec<Candidate> = sqlx::query(sql)
         .bind(ROUND_LIMIT)
@@ -214,13 +217,15 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
 
     if !waits.0.is_empty() {
         sqlx::query(
-            "WITH locked AS MATERIALIZED (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)
-             UPDATE work_packages w SET status = c.status, wait_reason = c.reason, updated_at = now(),
-                    ready_at = CASE WHEN c.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
-             FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
-             WHERE w.wp_id = ANY($1) AND w.wp_id = c.wp_id AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
-               AND w.status IN ('blocked', 'ready', 'retry_wait')
-               AND w.wp_id IN (SELECT wp_id FROM locked)",
+            "WITH locked AS MATERIALIZED (
+                 SELECT w.wp_id, c.reason, c.status FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
+                 JOIN work_packages w ON w.wp_id = c.wp_id
+                 WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')
+                   AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
+                 FOR UPDATE OF w SKIP LOCKED)
+             UPDATE work_packages w SET status = l.status, wait_reason = l.reason, updated_at = now(),
+                    ready_at = CASE WHEN l.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
+             FROM locked l WHERE w.wp_id = l.wp_id",
         )
         .bind(&waits.0)
         .bind(&waits.1)
@@ -229,18 +234,24 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         .await?;
     }
 
+    // The rows are found by key, locked (skipping those another round holds) and checked in
+    // one step; the UPDATE then only writes what it is handed. Each plan is a loop over the
+    // batch with a primary-key lookup, whatever the statistics say (see `store`).
     let claim_sql = concat!(
-        "WITH locked AS MATERIALIZED (SELECT l.wp_id FROM work_packages l WHERE l.wp_id = ANY($1) FOR UPDATE SKIP LOCKED)
-         UPDATE work_packages w SET status = 'dispatched', agent_id = c.agent, route = c.route,
-                attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
-                dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
-                updated_at = now(), timeout_ms = c.timeout_ms,
-                deadline_at = now() + make_interval(secs => c.timeout_ms / 1000.0)
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS c(wp_id, agent, route, timeout_ms)
-         WHERE w.wp_id = ANY($1) AND w.wp_id = c.wp_id AND w.status IN ('blocked', 'ready', 'retry_wait')
-           AND w.wp_id IN (SELECT wp_id FROM locked) AND ",
+        "WITH locked AS MATERIALIZED (
+             SELECT w.wp_id, c.agent, c.route, c.timeout_ms
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS c(wp_id, agent, route, timeout_ms)
+             JOIN work_packages w ON w.wp_id = c.wp_id
+             WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND ",
         may_run!(),
         "
+             FOR UPDATE OF w SKIP LOCKED)
+         UPDATE work_packages w SET status = 'dispatched', agent_id = l.agent, route = l.route,
+                attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
+                dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
+                updated_at = now(), timeout_ms = l.timeout_ms,
+                deadline_at = now() + make_interval(secs => l.timeout_ms / 1000.0)
+         FROM locked l WHERE w.wp_id = l.wp_id
          RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id"
     );
     let claimed = if claims.0.is_empty() {
@@ -388,8 +399,11 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     // published again, harmlessly (the dispatch_id key makes it a no-op), by `republish_stale`.
     let wp_ids: Vec<&str> = ids.iter().map(|d| d.rsplit_once(':').map_or(d.as_str(), |(wp, _)| wp)).collect();
     sqlx::query(
-        "UPDATE work_packages SET published = TRUE WHERE wp_id IN (
-             SELECT wp_id FROM work_packages WHERE wp_id = ANY($1) AND dispatch_id = ANY($2) FOR UPDATE SKIP LOCKED)",
+        "WITH locked AS MATERIALIZED (
+             SELECT w.wp_id FROM unnest($1::text[], $2::text[]) AS k(wp_id, dispatch_id)
+             JOIN work_packages w ON w.wp_id = k.wp_id AND w.dispatch_id = k.dispatch_id AND NOT w.published
+             FOR UPDATE OF w SKIP LOCKED)
+         UPDATE work_packages w SET published = TRUE FROM locked l WHERE w.wp_id = l.wp_id",
     )
     .bind(&wp_ids)
     .bind(&ids)

@@ -1,5 +1,15 @@
 //! PostgreSQL state transitions of work packages: ingest, completion, failure and the
 //! operators' retry and cancel. Dispatch, which needs Redis too, is in `dispatch`.
+//!
+//! Statements that act on work packages named by key test their status as
+//! `status COLLATE "C"`: the same test (equality of text is bytewise in either collation) that
+//! no index on `status` can answer. The statistics of `status` lag far behind a backlog that
+//! moves through it (autovacuum samples it a minute later, when most of it is `completed`), so
+//! the planner took `status = 'dispatched'` for one row and scanned the open-work index by
+//! status, with the keys as a filter: 20-100 ms per statement where the primary key answers
+//! in under one. Written this way, the key is the only way in. Lookups of edges by key join
+//! the keys as a table, for the same reason: `depends_on = ANY($1)` on a table the planner
+//! thought small became a sequential scan testing every edge against every key.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -107,7 +117,7 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Opti
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
         let ids: Vec<&str> = specs.iter().map(|s| s.wp_id.as_str()).collect();
         let risky: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM work_package_deps WHERE depends_on = ANY($1))
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(id) JOIN work_package_deps d ON d.depends_on = k.id)
                  OR EXISTS (SELECT 1 FROM unnest($2::text[]) AS d(id)
                             WHERE NOT d.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM work_packages p WHERE p.wp_id = d.id))",
         )
@@ -371,14 +381,15 @@ pub(crate) async fn complete_many(
     let results: Vec<Option<&str>> = reports.iter().map(|r| r.2.as_deref()).collect();
     // The first matching report per work package, so the UPDATE sees one row for each.
     let done: Vec<(String, i64)> = sqlx::query_as(
-        "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(wp_id, dispatch_id, result, i)),
-              first AS (SELECT DISTINCT ON (r.wp_id) r.* FROM r JOIN work_packages w ON w.wp_id = r.wp_id
-                        WHERE w.status = 'dispatched' AND (r.dispatch_id IS NULL OR w.dispatch_id = r.dispatch_id)
-                        ORDER BY r.wp_id, r.i)
+        "WITH first AS MATERIALIZED (
+             SELECT DISTINCT ON (r.wp_id) r.* FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(wp_id, dispatch_id, result, i)
+             JOIN work_packages w ON w.wp_id = r.wp_id
+             WHERE w.status COLLATE \"C\" = 'dispatched' AND (r.dispatch_id IS NULL OR w.dispatch_id = r.dispatch_id)
+             ORDER BY r.wp_id, r.i)
          UPDATE work_packages w SET status = 'completed', completed_at = now(), updated_at = now(), result = first.result,
                 wait_reason = NULL
          FROM first
-         WHERE w.wp_id = first.wp_id AND w.status = 'dispatched' AND (first.dispatch_id IS NULL OR w.dispatch_id = first.dispatch_id)
+         WHERE w.wp_id = first.wp_id AND w.status COLLATE \"C\" = 'dispatched' AND (first.dispatch_id IS NULL OR w.dispatch_id = first.dispatch_id)
          RETURNING w.wp_id, first.i",
     )
     .bind(&wp_ids)
@@ -447,7 +458,7 @@ pub async fn fail(
 ) -> Result<ReportOutcome, sqlx::Error> {
     let row = sqlx::query(
         "SELECT attempts - retry_base AS used FROM work_packages
-         WHERE wp_id = $1 AND status = 'dispatched' AND ($2::text IS NULL OR dispatch_id = $2) FOR UPDATE",
+         WHERE wp_id = $1 AND status COLLATE \"C\" = 'dispatched' AND ($2::text IS NULL OR dispatch_id = $2) FOR UPDATE",
     )
     .bind(wp_id)
     .bind(dispatch_id)
@@ -527,7 +538,8 @@ pub(crate) async fn expire(
     policy: &RetryPolicy,
 ) -> Result<ReportOutcome, sqlx::Error> {
     let still = sqlx::query(
-        "SELECT 1 FROM work_packages WHERE wp_id = $1 AND dispatch_id = $2 AND status = 'dispatched' AND deadline_at <= now() FOR UPDATE",
+        "SELECT 1 FROM work_packages WHERE wp_id = $1 AND dispatch_id = $2 AND status COLLATE \"C\" = 'dispatched' AND deadline_at <= now()
+         FOR UPDATE",
     )
     .bind(wp_id)
     .bind(dispatch_id)
@@ -545,7 +557,7 @@ pub(crate) async fn extend_deadlines(pool: &PgPool, wp_ids: &[String], dispatch_
     Ok(sqlx::query(
         "UPDATE work_packages w SET deadline_at = now() + make_interval(secs => w.timeout_ms / 1000.0)
          FROM unnest($1::text[], $2::text[]) AS h(wp_id, dispatch_id)
-         WHERE w.wp_id = h.wp_id AND w.dispatch_id = h.dispatch_id AND w.status = 'dispatched' AND w.timeout_ms IS NOT NULL",
+         WHERE w.wp_id = h.wp_id AND w.dispatch_id = h.dispatch_id AND w.status COLLATE \"C\" = 'dispatched' AND w.timeout_ms IS NOT NULL",
     )
     .bind(wp_ids)
     .bind(dispatch_ids)
@@ -591,7 +603,7 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
 /// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.
 pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = ANY($1)
+        "SELECT d.wp_id FROM unnest($1::text[]) AS k(id) JOIN work_package_deps d ON d.depends_on = k.id
          UNION
          SELECT n.wp_id FROM work_packages w
            CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
