@@ -79,6 +79,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
         gate_held: Default::default(),
+        sweep_from: Default::default(),
         metrics: crate::engine::metrics::Metrics::new(),
     });
 

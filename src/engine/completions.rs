@@ -128,7 +128,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         }
     }
 
-    let scope = Scope { wp_ids: unblocked, all: false, include_ready: freed_slot };
+    let scope = Scope { wp_ids: unblocked, sweep_from: None, include_ready: freed_slot };
     if let Err(e) = dispatch::round(ctx, &scope).await {
         tracing::warn!(error = format!("{e:#}"), "dispatch after completions failed; the scheduler will retry");
         ctx.stats.note_error();

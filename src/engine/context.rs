@@ -76,6 +76,8 @@ pub struct Ctx {
     /// ingesting is usually done by this replica's next round, which looks at them again
     /// instead of leaving them to the scheduler's sweep.
     pub gate_held: std::sync::Mutex<Vec<String>>,
+    /// Where the scheduler's next sweep of blocked work packages starts (their incoming order).
+    pub sweep_from: std::sync::Mutex<(i64, i64)>,
     /// This replica's Prometheus counters and histograms.
     pub metrics: crate::engine::metrics::Metrics,
 }

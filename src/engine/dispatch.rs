@@ -33,19 +33,43 @@ const ROUND_LIMIT: i64 = 1000;
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     pub wp_ids: Vec<String>,
-    /// Every held work package (the scheduler's sweep).
-    pub all: bool,
+    /// A sweep: every `ready` one, every `retry_wait` one that is due, and a page of `blocked`
+    /// ones after this point of the incoming order.
+    pub sweep_from: Option<(i64, i64)>,
     /// Also every `ready` one: a slot was freed.
     pub include_ready: bool,
 }
 
 impl Scope {
     pub fn ids(wp_ids: Vec<String>) -> Self {
-        Scope { wp_ids, all: false, include_ready: false }
+        Scope { wp_ids, sweep_from: None, include_ready: false }
     }
+    /// A sweep from the start of the incoming order.
     pub fn all() -> Self {
-        Scope { wp_ids: Vec::new(), all: true, include_ready: true }
+        Scope { wp_ids: Vec::new(), sweep_from: Some((-1, -1)), include_ready: true }
     }
+}
+
+/// The scheduler's sweep: what may go without an event this replica saw (retry timers come
+/// due, slots freed, gates opened and dependencies completed on another replica, operators'
+/// actions). Blocked work is looked at a page per sweep, from where the last one stopped,
+/// so a sweep costs the same however large the backlog; a page shorter than a round starts
+/// the next sweep from the beginning again.
+pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
+    let from = *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
+    let n = round(ctx, &Scope { wp_ids: Vec::new(), sweep_from: Some(from), include_ready: true }).await?;
+    let next: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT x.source_ms, x.source_seq FROM work_packages x
+         WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($1, $2)
+         ORDER BY x.source_ms, x.source_seq OFFSET $3 - 1 LIMIT 1",
+    )
+    .bind(from.0)
+    .bind(from.1)
+    .bind(ROUND_LIMIT)
+    .fetch_optional(&ctx.pool)
+    .await?;
+    *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner()) = next.unwrap_or((-1, -1));
+    Ok(n)
 }
 
 /// Conditions under which a held work package `w` may go: every dependency completed and
@@ -119,13 +143,13 @@ struct Candidate {
 pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let held = std::mem::take(&mut *ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()));
     let widened;
-    let scope = if held.is_empty() || scope.all {
+    let scope = if held.is_empty() {
         scope
     } else {
         widened = Scope { wp_ids: scope.wp_ids.iter().cloned().chain(held).collect(), ..scope.clone() };
         &widened
     };
-    if !scope.all && !scope.include_ready && scope.wp_ids.is_empty() {
+    if scope.sweep_from.is_none() && !scope.include_ready && scope.wp_ids.is_empty() {
         return Ok(0);
     }
     let routing = ctx.routing.get();
@@ -133,16 +157,31 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
 
     // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
     // looks them up by key instead of filtering the whole backlog.
-    let sql = if scope.all {
-        candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "cardinality($2::text[]) >= 0")
-    } else if scope.include_ready {
-        candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "(w.wp_id = ANY($2) OR w.status = 'ready')")
-    } else {
-        candidates_sql!("w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')", "w.wp_id = ANY($2)")
-    };
-    let candidates: Vec<Candidate> = sqlx::query(sql)
+    let query = match scope.sweep_from {
+        Some((ms, seq)) => sqlx::query(candidates_sql!(
+            "w.status IN ('blocked', 'ready', 'retry_wait')",
+            "w.wp_id IN (
+                 (SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($3, $4)
+                  ORDER BY x.source_ms, x.source_seq LIMIT $1)
+                 UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'ready' ORDER BY x.source_ms, x.source_seq LIMIT $1)
+                 UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'retry_wait' AND x.next_attempt_at <= now()
+                            ORDER BY x.source_ms, x.source_seq LIMIT $1)
+                 UNION ALL SELECT unnest($2::text[]))"
+        ))
         .bind(ROUND_LIMIT)
         .bind(&scope.wp_ids)
+        .bind(ms)
+        .bind(seq),
+        None if scope.include_ready => {
+            sqlx::query(candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "(w.wp_id = ANY($2) OR w.status = 'ready')"))
+                .bind(ROUND_LIMIT)
+                .bind(&scope.wp_ids)
+        }
+        None => sqlx::query(candidates_sql!("w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')", "w.wp_id = ANY($2)"))
+            .bind(ROUND_LIMIT)
+            .bind(&scope.wp_ids),
+    };
+    let candidates: Vec<Candidate> = query
         .fetch_all(&mut *tx)
         .await?
         .into_iter()

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::context::Ctx;
 use crate::engine::deadlines;
-use crate::engine::dispatch::{self, Scope};
+use crate::engine::dispatch;
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut tick = tokio::time::interval(ctx.settings.scheduler_interval);
@@ -31,7 +31,7 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
             tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
             ctx.stats.note_error();
         }
-        if let Err(e) = dispatch::round(&ctx, &Scope::all()).await {
+        if let Err(e) = dispatch::sweep(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "scheduled dispatch round failed");
             ctx.stats.note_error();
         }

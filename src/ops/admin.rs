@@ -153,7 +153,7 @@ fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
 /// work package.
 async fn nudge(ctx: &Ctx, wp_ids: Option<Vec<String>>) {
     let scope = match wp_ids {
-        Some(wp_ids) => Scope { wp_ids, all: false, include_ready: true },
+        Some(wp_ids) => Scope { wp_ids, sweep_from: None, include_ready: true },
         None => Scope::all(),
     };
     if let Err(e) = dispatch::round(ctx, &scope).await {
