@@ -284,14 +284,17 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND ",
         may_run!(),
         "
-             FOR UPDATE OF w SKIP LOCKED)
-         UPDATE work_packages w SET status = 'dispatched', agent_id = l.agent, route = l.route,
-                attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
-                dispatched_at = now(), published = FALSE, wait_reason = NULL, next_attempt_at = NULL,
-                updated_at = now(), timeout_ms = l.timeout_ms,
-                deadline_at = now() + make_interval(secs => l.timeout_ms / 1000.0)
-         FROM locked l WHERE w.wp_id = l.wp_id
-         RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id"
+             FOR UPDATE OF w SKIP LOCKED),
+         claimed AS (
+             UPDATE work_packages w SET status = 'dispatched', agent_id = l.agent, route = l.route,
+                    attempts = w.attempts + 1, dispatch_id = w.wp_id || ':' || (w.attempts + 1),
+                    dispatched_at = now(), wait_reason = NULL, next_attempt_at = NULL,
+                    updated_at = now(), timeout_ms = l.timeout_ms,
+                    deadline_at = now() + make_interval(secs => l.timeout_ms / 1000.0)
+             FROM locked l WHERE w.wp_id = l.wp_id
+             RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id),
+         outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM claimed)
+         SELECT * FROM claimed"
     );
     let claimed = if claims.0.is_empty() {
         Vec::new()
@@ -432,23 +435,11 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     let (ids, triggers): (Vec<String>, Vec<Trigger>) = triggers.into_iter().unzip();
     let mut redis = ctx.redis.clone();
     streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl).await.context("publishing triggers")?;
-    // By primary key: dispatch_id has no index of its own. SKIP LOCKED: the agent may already be
-    // reporting on the work package, and a completion that holds its row in one order while this
-    // waits for rows in another is a deadlock. A row skipped here is either completed already or
-    // published again, harmlessly (the dispatch_id key makes it a no-op), by `republish_stale`.
-    let wp_ids: Vec<&str> = ids.iter().map(|d| d.rsplit_once(':').map_or(d.as_str(), |(wp, _)| wp)).collect();
-    sqlx::query(
-        "WITH locked AS MATERIALIZED (
-             SELECT w.wp_id FROM unnest($1::text[], $2::text[]) AS k(wp_id, dispatch_id)
-             JOIN work_packages w ON w.wp_id = k.wp_id AND w.dispatch_id = k.dispatch_id AND NOT w.published
-             FOR UPDATE OF w SKIP LOCKED)
-         UPDATE work_packages w SET published = TRUE FROM locked l WHERE w.wp_id = l.wp_id",
-    )
-    .bind(&wp_ids)
-    .bind(&ids)
-    .execute(&ctx.pool)
-    .await
-    .context("recording published triggers")?;
+    sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)")
+        .bind(&ids)
+        .execute(&ctx.pool)
+        .await
+        .context("recording published triggers")?;
     Ok(())
 }
 
@@ -456,15 +447,29 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
 /// publication). Idempotent: a trigger already in Redis is not added again.
 pub(crate) async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
     let rows = sqlx::query(
-        "SELECT wp_id, agent_id, route, attempts, dispatch_id, fields, source_id FROM work_packages
-         WHERE status = 'dispatched' AND NOT published
-           AND dispatched_at < now() - make_interval(secs => $1::float8)
-         ORDER BY dispatched_at LIMIT 500",
+        "SELECT o.dispatch_id AS claimed, w.status = 'dispatched' AND w.dispatch_id = o.dispatch_id AS current,
+                w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id
+         FROM dispatch_outbox o LEFT JOIN work_packages w ON w.wp_id = o.wp_id
+         WHERE o.claimed_at < now() - make_interval(secs => $1::float8)
+         ORDER BY o.claimed_at LIMIT 500",
     )
     .bind(ctx.settings.republish_after.as_secs_f64())
     .fetch_all(&ctx.pool)
     .await?;
-    let triggers = rows.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    // A claim whose work package has moved on (reported on, retried, cancelled) needs no
+    // trigger any more; its outbox row goes.
+    let mut gone = Vec::new();
+    let mut triggers = Vec::new();
+    for r in &rows {
+        if r.try_get::<Option<bool>, _>("current")? == Some(true) {
+            triggers.push(trigger_from_row(ctx, r)?);
+        } else {
+            gone.push(r.try_get::<String, _>("claimed")?);
+        }
+    }
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)").bind(&gone).execute(&ctx.pool).await?;
+    }
     let n = triggers.len();
     if n > 0 {
         tracing::warn!(count = n, "publishing dispatches whose publication was not confirmed");

@@ -137,14 +137,14 @@ async fn an_unconfirmed_dispatch_is_published_again_but_never_twice() {
     env.submit(&[("wp_id", "x"), ("agent_id", "dolly")]).await;
     eventually(T, "x dispatched", || async { (env.triggers("dolly").await.len() == 1).then_some(()) }).await;
     let unconfirm = || async {
-        sqlx::query("UPDATE work_packages SET published = FALSE, dispatched_at = now() - interval '1 hour' WHERE wp_id = 'x'")
+        sqlx::query("INSERT INTO dispatch_outbox (dispatch_id, wp_id, claimed_at) VALUES ('x:1', 'x', now() - interval '1 hour')")
             .execute(&env.pool)
             .await
             .unwrap();
     };
     let confirmed = || async {
-        let p: bool = sqlx::query_scalar("SELECT published FROM work_packages WHERE wp_id = 'x'").fetch_one(&env.pool).await.unwrap();
-        p.then_some(())
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_outbox").fetch_one(&env.pool).await.unwrap();
+        (left == 0).then_some(())
     };
 
     // As if the replica died after XADD but before recording it: published again, no duplicate.

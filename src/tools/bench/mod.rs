@@ -113,7 +113,7 @@ impl Stack {
         let mut con = client.get_multiplexed_async_connection().await?;
         streams::flush_all(&mut con).await?;
         let pool = store::connect(&self.database_url, 1).await?;
-        sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events").execute(&pool).await?;
+        sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events, dispatch_outbox").execute(&pool).await?;
         pool.close().await;
         Ok(())
     }
