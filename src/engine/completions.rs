@@ -117,7 +117,16 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     tx.commit().await?;
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    ctx.ack(&stream, &ids, &deadletters).await?;
+    // The reports are durable, so the acknowledgement and the dispatch of what they unblocked
+    // go out together: the round reads nothing the acknowledgement changes (the lane gate looks
+    // at the incoming stream only), and the next work package does not wait for Redis to answer.
+    let scope = Scope { wp_ids: unblocked, sweep_from: None, include_ready: freed_slot };
+    let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch::round(ctx, &scope));
+    if let Err(e) = dispatched {
+        tracing::warn!(error = format!("{e:#}"), "dispatch after completions failed; the scheduler will retry");
+        ctx.stats.note_error();
+    }
+    acked?;
     Stats::add(&ctx.stats.completed, completed);
     Stats::add(&ctx.stats.failed, failed);
     for ((_, ok), (agent, kind)) in reported.iter().zip(&routes) {
@@ -126,12 +135,6 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         } else {
             ctx.metrics.failed(agent, kind);
         }
-    }
-
-    let scope = Scope { wp_ids: unblocked, sweep_from: None, include_ready: freed_slot };
-    if let Err(e) = dispatch::round(ctx, &scope).await {
-        tracing::warn!(error = format!("{e:#}"), "dispatch after completions failed; the scheduler will retry");
-        ctx.stats.note_error();
     }
     Ok(())
 }

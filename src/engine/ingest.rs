@@ -36,9 +36,13 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
     let outcomes = store::ingest(&ctx.pool, &plain).await?;
     let mut inserted = Vec::new();
+    let mut has_lanes = false;
     for ((spec, e), outcome) in specs.iter().zip(outcomes) {
         match outcome {
-            IngestOutcome::Inserted => inserted.push(spec.wp_id.clone()),
+            IngestOutcome::Inserted => {
+                has_lanes |= spec.lane.is_some();
+                inserted.push(spec.wp_id.clone());
+            }
             IngestOutcome::Duplicate => {
                 tracing::debug!(wp_id = %spec.wp_id, source_id = %e.id, "resubmission of an identical work package ignored")
             }
@@ -47,11 +51,21 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    ctx.ack(&names.incoming, &ids, &deadletters).await?;
-
-    // Already durable and acknowledged: a failure here only delays dispatch until the
-    // scheduler's next sweep.
-    if let Err(e) = dispatch::round(ctx, &Scope::ids(inserted)).await {
+    // Already durable: a failed round only delays dispatch until the scheduler's next sweep.
+    // A batch with lane members is acknowledged first, since the lane gate of the round holds
+    // work behind entries still pending, these included; other batches are acknowledged and
+    // dispatched together.
+    let scope = Scope::ids(inserted);
+    let round = dispatch::round(ctx, &scope);
+    let dispatched = if has_lanes {
+        ctx.ack(&names.incoming, &ids, &deadletters).await?;
+        round.await
+    } else {
+        let (acked, dispatched) = tokio::join!(ctx.ack(&names.incoming, &ids, &deadletters), round);
+        acked?;
+        dispatched
+    };
+    if let Err(e) = dispatched {
         tracing::warn!(error = format!("{e:#}"), "dispatch after ingest failed; the scheduler will retry");
         ctx.stats.note_error();
     }
