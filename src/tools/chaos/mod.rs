@@ -85,7 +85,8 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
     let Ok(mut manager) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut manager, &stream, &group).await;
     // A Redis restart can lose the reply of a read it has already made pending.
-    let mut reader = Reader::new(client, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
+    let mut reader = Reader::new(streams::Endpoint::direct(client), &stream, &group, "chaos", 64, Duration::from_millis(500))
+        .own_first_after_reconnect();
     while let Some(entries) = reader.next(&token).await {
         for e in entries {
             let fields: HashMap<String, String> = e
