@@ -33,7 +33,7 @@ async fn submit_durably(con: &mut MasterConnection, fields: &[(String, String)])
         let mut con = con.clone();
         async move {
             streams::xadd(&mut con, "ge:work:incoming", None, fields).await.ok()?;
-            let acked: i64 = redis::cmd("WAIT").arg(1).arg(1000).query_async(&mut con).await.ok()?;
+            let acked = streams::wait_for_replicas(&mut con, 1, Duration::from_secs(1)).await.ok()?;
             (acked >= 1).then_some(())
         }
     })

@@ -60,6 +60,9 @@ struct Sentinels {
     db: String,
     /// The master found last, to log when it changes.
     last_master: std::sync::Mutex<Option<String>>,
+    /// Counts the changes of master, so that every connection made to an earlier one is
+    /// replaced before its next use instead of failing once first.
+    epoch: AtomicU64,
 }
 
 impl Endpoint {
@@ -100,6 +103,15 @@ impl Endpoint {
     /// The URL as given, password hidden.
     pub fn shown(&self) -> &str {
         &self.shown
+    }
+
+    /// Changes whenever a new master is found; connections made under an earlier value lead
+    /// to a node that is gone or no longer the master.
+    fn epoch(&self) -> u64 {
+        match &*self.kind {
+            Kind::Direct(_) => 0,
+            Kind::Sentinel(s) => s.epoch.load(Ordering::Acquire),
+        }
     }
 
     /// A client for the master as of now: the one address, or the master the Sentinels name,
@@ -152,6 +164,7 @@ impl Sentinels {
             userinfo,
             db,
             last_master: std::sync::Mutex::new(None),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -172,6 +185,7 @@ impl Sentinels {
                     if last.as_deref() != Some(address.as_str()) {
                         tracing::info!(master = %address, name = %self.master_name, "Redis master found through Sentinel");
                         *last = Some(address);
+                        self.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                     return Ok(client);
                 }
@@ -264,33 +278,41 @@ pub struct MasterConnection {
     fenced: Arc<Slot>,
 }
 
+/// A connection, its number, and the endpoint's epoch when it was made.
+type Held = (u64, u64, MultiplexedConnection);
+
 #[derive(Default)]
 struct Slot {
-    con: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    con: tokio::sync::Mutex<Option<Held>>,
     made: AtomicU64,
 }
 
 impl Slot {
-    /// The connection, made (through the endpoint) when there is none.
+    /// The connection, made (through the endpoint) when there is none or it leads to an
+    /// earlier master.
     async fn get(&self, endpoint: &Endpoint) -> RedisResult<(u64, MultiplexedConnection)> {
         let mut con = self.con.lock().await;
-        if let Some((n, c)) = con.as_ref() {
+        if let Some((n, epoch, c)) = con.as_ref()
+            && *epoch == endpoint.epoch()
+        {
             return Ok((*n, c.clone()));
         }
+        *con = None;
         let client = endpoint.client().await?;
+        let epoch = endpoint.epoch();
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
         let c = client.get_multiplexed_async_connection_with_config(&cfg).await?;
         let n = self.made.fetch_add(1, Ordering::Relaxed) + 1;
-        *con = Some((n, c.clone()));
+        *con = Some((n, epoch, c.clone()));
         Ok((n, c))
     }
 
     /// Drops connection number `n`, unless another caller has already replaced it.
     async fn forget(&self, n: u64) {
         let mut con = self.con.lock().await;
-        if con.as_ref().is_some_and(|(m, _)| *m == n) {
+        if con.as_ref().is_some_and(|(m, _, _)| *m == n) {
             *con = None;
         }
     }

@@ -76,6 +76,13 @@ pub(crate) async fn ping<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisRes
     redis::cmd("PING").query_async(con).await
 }
 
+/// `WAIT replicas timeout`: how many replicas have acknowledged every write this connection
+/// made so far. A producer whose entry must survive a Redis failover waits for one after its
+/// XADD, and sends the entry again when none confirmed it.
+pub async fn wait_for_replicas<C: redis::aio::ConnectionLike>(con: &mut C, replicas: u32, timeout: Duration) -> RedisResult<u32> {
+    redis::cmd("WAIT").arg(replicas).arg(timeout.as_millis().max(1) as u64).query_async(con).await
+}
+
 /// `FLUSHALL`: empties the whole Redis, for the benchmark's runs.
 pub(crate) async fn flush_all<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
     redis::cmd("FLUSHALL").query_async(con).await
