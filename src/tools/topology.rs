@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 
+use crate::engine::streams;
 use crate::tools::localstack::{self, LocalPostgres, PostgresOptions};
 use crate::tools::proxy::TcpProxy;
 
@@ -238,29 +239,24 @@ async fn connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnecti
 
 async fn sentinel_master(port: u16) -> anyhow::Result<u16> {
     let mut con = connection(&format!("redis://127.0.0.1:{port}")).await?;
-    let (_, p): (String, u16) = redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(MASTER_NAME).query_async(&mut con).await?;
+    let (_, p) = streams::master_addr(&mut con, MASTER_NAME).await?.ok_or_else(|| anyhow!("the Sentinel knows no master"))?;
     Ok(p)
 }
 
 async fn sentinel_info(port: u16) -> anyhow::Result<String> {
     let mut con = connection(&format!("redis://127.0.0.1:{port}")).await?;
-    Ok(redis::cmd("INFO").arg("sentinel").query_async(&mut con).await?)
+    Ok(streams::info(&mut con, "sentinel").await?)
 }
 
 async fn info(url: &str, section: &str) -> anyhow::Result<String> {
     let mut con = connection(url).await?;
-    Ok(redis::cmd("INFO").arg(section).query_async(&mut con).await?)
+    Ok(streams::info(&mut con, section).await?)
 }
 
 /// `master`, `slave` (or None when the node does not answer).
 async fn role(url: &str) -> Option<String> {
     let mut con = connection(url).await.ok()?;
-    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut con).await.ok()?;
-    match v.first() {
-        Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-        Some(redis::Value::SimpleString(s)) => Some(s.clone()),
-        _ => None,
-    }
+    streams::role(&mut con).await.ok().flatten()
 }
 
 /// The PostgreSQL settings of the pair, as CHAOS.md records them.

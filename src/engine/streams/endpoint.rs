@@ -198,9 +198,7 @@ impl Sentinels {
     async fn ask(&self, sentinel: &Client) -> RedisResult<(String, Client)> {
         let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(LOOKUP_TIMEOUT)).set_response_timeout(Some(LOOKUP_TIMEOUT));
         let mut con = sentinel.get_multiplexed_async_connection_with_config(&cfg).await?;
-        let addr: Option<(String, String)> =
-            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master_name).query_async(&mut con).await?;
-        let Some((host, port)) = addr else {
+        let Some((host, port)) = master_addr(&mut con, &self.master_name).await? else {
             return Err(RedisError::from((
                 ErrorKind::MasterNameNotFoundBySentinel,
                 "the Sentinel does not know this master",
@@ -214,9 +212,8 @@ impl Sentinels {
         let client = super::client(&url)
             .map_err(|e| RedisError::from((ErrorKind::InvalidClientConfig, "invalid master address", format!("{e:#}"))))?;
         let mut master = client.get_multiplexed_async_connection_with_config(&cfg).await?;
-        let role: Value = redis::cmd("ROLE").query_async(&mut master).await?;
-        match role {
-            Value::Array(parts) if parts.first().and_then(super::text).as_deref() == Some("master") => Ok((address, client)),
+        match role(&mut master).await?.as_deref() {
+            Some("master") => Ok((address, client)),
             _ => Err(RedisError::from((
                 ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
                 "the node the Sentinel named is not the master",
@@ -224,6 +221,25 @@ impl Sentinels {
             ))),
         }
     }
+}
+
+/// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the address a Sentinel gives for the master `name`.
+pub async fn master_addr<C: redis::aio::ConnectionLike>(con: &mut C, name: &str) -> RedisResult<Option<(String, u16)>> {
+    redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name).query_async(con).await
+}
+
+/// `ROLE`: `master`, `slave` or `sentinel`.
+pub async fn role<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<Option<String>> {
+    let role: Value = redis::cmd("ROLE").query_async(con).await?;
+    Ok(match role {
+        Value::Array(parts) => parts.first().and_then(super::text),
+        _ => None,
+    })
+}
+
+/// `INFO section`, as text.
+pub async fn info<C: redis::aio::ConnectionLike>(con: &mut C, section: &str) -> RedisResult<String> {
+    redis::cmd("INFO").arg(section).query_async(con).await
 }
 
 /// `host` or `host:port` (IPv6 in brackets) with the port filled in; None when unreadable.
