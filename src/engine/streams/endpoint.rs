@@ -25,10 +25,10 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Writes that must reach replicas before they count (see `publish_triggers`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Confirm {
+pub(crate) struct Confirm {
     /// Replicas that must acknowledge (Redis `WAIT`); 0 for none.
-    pub replicas: u32,
-    pub timeout: Duration,
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
 }
 
 /// Where Redis is. Cheap to clone.
@@ -81,27 +81,23 @@ impl Endpoint {
         Ok(Endpoint { kind: Arc::new(kind), confirm: NO_CONFIRM, shown: shown.into() })
     }
 
-    /// One address, for tools and tests that start their own Redis.
-    pub fn direct(client: Client) -> Endpoint {
+    /// One address, for tools that start their own Redis.
+    pub(crate) fn direct(client: Client) -> Endpoint {
         let shown = crate::core::redact::url(&client.get_connection_info().addr().to_string());
         Endpoint { kind: Arc::new(Kind::Direct(client)), confirm: NO_CONFIRM, shown: shown.into() }
     }
 
     /// The same endpoint, with trigger publications confirmed by `confirm.replicas` replicas.
-    pub fn confirming(&self, confirm: Confirm) -> Endpoint {
+    pub(crate) fn confirming(&self, confirm: Confirm) -> Endpoint {
         Endpoint { confirm, ..self.clone() }
     }
 
-    pub fn confirm(&self) -> Confirm {
+    pub(crate) fn confirm(&self) -> Confirm {
         self.confirm
     }
 
-    pub fn is_sentinel(&self) -> bool {
-        matches!(*self.kind, Kind::Sentinel(_))
-    }
-
     /// The URL as given, password hidden.
-    pub fn shown(&self) -> &str {
+    pub(crate) fn shown(&self) -> &str {
         &self.shown
     }
 
@@ -224,12 +220,12 @@ impl Sentinels {
 }
 
 /// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the address a Sentinel gives for the master `name`.
-pub async fn master_addr<C: redis::aio::ConnectionLike>(con: &mut C, name: &str) -> RedisResult<Option<(String, u16)>> {
+pub(crate) async fn master_addr<C: redis::aio::ConnectionLike>(con: &mut C, name: &str) -> RedisResult<Option<(String, u16)>> {
     redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name).query_async(con).await
 }
 
 /// `ROLE`: `master`, `slave` or `sentinel`.
-pub async fn role<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<Option<String>> {
+pub(crate) async fn role<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<Option<String>> {
     let role: Value = redis::cmd("ROLE").query_async(con).await?;
     Ok(match role {
         Value::Array(parts) => parts.first().and_then(super::text),
@@ -238,7 +234,7 @@ pub async fn role<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<Opt
 }
 
 /// `INFO section`, as text.
-pub async fn info<C: redis::aio::ConnectionLike>(con: &mut C, section: &str) -> RedisResult<String> {
+pub(crate) async fn info<C: redis::aio::ConnectionLike>(con: &mut C, section: &str) -> RedisResult<String> {
     redis::cmd("INFO").arg(section).query_async(con).await
 }
 
@@ -342,7 +338,7 @@ impl MasterConnection {
         Ok(m)
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
+    pub(crate) fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
@@ -434,7 +430,7 @@ mod tests {
     #[test]
     fn plain_urls_stay_direct() {
         let e = Endpoint::parse("redis://:pw@127.0.0.1:6379/0").unwrap();
-        assert!(!e.is_sentinel());
+        assert!(matches!(*e.kind, Kind::Direct(_)));
         assert_eq!(e.shown(), "redis://:***@127.0.0.1:6379/0");
     }
 

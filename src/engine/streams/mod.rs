@@ -22,7 +22,8 @@ use crate::core::entry::{RawFields, StreamEntry};
 pub(crate) use ack::{
     CUT_PREFIX, DeadLetter, DeadLetterBounds, Requeued, ack_with_deadletters, is_deadletter_meta, report_and_ack, requeue_deadletter,
 };
-pub use endpoint::{Confirm, Endpoint, MasterConnection, info, master_addr, role};
+pub(crate) use endpoint::{Confirm, info, master_addr, role};
+pub use endpoint::{Endpoint, MasterConnection};
 pub use entries::{len, xadd};
 pub(crate) use entries::{newest, newest_before, range, range_page, xadd_many};
 pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, keep_claimed, remove_consumer};
