@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ge-orchestrator's dev stack, tests and CI need, when it is missing: Rust's cargo
-# (checked, not installed) with rustfmt and clippy, redis-server, the PostgreSQL server
+# (checked, not installed) with rustfmt and clippy, redis-server, redis-sentinel (the failover
+# test's Sentinels), the PostgreSQL server
 # binaries, Chromium and Node.js (from Debian's packages), playwright-core (npm, into
 # tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI).
 # Idempotent. It never starts or enables the system services: the orchestrator starts its own
@@ -27,6 +28,7 @@ else
 fi
 
 have_redis() { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || [ -x /usr/local/bin/redis-server ]; }
+have_sentinel() { command -v redis-sentinel >/dev/null 2>&1 || [ -x /usr/bin/redis-sentinel ] || [ -x /usr/local/bin/redis-sentinel ]; }
 have_postgres() {
   local bindir
   bindir=$(pg_config --bindir 2>/dev/null || true)
@@ -36,6 +38,7 @@ have_postgres() {
 
 missing=()
 if have_redis; then say "redis-server found"; else missing+=(redis-server); fi
+if have_sentinel; then say "redis-sentinel found"; else missing+=(redis-sentinel); fi
 if have_postgres; then say "postgres server binaries found"; else missing+=(postgresql); fi
 # The dashboard's browser test: Debian's Chromium, driven by playwright-core under Node.js.
 if [ -x /usr/bin/chromium ]; then say "chromium found"; else missing+=(chromium); fi
@@ -65,6 +68,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   if [ "$created_policy" -eq 1 ]; then "${sudo[@]}" rm -f "$policy"; fi
   have_redis || { say "redis-server still missing after the install"; exit 1; }
+  have_sentinel || { say "redis-sentinel still missing after the install"; exit 1; }
   have_postgres || { say "postgres still missing after the install"; exit 1; }
   say "installed ${missing[*]}"
 fi

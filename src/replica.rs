@@ -23,8 +23,8 @@ use crate::{
 async fn connect(
     settings: &RunSettings,
     token: &CancellationToken,
-) -> anyhow::Result<Option<(sqlx::PgPool, redis::Client, redis::aio::ConnectionManager)>> {
-    let client = streams::client(&settings.conn.redis_url)?;
+) -> anyhow::Result<Option<(sqlx::PgPool, streams::Endpoint, streams::MasterConnection)>> {
+    let endpoint = streams::Endpoint::parse(&settings.conn.redis_url)?.confirming(settings.redis_confirm());
     let mut backoff = Backoff::default();
     let pool = loop {
         match store::connect_with(&settings.conn.database_url, settings.db_pool, Some(settings.statement_timeout)).await {
@@ -38,7 +38,7 @@ async fn connect(
     };
     backoff.reset();
     let manager = loop {
-        match streams::manager(&client).await {
+        match streams::MasterConnection::connect(&endpoint).await {
             Ok(m) => break m,
             Err(e) => tracing::warn!(error = %e, url = %redact::url(&settings.conn.redis_url), "Redis not ready; retrying"),
         }
@@ -47,7 +47,7 @@ async fn connect(
             return Ok(None);
         }
     };
-    Ok(Some((pool, client, manager)))
+    Ok(Some((pool, endpoint, manager)))
 }
 
 /// Runs until `token` is cancelled, then drains: each loop finishes and acknowledges the batch
@@ -57,7 +57,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     settings.validate()?;
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
-    let Some((pool, client, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
+    let Some((pool, endpoint, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
     let ops_pool = reads::pool(&settings.conn.database_url, settings.db_ops_pool, settings.statement_timeout)?;
     for input in Input::ALL {
         let stream = input.stream_in(&settings.names);
@@ -73,7 +73,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         consumer,
         pool,
         ops_pool,
-        client,
+        endpoint,
         redis: manager,
         routing: SharedRouting::new(routing),
         stats: Stats::default(),

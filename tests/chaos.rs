@@ -16,3 +16,20 @@ fn short_chaos_run_keeps_every_invariant() {
     }
     assert!(stdout.contains("all invariants held") && !stdout.contains("BROKEN"), "{stdout}");
 }
+
+/// The failover mode: two replicas on a Redis with Sentinels and a PostgreSQL with a
+/// synchronous standby; a Redis master and a PostgreSQL primary are killed in turn, and every
+/// invariant must hold and the work resume after each.
+#[test]
+fn short_failover_run_keeps_every_invariant() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
+        .args(["chaos", "--topology", "ha", "--duration", "10s", "--fault-interval", "3s", "--rate", "40", "--replicas", "2"])
+        .output()
+        .expect("run chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "chaos failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for fault in ["Redis master kill -9, Sentinel failover", "PostgreSQL primary kill -9, standby promoted"] {
+        assert!(stdout.contains(fault), "{fault} was injected:\n{stdout}");
+    }
+    assert!(stdout.contains("all invariants held") && !stdout.contains("BROKEN") && !stdout.contains("NOT RESUMED"), "{stdout}");
+}

@@ -2,10 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use sqlx::PgPool;
 
-use crate::core::redact;
 use crate::core::routing_file::{self, RoutingTable};
 use crate::engine::{store, streams};
 
@@ -17,7 +15,7 @@ pub(crate) struct RedisArg {
 }
 
 impl RedisArg {
-    pub async fn connect(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+    pub async fn connect(&self) -> anyhow::Result<streams::MasterConnection> {
         redis_con(&self.redis_url).await
     }
 }
@@ -49,7 +47,6 @@ impl RoutingArg {
     }
 }
 
-pub(crate) async fn redis_con(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let client = streams::client(url)?;
-    streams::manager(&client).await.with_context(|| format!("connecting to {}", redact::url(url)))
+pub(crate) async fn redis_con(url: &str) -> anyhow::Result<streams::MasterConnection> {
+    streams::connect(url).await
 }

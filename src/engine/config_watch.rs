@@ -33,7 +33,11 @@ pub fn reload(ctx: &Ctx) -> bool {
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut backoff = Backoff::default();
     while !token.is_cancelled() {
-        let mut pubsub = match ctx.client.get_async_pubsub().await {
+        let pubsub = match ctx.endpoint.client().await {
+            Ok(client) => client.get_async_pubsub().await,
+            Err(e) => Err(e),
+        };
+        let mut pubsub = match pubsub {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "config watcher cannot connect to Redis; retrying");

@@ -67,7 +67,11 @@ async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refus
 pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
     let stream = input.stream(&ctx).to_string();
     let s = &ctx.settings;
-    let mut reader = Reader::new(ctx.client.clone(), &stream, &s.names.group, &ctx.consumer, s.batch_size, s.block)
+    // Own pending entries first after a failed read: a Redis failover can lose acknowledgements
+    // the old master had not yet replicated, which puts entries already handled back into this
+    // consumer's pending list, where they would hold back their lanes until the sweep.
+    let mut reader = Reader::new(ctx.endpoint.clone(), &stream, &s.names.group, &ctx.consumer, s.batch_size, s.block)
+        .own_first_after_reconnect()
         .on_trouble(report_trouble(ctx.clone(), input, stream.clone()));
     while let Some(entries) = reader.next(&token).await {
         // The batch in hand is finished even when shutdown was asked meanwhile; only an error

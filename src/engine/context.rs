@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use crate::core::routing_file::RoutingTable;
@@ -66,8 +65,11 @@ pub struct Ctx {
     /// The operators' reads (admin API, /metrics, the dashboard, /readyz): a few connections
     /// of their own, so that however many slow reads pile up, the engine's are free.
     pub ops_pool: PgPool,
-    pub client: redis::Client,
-    pub redis: ConnectionManager,
+    /// Where Redis is: every connection (the readers', the pub/sub) is made through it, so
+    /// that each follows a failover.
+    pub endpoint: crate::engine::streams::Endpoint,
+    /// The connection the loops share, to the master of the moment.
+    pub redis: crate::engine::streams::MasterConnection,
     pub routing: SharedRouting,
     pub stats: Stats,
     /// Set once the consumer group exists on every input stream; drives `/readyz`.

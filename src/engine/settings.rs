@@ -135,6 +135,14 @@ pub struct RunSettings {
     /// published again (idempotently) by whichever replica notices.
     #[arg(long, env = "GE_REPUBLISH_AFTER", default_value = "5s", value_parser = duration)]
     pub republish_after: Duration,
+    /// Redis replicas that must acknowledge a trigger (Redis WAIT) before it is recorded as
+    /// published; unconfirmed triggers are published again. Default: 1 with a Sentinel URL,
+    /// else 0 (no WAIT).
+    #[arg(long, env = "GE_REDIS_WAIT_REPLICAS")]
+    pub redis_wait_replicas: Option<u32>,
+    /// How long a publication waits for those acknowledgements.
+    #[arg(long, env = "GE_REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub redis_wait_timeout: Duration,
     /// How long the per-dispatch_id idempotency keys live in Redis.
     #[arg(long, env = "GE_DISPATCH_KEY_TTL", default_value = "7days", value_parser = duration)]
     pub dispatch_key_ttl: Duration,
@@ -204,6 +212,8 @@ impl RunSettings {
             scheduler_interval: Duration::from_millis(500),
             republish_after: Duration::from_secs(5),
             dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
+            redis_wait_replicas: None,
+            redis_wait_timeout: Duration::from_secs(1),
             limits: Limits::default(),
             deadletter_maxlen: 100_000,
             deadletter_value_bytes: 4096,
@@ -235,6 +245,7 @@ impl RunSettings {
             ("scheduler_interval", self.scheduler_interval),
             ("republish_after", self.republish_after),
             ("dispatch_key_ttl", self.dispatch_key_ttl),
+            ("redis_wait_timeout", self.redis_wait_timeout),
             ("statement_timeout", self.statement_timeout),
             ("http_header_timeout", self.http_header_timeout),
             ("http_request_timeout", self.http_request_timeout),
@@ -296,6 +307,15 @@ impl RunSettings {
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
+    }
+
+    /// What a trigger publication waits for: `--redis-wait-replicas`, or one replica when
+    /// Redis is reached through Sentinel (a failover promotes a replica, and loses what it
+    /// had not received).
+    pub(crate) fn redis_confirm(&self) -> crate::engine::streams::Confirm {
+        let sentinel = self.conn.redis_url.starts_with("redis+sentinel://") || self.conn.redis_url.starts_with("rediss+sentinel://");
+        let replicas = self.redis_wait_replicas.unwrap_or(u32::from(sentinel));
+        crate::engine::streams::Confirm { replicas, timeout: self.redis_wait_timeout }
     }
 
     pub(crate) fn consumer_name(&self) -> String {

@@ -158,8 +158,7 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
 
     let prefix = format!("run{}.", chrono::Utc::now().format("%H%M%S"));
     let plan = plan.with_prefix(&prefix);
-    let client = streams::client(&redis_url)?;
-    let mut con = streams::manager(&client).await.context("connecting to Redis")?;
+    let mut con = streams::connect(&redis_url).await?;
     plan::submit(&mut con, &crate::engine::settings::Names::default().incoming, &plan).await.context("submitting the plan")?;
     println!("submitted {} work packages of {} (wp_ids prefixed {prefix})\n", plan.work_packages.len(), args.plan.display());
 

@@ -37,7 +37,7 @@ static SPAWNER: LazyLock<Mutex<mpsc::Sender<SpawnRequest>>> = LazyLock::new(|| {
     Mutex::new(tx)
 });
 
-fn spawn(mut cmd: Command, death_signal: i32) -> anyhow::Result<Child> {
+pub(crate) fn spawn(mut cmd: Command, death_signal: i32) -> anyhow::Result<Child> {
     // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -52,7 +52,7 @@ fn spawn(mut cmd: Command, death_signal: i32) -> anyhow::Result<Child> {
     Ok(rx.recv().map_err(|_| anyhow!("spawner thread gone"))??)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(l.local_addr()?.port())
 }
@@ -66,6 +66,15 @@ pub(crate) fn find_redis_server() -> anyhow::Result<PathBuf> {
         .or_else(|| ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].iter().map(PathBuf::from).find(|p| p.is_file()))
         .ok_or_else(|| {
             anyhow!("redis-server not found (looked in PATH, /usr/bin, /usr/local/bin). Install it with `apt-get install redis-server`, {SETUP_HINT}")
+        })
+}
+
+/// Debian's `redis-sentinel` (package `redis-sentinel`).
+pub(crate) fn find_redis_sentinel() -> anyhow::Result<PathBuf> {
+    on_path("redis-sentinel")
+        .or_else(|| ["/usr/bin/redis-sentinel", "/usr/local/bin/redis-sentinel"].iter().map(PathBuf::from).find(|p| p.is_file()))
+        .ok_or_else(|| {
+            anyhow!("redis-sentinel not found (looked in PATH, /usr/bin, /usr/local/bin). Install it with `apt-get install redis-sentinel`, {SETUP_HINT}")
         })
 }
 
@@ -92,7 +101,7 @@ pub(crate) fn find_pg_bindir() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let Ok(f) = std::fs::File::open(path) else { return String::from("(no log)") };
     let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -128,7 +137,7 @@ fn signal(child: &Option<Child>, sig: i32) {
 }
 
 /// A temp dir `ge-orch-<pid>-<random>`; stale ones of dead processes are removed first.
-fn temp_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn temp_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -428,6 +437,67 @@ impl LocalPostgres {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+    /// A streaming standby of `primary`, from `pg_basebackup` (its `-R` writes the standby's
+    /// connection to the primary), on a port of its own.
+    pub async fn standby_of(primary: &LocalPostgres) -> anyhow::Result<LocalPostgres> {
+        let bindir = find_pg_bindir()?;
+        let ids = postgres_user()?;
+        let dir = temp_dir()?;
+        chown_tree(&dir, ids)?;
+        let mut cmd = tokio::process::Command::new(bindir.join("pg_basebackup"));
+        cmd.arg("-D").arg(dir.join("data")).args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
+        cmd.args(["-X", "stream", "-R", "-c", "fast", "--no-sync"]);
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().await.context("running pg_basebackup")?;
+        if !out.status.success() {
+            bail!("pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut last = None;
+        for _ in 0..5 {
+            let mut pg = LocalPostgres { opts: primary.opts.clone(), port: free_port()?, dir: dir.clone(), child: None };
+            match pg.launch().await {
+                Ok(()) => return Ok(pg),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("the standby did not start")))
+    }
+
+    /// Makes this standby a primary (`pg_promote`, which waits until it is one).
+    pub async fn promote(&self) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(&self.url()).await.context("connecting to the standby")?;
+        let done: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)").fetch_one(&pool).await.context("promoting the standby")?;
+        pool.close().await;
+        if !done {
+            bail!("the standby on port {} was not promoted within 60 s", self.port);
+        }
+        Ok(())
+    }
+
+    /// Commits wait for a synchronous standby (`synchronous_standby_names = '*'`), or not
+    /// (empty), from the next transaction on.
+    pub async fn set_synchronous_standby(&self, on: bool) -> anyhow::Result<()> {
+        use sqlx::Executor;
+        let pool = sqlx::PgPool::connect(&self.url()).await.context("connecting to the primary")?;
+        let names = if on { "'*'" } else { "''" };
+        pool.execute(sqlx::AssertSqlSafe(format!("ALTER SYSTEM SET synchronous_standby_names = {names}"))).await?;
+        pool.execute("SELECT pg_reload_conf()").await?;
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Whether a standby streams from this server and is its synchronous one.
+    pub async fn has_sync_standby(&self) -> anyhow::Result<bool> {
+        let pool = sqlx::PgPool::connect(&self.url()).await.context("connecting to the primary")?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'")
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        Ok(n > 0)
+    }
+
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
         use sqlx::Executor;
         let pool = sqlx::PgPool::connect(&self.url()).await.context("connecting to the local postgres")?;

@@ -1,6 +1,6 @@
 //! What is not the orchestrator but ships with it: the reference agent, plans and their
-//! submission, the local stack (throwaway Redis and PostgreSQL), and the chaos and benchmark
-//! harnesses.
+//! submission, the local stack (throwaway Redis and PostgreSQL, and their highly available
+//! topology), and the chaos and benchmark harnesses.
 
 pub mod agent;
 pub mod bench;
@@ -10,3 +10,5 @@ pub mod localstack;
 pub mod plan;
 pub(crate) mod procs;
 pub(crate) mod progress;
+pub mod proxy;
+pub mod topology;

@@ -106,11 +106,11 @@ impl ReplicaProcs {
 
 /// Time from `killed` until the killed replica's consumer has left the group on every input
 /// stream, which a survivor does once it has taken over its entries; None after 60 s.
-pub(crate) async fn left_group(client: redis::Client, consumer: String, killed: Instant) -> Option<Duration> {
+pub(crate) async fn left_group(endpoint: streams::Endpoint, consumer: String, killed: Instant) -> Option<Duration> {
     let names = Names::default();
     let deadline = killed + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+        if let Ok(mut c) = streams::MasterConnection::connect(&endpoint).await {
             let mut present = false;
             let mut answered = true;
             for input in Input::ALL {

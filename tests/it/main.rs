@@ -14,6 +14,7 @@ mod dag;
 mod deadlines;
 mod deploy;
 mod dev_stack;
+mod failover;
 mod fnmatch;
 mod hostile;
 mod http_limits;

@@ -2,9 +2,12 @@
 //! command the crate sends. Everything that knows the shape of a Redis reply lives in this
 //! module: a stream's entries in `entries`, consumer groups in `group`, acknowledgements
 //! together with what must not exist without them in `ack`, trigger publication in
-//! `publish`, and `Reader`, the one loop that reads a consumer group.
+//! `publish`, and `Reader`, the one loop that reads a consumer group. Where Redis is (one
+//! address, or Sentinels that name the master) is an [`Endpoint`]; every connection of a
+//! replica is made through one, so that it follows a failover.
 
 mod ack;
+mod endpoint;
 mod entries;
 mod group;
 mod publish;
@@ -19,6 +22,8 @@ use crate::core::entry::{RawFields, StreamEntry};
 pub(crate) use ack::{
     CUT_PREFIX, DeadLetter, DeadLetterBounds, Requeued, ack_with_deadletters, is_deadletter_meta, report_and_ack, requeue_deadletter,
 };
+pub(crate) use endpoint::{Confirm, info, master_addr, role};
+pub use endpoint::{Endpoint, MasterConnection};
 pub use entries::{len, xadd};
 pub(crate) use entries::{newest, newest_before, range, range_page, xadd_many};
 pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, keep_claimed, remove_consumer};
@@ -42,13 +47,22 @@ pub fn client(url: &str) -> anyhow::Result<Client> {
     }
 }
 
-/// Connection for short commands; reconnects on its own after Redis restarts.
+/// Connection for short commands to one address; reconnects on its own after Redis restarts,
+/// to the same address. The replica's connections are [`MasterConnection`]s instead.
 pub async fn manager(client: &Client) -> RedisResult<ConnectionManager> {
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)))
         .set_number_of_retries(2);
     client.get_connection_manager_with_config(cfg).await
+}
+
+/// A [`MasterConnection`] for the Redis of `url` (see [`Endpoint::parse`]); errors never
+/// repeat the password.
+pub async fn connect(url: &str) -> anyhow::Result<MasterConnection> {
+    use anyhow::Context;
+    let endpoint = Endpoint::parse(url)?;
+    MasterConnection::connect(&endpoint).await.with_context(|| format!("connecting to {}", endpoint.shown()))
 }
 
 /// Connection for one blocking reader. It has no response timeout: the default 500 ms would
@@ -61,6 +75,13 @@ pub(crate) async fn blocking(client: &Client) -> RedisResult<MultiplexedConnecti
 /// `PING`: whether Redis answers.
 pub(crate) async fn ping<C: redis::aio::ConnectionLike>(con: &mut C) -> RedisResult<()> {
     redis::cmd("PING").query_async(con).await
+}
+
+/// `WAIT replicas timeout`: how many replicas have acknowledged every write this connection
+/// made so far. A producer whose entry must survive a Redis failover waits for one after its
+/// XADD, and sends the entry again when none confirmed it.
+pub async fn wait_for_replicas<C: redis::aio::ConnectionLike>(con: &mut C, replicas: u32, timeout: Duration) -> RedisResult<u32> {
+    redis::cmd("WAIT").arg(replicas).arg(timeout.as_millis().max(1) as u64).query_async(con).await
 }
 
 /// `FLUSHALL`: empties the whole Redis, for the benchmark's runs.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{Client, RedisError, RedisResult};
+use redis::{RedisError, RedisResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::StreamEntry;
@@ -27,11 +27,12 @@ pub(crate) enum Trouble<'a> {
 
 /// Reads one stream as one consumer of a group. It first reads this consumer's own pending
 /// entries (cursor `0`: a restart under the same name), then new ones (cursor `>`). Its
-/// connection is made lazily and has no response timeout (see [`super::blocking`]), and it
+/// connection is made lazily, to the master its endpoint names at that moment (so a
+/// reconnection follows a failover), has no response timeout (see [`super::blocking`]), and it
 /// stops only between reads: a read in flight is never dropped, or the entries it delivered
 /// would sit in the pending list with nobody reading them.
 pub(crate) struct Reader {
-    client: Client,
+    endpoint: super::Endpoint,
     stream: String,
     group: String,
     consumer: String,
@@ -48,9 +49,9 @@ pub(crate) struct Reader {
 
 impl Reader {
     /// `count` entries at most per read; a read of new entries waits up to `block` for some.
-    pub(crate) fn new(client: Client, stream: &str, group: &str, consumer: &str, count: usize, block: Duration) -> Reader {
+    pub(crate) fn new(endpoint: super::Endpoint, stream: &str, group: &str, consumer: &str, count: usize, block: Duration) -> Reader {
         Reader {
-            client,
+            endpoint,
             stream: stream.to_string(),
             group: group.to_string(),
             consumer: consumer.to_string(),
@@ -83,13 +84,17 @@ impl Reader {
         self
     }
 
+    async fn connect(&self) -> RedisResult<MultiplexedConnection> {
+        super::blocking(&self.endpoint.client().await?).await
+    }
+
     /// The next non-empty batch, or None once `token` is cancelled. Errors are reported to
     /// the trouble hook and waited out with the backoff.
     pub(crate) async fn next(&mut self, token: &CancellationToken) -> Option<Vec<StreamEntry>> {
         while !token.is_cancelled() {
             let con = match self.conn.as_mut() {
                 Some(c) => c,
-                None => match super::blocking(&self.client).await {
+                None => match self.connect().await {
                     Ok(c) => self.conn.insert(c),
                     Err(e) => {
                         (self.on_trouble)(Trouble::Connect(&e));

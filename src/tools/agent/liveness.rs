@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::engine::streams::MasterConnection;
 
 use crate::engine::streams;
 
@@ -12,7 +12,7 @@ use crate::engine::streams;
 /// that another instance of the agent does not take it over as abandoned while the command
 /// runs, however long. Never ends: it is dropped when the command ends.
 pub(super) async fn keep_claimed(
-    mut con: ConnectionManager,
+    mut con: MasterConnection,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -36,7 +36,7 @@ pub(super) async fn keep_claimed(
 /// XADDs a heartbeat (contract v1.1) every `every` (none: never) for as long as it is
 /// polled: the orchestrator extends the dispatch's deadline on each. Never ends: it is
 /// dropped when the command ends, and so are the heartbeats.
-pub(super) async fn heartbeats(mut con: ConnectionManager, stream: &str, beat: &[(&str, &str)], every: Option<Duration>) -> Infallible {
+pub(super) async fn heartbeats(mut con: MasterConnection, stream: &str, beat: &[(&str, &str)], every: Option<Duration>) -> Infallible {
     let Some(mut ticks) = every.map(ticks) else { return std::future::pending().await };
     loop {
         ticks.tick().await;

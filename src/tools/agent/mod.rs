@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::entry::{RawFields, StreamEntry};
@@ -125,7 +124,7 @@ struct Agent {
     stream: String,
     group: String,
     consumer: String,
-    con: ConnectionManager,
+    con: streams::MasterConnection,
 }
 
 impl Agent {
@@ -207,16 +206,16 @@ impl Agent {
 }
 
 pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()> {
-    let client = streams::client(&args.redis_url)?;
+    let endpoint = streams::Endpoint::parse(&args.redis_url)?;
     let stream = args.names.trigger_stream(&args.name);
     let group = args.agent_group.clone().unwrap_or_else(|| format!("agent-{}", args.name));
     let consumer = args.consumer.clone().unwrap_or_else(|| args.name.clone());
-    let mut con = streams::manager(&client).await.context("connecting to Redis")?;
+    let mut con = streams::MasterConnection::connect(&endpoint).await.context("connecting to Redis")?;
     streams::ensure_group(&mut con, &stream, &group).await.context("creating the agent's consumer group")?;
     tracing::info!(agent = %args.name, stream = %stream, consumer = %consumer, "agent started");
     // One trigger per read: one that waited behind a long command would look abandoned.
     let mut reader =
-        Reader::new(client, &stream, &group, &consumer, 1, Duration::from_secs(1)).own_first_after_reconnect().on_trouble(|trouble| {
+        Reader::new(endpoint, &stream, &group, &consumer, 1, Duration::from_secs(1)).own_first_after_reconnect().on_trouble(|trouble| {
             match trouble {
                 Trouble::Connect(e) => tracing::warn!(error = %e, "agent cannot connect; retrying"),
                 Trouble::GroupMissing(e) | Trouble::Read(e) => tracing::warn!(error = %e, "agent read failed; retrying"),

@@ -21,9 +21,10 @@ pub async fn consumer(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names::default();
-    let mut manager = streams::manager(&client).await?;
+    let endpoint = streams::Endpoint::direct(client);
+    let mut manager = streams::MasterConnection::connect(&endpoint).await?;
     streams::ensure_group(&mut manager, &stream, &names.group).await?;
-    let mut reader = Reader::new(client, &stream, &names.group, &name, batch, Duration::from_millis(200)).new_entries_only();
+    let mut reader = Reader::new(endpoint, &stream, &names.group, &name, batch, Duration::from_millis(200)).new_entries_only();
     let mut next_agent = 0usize;
     while let Some(entries) = reader.next(&token).await {
         let triggers: Vec<Trigger> = entries

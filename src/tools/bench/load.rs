@@ -147,7 +147,8 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
     let group = format!("bench-{agent}");
     let Ok(mut con) = streams::manager(&client).await else { return };
     let _ = streams::ensure_group(&mut con, &stream, &group).await;
-    let mut reader = Reader::new(client, &stream, &group, "bench", 1000, Duration::from_millis(200)).new_entries_only();
+    let mut reader =
+        Reader::new(streams::Endpoint::direct(client), &stream, &group, "bench", 1000, Duration::from_millis(200)).new_entries_only();
     while let Some(entries) = reader.next(&token).await {
         let at = now_us();
         let mut done = Vec::with_capacity(entries.len());

@@ -306,7 +306,7 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
     let names = &stack.names;
     let pending_in = pending_of(&mut con, names, &names.incoming, &victim).await?;
     let pending_done = pending_of(&mut con, names, &names.completed, &victim).await?;
-    let left = tokio::spawn(procs::left_group(client.clone(), victim.clone(), killed));
+    let left = tokio::spawn(procs::left_group(streams::Endpoint::direct(client.clone()), victim.clone(), killed));
     let (_, first) = producer.await.context("the takeover producer panicked")??;
     let pool = store::connect(&stack.database_url, 1).await?;
     wait_completed(&log, &pool, n, args.timeout).await?;

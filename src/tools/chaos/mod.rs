@@ -1,7 +1,9 @@
 //! `ge-orchestrator chaos`: N replica processes and fake agents under load, with faults
 //! injected at random moments — kill -9 of a replica (then a restart), SIGSTOP past its lease
-//! and SIGCONT, a Redis restart (AOF, fsync always), a PostgreSQL restart — and, at the end,
-//! the invariants of `chaos_check`. Bounded in time; prints a table, optionally JSON.
+//! and SIGCONT, a Redis restart (AOF, fsync always), a PostgreSQL restart; with `--topology ha`,
+//! failovers of a Redis watched by Sentinels and of a PostgreSQL with a synchronous standby —
+//! and, at the end, the invariants of `chaos_check`. Bounded in time; prints a table,
+//! optionally JSON.
 
 mod check;
 
@@ -17,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::settings::Names;
 use crate::engine::store;
-use crate::engine::streams::{self, Reader};
+use crate::engine::streams::{self, Endpoint, MasterConnection, Reader};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
+use crate::tools::topology::{self, PostgresHa, RedisHa};
 use check::{AgentLog, Observed, Submitted};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -34,9 +37,15 @@ pub struct ChaosArgs {
     /// Mean time between faults.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub fault_interval: Duration,
-    /// Fault kinds to inject.
-    #[arg(long, value_delimiter = ',', default_value = "kill,stop,redis,postgres")]
+    /// Fault kinds to inject: kill, stop, redis, postgres (the default) with the single
+    /// topology; redis-failover, postgres-failover (the default), kill, stop with `ha`.
+    #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// `single`: one Redis, one PostgreSQL, restarted in place. `ha`: a Redis master and
+    /// replica with three Sentinels, a PostgreSQL primary and synchronous standby behind a
+    /// proxy; producers wait for a Redis replica (WAIT) after each XADD.
+    #[arg(long, default_value = "single", value_parser = ["single", "ha"])]
+    pub topology: String,
     /// One bad entry (dead-lettered on purpose) per this many work packages.
     #[arg(long, default_value_t = 50)]
     pub bad_every: u32,
@@ -78,14 +87,15 @@ retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 ";
 
 /// A fake agent: completes every trigger at once and records what it saw.
-async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
+async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
     let names = Names::default();
     let stream = names.trigger_stream(agent);
     let group = format!("agent-{agent}");
-    let Ok(mut manager) = streams::manager(&client).await else { return };
+    let Ok(mut manager) = MasterConnection::connect(&endpoint).await else { return };
     let _ = streams::ensure_group(&mut manager, &stream, &group).await;
-    // A Redis restart can lose the reply of a read it has already made pending.
-    let mut reader = Reader::new(client, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
+    // A Redis restart can lose the reply of a read it has already made pending, and a failover
+    // the report and acknowledgement the old master had not replicated.
+    let mut reader = Reader::new(endpoint, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
     while let Some(entries) = reader.next(&token).await {
         for e in entries {
             let fields: HashMap<String, String> = e
@@ -125,27 +135,32 @@ async fn fake_agent(client: redis::Client, agent: &'static str, log: Arc<Mutex<A
     }
 }
 
-/// XADD to the incoming stream with retries, as a producer does while Redis restarts.
-async fn xadd(client: &redis::Client, con: &mut Option<redis::aio::MultiplexedConnection>, incoming: &str, fields: &[(String, String)]) {
+/// XADD to the incoming stream with retries, as a producer does while Redis restarts. With
+/// `confirm`, the entry is sent again until a replica has it (WAIT): what a producer must do
+/// for its entry to survive a failover, which can lose what the old master acknowledged.
+async fn xadd(con: &mut MasterConnection, incoming: &str, fields: &[(String, String)], confirm: bool) {
     loop {
-        if con.is_none() {
-            *con = streams::blocking(client).await.ok();
-        }
-        if let Some(c) = con.as_mut()
-            && streams::xadd(c, incoming, None, fields).await.is_ok()
+        if streams::xadd(con, incoming, None, fields).await.is_ok()
+            && (!confirm || streams::wait_for_replicas(con, 1, Duration::from_secs(1)).await.is_ok_and(|n| n >= 1))
         {
             return;
         }
-        *con = None;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Plans of 10: five in a lane (lanes shared between plans), four fanned out from the first,
 /// one fan-in. Plus, now and then, an entry that must be dead-lettered.
-async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submitted>>, token: CancellationToken) {
+async fn load(endpoint: Endpoint, args: ChaosArgs, submitted: Arc<Mutex<Submitted>>, token: CancellationToken) {
     let names = Names::default();
-    let mut con = None;
+    let confirm = args.topology == "ha";
+    let mut con = loop {
+        match MasterConnection::connect(&endpoint).await {
+            Ok(c) => break c,
+            Err(_) if !token.is_cancelled() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(_) => return,
+        }
+    };
     let per_wp = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let mut n = 0u64;
     let mut count = 0u32;
@@ -164,7 +179,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
             if !deps.is_empty() {
                 fields.push(("depends_on".into(), deps.join(",")));
             }
-            xadd(&client, &mut con, &names.incoming, &fields).await;
+            xadd(&mut con, &names.incoming, &fields, confirm).await;
             {
                 let mut s = submitted.lock().unwrap_or_else(|p| p.into_inner());
                 s.wp_ids.push(wp.clone());
@@ -184,7 +199,7 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
                     1 => ("payload".into(), "binary\0data".into()),
                     _ => ("note".into(), "n".repeat(65 << 10)),
                 };
-                xadd(&client, &mut con, &names.incoming, &[("wp_id".into(), bad.clone()), extra]).await;
+                xadd(&mut con, &names.incoming, &[("wp_id".into(), bad.clone()), extra], confirm).await;
                 submitted.lock().unwrap_or_else(|p| p.into_inner()).bad.insert(bad);
             }
             tokio::time::sleep(per_wp).await;
@@ -193,19 +208,108 @@ async fn load(client: redis::Client, args: ChaosArgs, submitted: Arc<Mutex<Submi
     }
 }
 
-pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
+/// What the replicas stand on.
+enum Stack {
+    /// One Redis (AOF, fsync always) and one PostgreSQL, killed and restarted in place.
+    Single { redis: LocalRedis, postgres: LocalPostgres },
+    /// Redis with Sentinels, PostgreSQL with a synchronous standby behind a proxy.
+    Ha { redis: RedisHa, postgres: PostgresHa },
+}
+
+impl Stack {
+    async fn start(topology: &str) -> anyhow::Result<Stack> {
+        Ok(match topology {
+            "ha" => Stack::Ha { redis: RedisHa::start().await?, postgres: PostgresHa::start().await? },
+            _ => Stack::Single {
+                redis: LocalRedis::start(RedisOptions { persistent: true, ..Default::default() }).await?,
+                postgres: LocalPostgres::start(PostgresOptions::default()).await?,
+            },
+        })
+    }
+
+    fn redis_url(&self) -> String {
+        match self {
+            Stack::Single { redis, .. } => redis.url(),
+            Stack::Ha { redis, .. } => redis.url(),
+        }
+    }
+
+    async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        match self {
+            Stack::Single { postgres, .. } => postgres.create_database(name).await,
+            Stack::Ha { postgres, .. } => postgres.create_database(name).await,
+        }
+    }
+}
+
+/// From a fault until a work package submitted right after it has completed: a probe (agent
+/// w1, no lane, no dependency) sent plainly, with retries, and looked for in PostgreSQL.
+async fn resumed(endpoint: Endpoint, pool: sqlx::PgPool, wp: String, fault: Instant) -> Option<Duration> {
+    let fields = [("wp_id".to_string(), wp.clone()), ("agent_id".to_string(), "w1".to_string())];
+    let deadline = fault + Duration::from_secs(120);
+    loop {
+        if let Ok(mut con) = MasterConnection::connect(&endpoint).await
+            && streams::xadd(&mut con, &Names::default().incoming, None, &fields).await.is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while Instant::now() < deadline {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = $1").bind(&wp).fetch_optional(&pool).await.ok().flatten();
+        if status.as_deref() == Some("completed") {
+            return Some(fault.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// p50 and max of `times` (sorted), as text.
+fn p50_max(times: &[Duration]) -> (String, String) {
+    let p = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q).round() as usize)
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into())
+    };
+    (p(0.5), p(1.0))
+}
+
+async fn joined(handles: Vec<tokio::task::JoinHandle<Option<Duration>>>) -> (Vec<Duration>, usize) {
+    let mut times = Vec::new();
+    let mut unmeasured = 0;
+    for h in handles {
+        match h.await {
+            Ok(Some(d)) => times.push(d),
+            _ => unmeasured += 1,
+        }
+    }
+    times.sort();
+    (times, unmeasured)
+}
+
+pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let mut redis = LocalRedis::start(RedisOptions { persistent: true, ..Default::default() }).await?;
-    let mut postgres = LocalPostgres::start(PostgresOptions::default()).await?;
-    let database_url = postgres.create_database("chaos").await?;
+    if args.faults.is_empty() {
+        let kinds: &[&str] =
+            if args.topology == "ha" { &["redis-failover", "postgres-failover"] } else { &["kill", "stop", "redis", "postgres"] };
+        args.faults = kinds.iter().map(|k| k.to_string()).collect();
+    }
+    let mut stack = Stack::start(&args.topology).await?;
+    let database_url = stack.create_database("chaos").await?;
     let dir = tempfile_dir()?;
     let config = dir.join("routing.yaml");
     std::fs::write(&config, ROUTING)?;
     let pool = store::connect(&database_url, 2).await?;
-    let client = redis::Client::open(redis.url())?;
+    let endpoint = Endpoint::parse(&stack.redis_url())?;
 
     let env = vec![
-        ("REDIS_URL".into(), redis.url()),
+        ("REDIS_URL".into(), stack.redis_url()),
         ("DATABASE_URL".into(), database_url.clone()),
         ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
     ];
@@ -228,13 +332,20 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     let submitted = Arc::new(Mutex::new(Submitted::default()));
     let mut tasks = Vec::new();
     for agent in AGENTS {
-        tasks.push(tokio::spawn(fake_agent(client.clone(), agent, log.clone(), work.clone())));
+        tasks.push(tokio::spawn(fake_agent(endpoint.clone(), agent, log.clone(), work.clone())));
     }
     let load_token = CancellationToken::new();
-    let loader = tokio::spawn(load(client.clone(), args.clone(), submitted.clone(), load_token.clone()));
+    let loader = tokio::spawn(load(endpoint.clone(), args.clone(), submitted.clone(), load_token.clone()));
 
     let mut faults: HashMap<&'static str, u32> = HashMap::new();
     let mut takeovers = Vec::new();
+    let mut resumes: HashMap<&'static str, Vec<tokio::task::JoinHandle<Option<Duration>>>> = HashMap::new();
+    let mut promotions = Vec::new();
+    let probe = |kind: &'static str, fault: Instant, resumes: &mut HashMap<_, Vec<_>>| {
+        let wp = format!("probe-{}", submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len());
+        submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.push(wp.clone());
+        resumes.entry(kind).or_default().push(tokio::spawn(resumed(endpoint.clone(), pool.clone(), wp, fault)));
+    };
     let mut rng = rand::rng();
     // Kinds take turns, from a random start, so even a short run injects every kind; the
     // replica and the moment are random.
@@ -248,7 +359,7 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
         match kind.as_str() {
             "kill" => {
                 let name = replicas.kill(slot).await;
-                takeovers.push(tokio::spawn(procs::left_group(client.clone(), name, Instant::now())));
+                takeovers.push(tokio::spawn(procs::left_group(endpoint.clone(), name, Instant::now())));
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 replicas.spawn(slot)?;
                 *faults.entry("kill -9 + restart").or_default() += 1;
@@ -259,19 +370,39 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
                 replicas.signal(slot, libc::SIGCONT);
                 *faults.entry("SIGSTOP 3s + SIGCONT").or_default() += 1;
             }
-            "redis" => {
-                redis.kill();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                redis.restart().await?;
-                *faults.entry("Redis kill -9 + restart").or_default() += 1;
-            }
-            "postgres" => {
-                postgres.kill();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                postgres.restart().await?;
-                *faults.entry("PostgreSQL kill -9 + restart").or_default() += 1;
-            }
-            other => anyhow::bail!("unknown fault kind {other:?} (kill, stop, redis, postgres)"),
+            "redis" | "postgres" | "redis-failover" | "postgres-failover" => match (&mut stack, kind.as_str()) {
+                (Stack::Single { redis, .. }, "redis") => {
+                    redis.kill();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    redis.restart().await?;
+                    *faults.entry("Redis kill -9 + restart").or_default() += 1;
+                }
+                (Stack::Single { postgres, .. }, "postgres") => {
+                    postgres.kill();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    postgres.restart().await?;
+                    *faults.entry("PostgreSQL kill -9 + restart").or_default() += 1;
+                }
+                (Stack::Ha { redis, .. }, "redis-failover") => {
+                    let fault = Instant::now();
+                    let old = redis.kill_master().await?;
+                    probe("Redis failover", fault, &mut resumes);
+                    redis.wait_promoted(old, Duration::from_secs(60)).await?;
+                    promotions.push(fault.elapsed());
+                    // Back as the new master's replica, so that the next failover has one.
+                    redis.restart(old).await?;
+                    *faults.entry("Redis master kill -9, Sentinel failover").or_default() += 1;
+                }
+                (Stack::Ha { postgres, .. }, "postgres-failover") => {
+                    let fault = Instant::now();
+                    postgres.fail_over().await?;
+                    probe("PostgreSQL failover", fault, &mut resumes);
+                    postgres.add_standby().await?;
+                    *faults.entry("PostgreSQL primary kill -9, standby promoted").or_default() += 1;
+                }
+                (_, other) => anyhow::bail!("fault kind {other:?} does not go with --topology {}", args.topology),
+            },
+            other => anyhow::bail!("unknown fault kind {other:?} (kill, stop, redis, postgres, redis-failover, postgres-failover)"),
         }
     }
     load_token.cancel();
@@ -299,21 +430,20 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     }
     replicas.stop_all(Duration::from_secs(15)).await;
 
-    let observed = observe(&pool, &client).await?;
+    let observed = observe(&pool, &endpoint).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
         (check::check(&sub, &log, &observed), sub.wp_ids.len(), sub.bad.len(), log.redelivered)
     };
-    let mut times: Vec<Duration> = Vec::new();
-    let mut unmeasured = 0;
-    for t in takeovers {
-        match t.await {
-            Ok(Some(d)) => times.push(d),
-            _ => unmeasured += 1,
-        }
+    let (times, unmeasured) = joined(takeovers).await;
+    let mut resume_times = Vec::new();
+    for (kind, handles) in resumes {
+        let (t, missed) = joined(handles).await;
+        resume_times.push((kind, t, missed));
     }
-    times.sort();
+    resume_times.sort_by_key(|(k, _, _)| *k);
+    promotions.sort();
 
     println!("\nfaults injected ({} in {:.0} s):", faults.values().sum::<u32>(), args.duration.as_secs_f64());
     let mut kinds: Vec<_> = faults.iter().collect();
@@ -328,20 +458,39 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
     for i in &invariants {
         println!("  {:<46} {:<6}  {}", i.name, if i.held { "held" } else { "BROKEN" }, i.detail);
     }
-    let p = |q: f64| {
-        times
-            .get(((times.len() as f64 - 1.0) * q).round() as usize)
-            .map(|d| format!("{:.2} s", d.as_secs_f64()))
-            .unwrap_or_else(|| "-".into())
-    };
+    let (p50, max) = p50_max(&times);
     println!("\ntakeover after kill -9 (until the dead consumer's entries are taken over and it left the group):");
     println!(
-        "  kills {}  p50 {}  max {}{}",
+        "  kills {}  p50 {p50}  max {max}{}",
         times.len(),
-        p(0.5),
-        p(1.0),
         if unmeasured > 0 { format!("  ({unmeasured} not measured)") } else { String::new() }
     );
+    if !resume_times.is_empty() {
+        println!("\ntime to resume (from the kill -9 until a work package submitted then has completed):");
+        for (kind, t, missed) in &resume_times {
+            let (p50, max) = p50_max(t);
+            println!(
+                "  {kind:<22} {}  p50 {p50}  max {max}{}",
+                t.len(),
+                if *missed > 0 { format!("  ({missed} NOT RESUMED)") } else { String::new() }
+            );
+        }
+    }
+    if !promotions.is_empty() {
+        let (p50, max) = p50_max(&promotions);
+        println!(
+            "  Sentinel promotion     {}  p50 {p50}  max {max} (from the kill until every Sentinel names the new master)",
+            promotions.len()
+        );
+    }
+    if let Stack::Ha { .. } = stack {
+        println!(
+            "\nsettings: Redis {}; Sentinel {}; PostgreSQL {}",
+            settings_text(&topology::REDIS_SETTINGS),
+            settings_text(&topology::SENTINEL_SETTINGS),
+            settings_text(&topology::POSTGRES_SETTINGS)
+        );
+    }
     println!("  agent redeliveries after Redis restarts: {redelivered}");
 
     if let Some(path) = &args.json {
@@ -353,15 +502,24 @@ pub async fn run(args: ChaosArgs, token: CancellationToken) -> anyhow::Result<Ex
             "faults": faults,
             "invariants": invariants,
             "takeover_s": { "count": times.len(), "p50": times.get(times.len() / 2).map(Duration::as_secs_f64), "max": times.last().map(Duration::as_secs_f64) },
+            "topology": args.topology,
+            "resume_s": resume_times.iter().map(|(k, t, missed)| (k.to_string(), serde_json::json!({
+                "count": t.len(), "not_resumed": missed,
+                "p50": t.get(t.len().saturating_sub(1) / 2).map(Duration::as_secs_f64), "max": t.last().map(Duration::as_secs_f64),
+            }))).collect::<serde_json::Map<_, _>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
     }
-    let ok = invariants.iter().all(|i| i.held);
+    let ok = invariants.iter().all(|i| i.held) && resume_times.iter().all(|(_, _, missed)| *missed == 0);
     println!("\n{}", if ok { "chaos: all invariants held" } else { "chaos: INVARIANTS BROKEN" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<Observed> {
+fn settings_text(settings: &[(&str, &str)]) -> String {
+    settings.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+}
+
+async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Observed> {
     use sqlx::Row;
     let states = sqlx::query("SELECT wp_id, status, attempts FROM work_packages")
         .fetch_all(pool)
@@ -370,7 +528,7 @@ async fn observe(pool: &sqlx::PgPool, client: &redis::Client) -> anyhow::Result<
         .map(|r| Ok((r.try_get("wp_id")?, (r.try_get("status")?, r.try_get("attempts")?))))
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
     let names = Names::default();
-    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut con = MasterConnection::connect(endpoint).await?;
     let mut trigger_counts: HashMap<String, usize> = HashMap::new();
     for agent in AGENTS {
         for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
