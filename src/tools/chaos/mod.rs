@@ -27,6 +27,7 @@ use check::{AgentLog, Observed, Submitted};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
+    /// How long faults are injected; at least until each kind was injected once.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     #[arg(long, default_value_t = 3)]
@@ -350,7 +351,11 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     // Kinds take turns, from a random start, so even a short run injects every kind; the
     // replica and the moment are random.
     let mut turn = rng.random_range(0..args.faults.len().max(1));
-    while started.elapsed() < args.duration && !token.is_cancelled() {
+    // On a slow machine one fault and its recovery can take most of a short run; it goes on
+    // until every kind had its turn, so that a short run still proves each.
+    let mut injected = 0;
+    while (started.elapsed() < args.duration || injected < args.faults.len()) && !token.is_cancelled() {
+        injected += 1;
         let wait = args.fault_interval.mul_f64(rng.random_range(0.5..1.5));
         tokio::time::sleep(wait).await;
         let kind = args.faults[turn % args.faults.len()].clone();
