@@ -135,9 +135,9 @@ async fn work_survives_a_redis_and_a_postgres_failover_with_nothing_lost_or_doub
     }
     let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "dispatch_ids published twice: {doubled:?}");
-    for wp in &all {
-        assert!(seen.keys().any(|d| d.rsplit_once(':').map(|(w, _)| w) == Some(wp.as_str())), "no trigger of {wp}");
-    }
+    // Not every trigger need be in these streams: one an agent read from the old master just
+    // before it died, and ran, is lost with it unless replicated. Its work package completed
+    // once all the same, which is what the checks above and below hold to.
     // Order: each dispatch of a work package came after its lane predecessor and its
     // dependency completed, by the history PostgreSQL recorded.
     let early: Vec<(String, String)> = sqlx::query_as(
@@ -179,7 +179,11 @@ async fn a_trigger_is_recorded_as_published_only_once_a_redis_replica_has_it() {
     let published = move |wp: &'static str| {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, bool>("SELECT published FROM work_packages WHERE wp_id = $1").bind(wp).fetch_one(&pool).await.unwrap()
+            sqlx::query_scalar::<_, bool>("SELECT NOT EXISTS (SELECT 1 FROM dispatch_outbox WHERE wp_id = $1)")
+                .bind(wp)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
         }
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
