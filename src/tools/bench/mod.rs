@@ -100,7 +100,9 @@ impl Stack {
         let (postgres, database_url) = match &args.database_url {
             Some(u) => (None, u.clone()),
             None => {
-                let p = LocalPostgres::start(PostgresOptions::default()).await?;
+                // Large enough for the working set of the largest backlog (chains at 200k), as
+                // a production server's would be.
+                let p = LocalPostgres::start(PostgresOptions { shared_buffers_mb: Some(1024), ..PostgresOptions::default() }).await?;
                 let u = p.create_database("bench").await?;
                 (Some(p), u)
             }
