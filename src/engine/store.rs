@@ -7,9 +7,10 @@
 //! moves through it (autovacuum samples it a minute later, when most of it is `completed`), so
 //! the planner took `status = 'dispatched'` for one row and scanned the open-work index by
 //! status, with the keys as a filter: 20-100 ms per statement where the primary key answers
-//! in under one. Written this way, the key is the only way in. Lookups of edges by key join
-//! the keys as a table, for the same reason: `depends_on = ANY($1)` on a table the planner
-//! thought small became a sequential scan testing every edge against every key.
+//! in under one. Written this way, the key is the only way in. Lookups of edges by key go key
+//! by key (a LATERAL subquery that `OFFSET 0` keeps from being flattened into a join), for
+//! the same reason: `depends_on = ANY($1)`, and then a hash join with the keys, on a table
+//! the planner thought small became a sequential scan of every edge ever stored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -117,7 +118,8 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Opti
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
         let ids: Vec<&str> = specs.iter().map(|s| s.wp_id.as_str()).collect();
         let risky: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(id) JOIN work_package_deps d ON d.depends_on = k.id)
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(id)
+                            CROSS JOIN LATERAL (SELECT 1 FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d)
                  OR EXISTS (SELECT 1 FROM unnest($2::text[]) AS d(id)
                             WHERE NOT d.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM work_packages p WHERE p.wp_id = d.id))",
         )
@@ -603,7 +605,8 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
 /// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.
 pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT d.wp_id FROM unnest($1::text[]) AS k(id) JOIN work_package_deps d ON d.depends_on = k.id
+        "SELECT d.wp_id FROM unnest($1::text[]) AS k(id)
+           CROSS JOIN LATERAL (SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d
          UNION
          SELECT n.wp_id FROM work_packages w
            CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
