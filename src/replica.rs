@@ -79,7 +79,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         stats: Stats::default(),
         group_joined: AtomicBool::new(true),
         gate_held: Default::default(),
-        sweep_from: Default::default(),
+        sweep_from: std::sync::Mutex::new(crate::engine::dispatch::SWEEP_START),
         metrics: crate::engine::metrics::Metrics::new(),
     });
 

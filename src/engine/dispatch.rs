@@ -44,11 +44,14 @@ impl Scope {
     pub fn ids(wp_ids: Vec<String>) -> Self {
         Scope { wp_ids, sweep_from: None, include_ready: false }
     }
-    /// A sweep from the start of the incoming order.
-    pub fn all() -> Self {
-        Scope { wp_ids: Vec::new(), sweep_from: Some((-1, -1)), include_ready: true }
+    /// A sweep whose page of blocked work starts after `from` in the incoming order.
+    pub fn sweep(from: (i64, i64)) -> Self {
+        Scope { wp_ids: Vec::new(), sweep_from: Some(from), include_ready: true }
     }
 }
+
+/// Where a sweep starts that looks at blocked work from the beginning of the incoming order.
+pub(crate) const SWEEP_START: (i64, i64) = (-1, -1);
 
 /// The scheduler's sweep: what may go without an event this replica saw (retry timers come
 /// due, slots freed, gates opened and dependencies completed on another replica, operators'
@@ -57,7 +60,7 @@ impl Scope {
 /// the next sweep from the beginning again.
 pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     let from = *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
-    let n = round(ctx, &Scope { wp_ids: Vec::new(), sweep_from: Some(from), include_ready: true }).await?;
+    let n = round(ctx, &Scope::sweep(from)).await?;
     let next: Option<(i64, i64)> = sqlx::query_as(
         "SELECT x.source_ms, x.source_seq FROM work_packages x
          WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($1, $2)
@@ -68,7 +71,7 @@ pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     .bind(ROUND_LIMIT)
     .fetch_optional(&ctx.pool)
     .await?;
-    *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner()) = next.unwrap_or((-1, -1));
+    *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner()) = next.unwrap_or(SWEEP_START);
     Ok(n)
 }
 
@@ -435,11 +438,13 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     let (ids, triggers): (Vec<String>, Vec<Trigger>) = triggers.into_iter().unzip();
     let mut redis = ctx.redis.clone();
     streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl).await.context("publishing triggers")?;
-    sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)")
-        .bind(&ids)
-        .execute(&ctx.pool)
-        .await
-        .context("recording published triggers")?;
+    forget_claims(ctx, &ids).await.context("recording published triggers")?;
+    Ok(())
+}
+
+/// Removes claims from the outbox: their triggers are published, or no longer needed.
+async fn forget_claims(ctx: &Ctx, dispatch_ids: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)").bind(dispatch_ids).execute(&ctx.pool).await?;
     Ok(())
 }
 
@@ -468,7 +473,7 @@ pub(crate) async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
         }
     }
     if !gone.is_empty() {
-        sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)").bind(&gone).execute(&ctx.pool).await?;
+        forget_claims(ctx, &gone).await?;
     }
     let n = triggers.len();
     if n > 0 {

@@ -149,12 +149,12 @@ fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
 }
 
 /// Dispatches what an operator's action may have made possible now, rather than at the
-/// scheduler's next sweep: `wp_ids` and whatever waits for a slot, or (None) every held
-/// work package.
+/// scheduler's next sweep: `wp_ids` and whatever waits for a slot, or (None) a sweep from the
+/// start of the incoming order.
 async fn nudge(ctx: &Ctx, wp_ids: Option<Vec<String>>) {
     let scope = match wp_ids {
         Some(wp_ids) => Scope { wp_ids, sweep_from: None, include_ready: true },
-        None => Scope::all(),
+        None => Scope::sweep(dispatch::SWEEP_START),
     };
     if let Err(e) = dispatch::round(ctx, &scope).await {
         tracing::warn!(error = format!("{e:#}"), "dispatch after an operator action failed; the scheduler will retry");
