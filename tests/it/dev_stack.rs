@@ -1,22 +1,12 @@
 //! The README's first command, end to end: `dev` starts its own Redis and PostgreSQL, two
 //! replica processes and the reference agents, and runs the sample plan to completion.
 
-use std::process::Command;
-
-use crate::harness::BIN;
+use crate::harness::dev_command;
 
 #[test]
 fn dev_runs_the_sample_plan_to_completion() {
     let logs = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["dev", "--exit-when-done", "--agent-command", "sleep 0.3; echo ok"])
-        .arg("--log-dir")
-        .arg(logs.path())
-        .env_remove("REDIS_URL")
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run dev");
+    let out = dev_command(logs.path(), "sleep 0.3; echo ok").env_remove("REDIS_URL").env_remove("DATABASE_URL").output().expect("run dev");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("9 completed, 0 failed"), "{stdout}");

@@ -13,7 +13,7 @@ use ge_orchestrator::tools::localstack::{LocalRedis, RedisOptions};
 use ge_orchestrator::tools::topology::{PostgresHa, RedisHa};
 use sqlx::PgPool;
 
-use crate::harness::{BIN, ROUTING, Replica, T, TestEnv, eventually};
+use crate::harness::{BIN, ROUTING, Replica, T, TestEnv, dev_command, eventually};
 
 const AGENTS: [&str; 2] = ["w1", "w2"];
 const HA_ROUTING: &str = "version: 1
@@ -206,15 +206,7 @@ fn dev_runs_with_only_the_sentinels_addresses() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let redis = rt.block_on(RedisHa::start()).expect("start Redis with Sentinels");
     let logs = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["dev", "--exit-when-done", "--agent-command", "echo ok"])
-        .arg("--log-dir")
-        .arg(logs.path())
-        .env("REDIS_URL", redis.url())
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run dev");
+    let out = dev_command(logs.path(), "echo ok").env("REDIS_URL", redis.url()).env_remove("DATABASE_URL").output().expect("run dev");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("9 completed, 0 failed"), "{stdout}");

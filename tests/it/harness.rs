@@ -299,6 +299,17 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// `ge-orchestrator dev --exit-when-done` from the repository (for `examples/plan.yaml`), with
+/// reference agents running `agent_command` and the processes' logs in `logs`.
+pub fn dev_command(logs: &std::path::Path, agent_command: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["dev", "--exit-when-done", "--agent-command", agent_command])
+        .arg("--log-dir")
+        .arg(logs);
+    cmd
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
