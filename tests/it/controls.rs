@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use crate::harness::{BIN, T, TestEnv, eventually, http};
+use crate::harness::{BIN, Replica, T, TestEnv, eventually, http};
 
 const SOLO: &str = r#"version: 1
 agents:
@@ -39,7 +39,12 @@ async fn waiting(env: &TestEnv, wp_ids: &[&str], says: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priority_goes_first_and_a_lane_keeps_its_order() {
     let env = TestEnv::start(SOLO).await;
-    let replica = env.replica("r1");
+    // Only the rounds of events (ingest, completions): the scheduler's sweep reads blocked work
+    // a page at a time, and one whose page missed a lane successor just unblocked could give
+    // the slot to lower-priority ready work first.
+    let mut settings = env.settings("r1");
+    settings.scheduler_interval = std::time::Duration::from_secs(3600);
+    let replica = Replica::spawn(settings);
     env.submit(&[("wp_id", "plug"), ("agent_id", "solo")]).await;
     let plug = next_trigger(&env, "solo", 0).await;
     // solo is full: everything below waits, and is dispatched one by one once the plug is done.
