@@ -1,6 +1,7 @@
-//! Every PostgreSQL read of the operators' surface: the CLI, the admin API, `/metrics`, the
-//! dashboard, the dev stack and `submit --wait`. Read-only; the engine's own statements live in
-//! `engine::store` and `engine::dispatch`, which own the tables.
+//! Every PostgreSQL read of the operators' surface but the activity chart's (`ops::activity`):
+//! the CLI, the admin API, `/metrics`, the dashboard, the dev stack and `submit --wait`.
+//! Read-only; the engine's own statements live in `engine::store` and `engine::dispatch`, which
+//! own the tables.
 
 use std::collections::{BTreeMap, HashMap};
 
