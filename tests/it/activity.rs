@@ -18,6 +18,14 @@ async fn activity_counts_the_windows_dispatches_and_completions_and_their_latenc
     let replica = Replica::spawn(settings);
     wait_ready(port).await;
 
+    // A long history before anything else: 100,000 events five hours old.
+    sqlx::query(
+        "INSERT INTO work_package_events (wp_id, at, status)
+         SELECT 'ancient.' || g, now() - interval '5 hours' + g * interval '1 ms', 'completed' FROM generate_series(1, 100000) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     // Old history: five work packages run to completion, then moved two hours back, as a
     // long-running system's history is; the window must leave them out.
     for i in 0..5 {
@@ -80,6 +88,30 @@ async fn activity_counts_the_windows_dispatches_and_completions_and_their_latenc
     // A wider window reaches the old history.
     let (_, wide) = http(port, "GET", "/api/activity?minutes=180", None, None).await;
     assert_eq!(sum(wide["buckets"].as_array().unwrap(), "completed"), 3 + 4, "{wide}");
+
+    // The read touched the window's events, not the history: no sequential scan of the events,
+    // and a few hundred rows fetched by key at most (PostgreSQL publishes a connection's
+    // counters within seconds of its statement).
+    let counters = || async {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT coalesce(seq_tup_read, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0)
+             FROM pg_stat_user_tables WHERE relname = 'work_package_events'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let settled = eventually(T, "the counters settled", || async {
+        let a = counters().await;
+        tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+        (counters().await == a).then_some(a)
+    })
+    .await;
+    let (code, _) = http(port, "GET", "/api/activity?minutes=60", None, None).await;
+    assert_eq!(code, 200);
+    let after = eventually(T, "the read's counters published", || async { Some(counters().await).filter(|c| c.1 > settled.1) }).await;
+    assert_eq!(after.0, settled.0, "the activity read scanned the events sequentially");
+    assert!(after.2 - settled.2 < 500, "the activity read fetched {} events for a window of about 30", after.2 - settled.2);
 
     for bad in ["0", "181", "x"] {
         let (code, v) = http(port, "GET", &format!("/api/activity?minutes={bad}"), None, None).await;
