@@ -4,6 +4,7 @@
 
 mod args;
 mod cluster;
+mod controls;
 mod deadletter;
 mod routing;
 mod submit;
@@ -49,6 +50,12 @@ enum Command {
     Cancel(work::Cancel),
     /// Mark a work package completed without running it, so its dependents and lane go on.
     Skip(work::Skip),
+    /// Pause an agent, a lane or a plan: its work waits until it is resumed.
+    Pause(controls::PauseCmd),
+    /// Resume a paused agent, lane or plan.
+    Resume(controls::ResumeCmd),
+    /// List what is paused.
+    Pauses(controls::PausesCmd),
     /// List or requeue dead letters.
     Deadletter {
         #[command(subcommand)]
@@ -110,6 +117,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(c) => c.run().await,
         Command::Cancel(c) => c.run().await,
         Command::Skip(c) => c.run().await,
+        Command::Pause(c) => c.run().await,
+        Command::Resume(c) => c.run().await,
+        Command::Pauses(c) => c.run().await,
         Command::Deadletter { action } => action.run().await,
         Command::Agents(c) => c.run().await,
         Command::Replicas(c) => c.run().await,

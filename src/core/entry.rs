@@ -41,6 +41,15 @@ pub struct WorkPackageSpec {
     pub trigger: Option<String>,
     pub lane: Option<String>,
     pub depends_on: Vec<String>,
+    /// Dispatch order among work that may run now (v1.4): higher first; 0 when not given.
+    pub priority: i16,
+    /// The plan the work package belongs to (v1.4): the `plan` field, else the wp_id up to its
+    /// last dot, else none.
+    pub plan: Option<String>,
+    /// The round-robin group of fair share (v1.4): `fairness_key`, else the plan, else "".
+    pub fairness_key: String,
+    /// Unix milliseconds before which it may not run (v1.4).
+    pub not_before_ms: Option<i64>,
     /// Every field as received; passed through to the trigger.
     pub fields: BTreeMap<String, String>,
     pub source_id: String,
@@ -112,6 +121,52 @@ fn non_empty(fields: &BTreeMap<String, String>, key: &str) -> Option<String> {
     fields.get(key).filter(|v| !v.is_empty()).cloned()
 }
 
+/// The range of `priority` (v1.4).
+pub(crate) const PRIORITY_RANGE: std::ops::RangeInclusive<i16> = -100..=100;
+
+/// A name field (`lane`, `plan`, `fairness_key`): at most 128 bytes.
+fn bounded_name(fields: &BTreeMap<String, String>, key: &str) -> Result<Option<String>, Rejection> {
+    match non_empty(fields, key) {
+        Some(v) if v.len() > 128 => Err(Rejection::new("invalid", format!("{key} {} is longer than 128 bytes", excerpt(&v)))),
+        v => Ok(v),
+    }
+}
+
+fn parse_priority(fields: &BTreeMap<String, String>) -> Result<i16, Rejection> {
+    let Some(p) = non_empty(fields, "priority") else { return Ok(0) };
+    match p.trim().parse::<i16>() {
+        Ok(n) if PRIORITY_RANGE.contains(&n) => Ok(n),
+        _ => Err(Rejection::new(
+            "invalid",
+            format!(
+                "priority {} must be an integer from {} to {} (higher goes first; leave it out for 0)",
+                excerpt(&p),
+                PRIORITY_RANGE.start(),
+                PRIORITY_RANGE.end()
+            ),
+        )),
+    }
+}
+
+/// `not_before`: an RFC 3339 time, or a delay (`30s`, `5m`) counted from the entry's stream id,
+/// so that a redelivery of the entry means the same time.
+fn parse_not_before(fields: &BTreeMap<String, String>, source_ms: i64) -> Result<Option<i64>, Rejection> {
+    let Some(v) = non_empty(fields, "not_before") else { return Ok(None) };
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v.trim()) {
+        return Ok(Some(t.timestamp_millis()));
+    }
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) if d.as_millis() <= 366 * 86_400_000 => Ok(Some(source_ms.saturating_add(d.as_millis() as i64))),
+        _ => Err(Rejection::new(
+            "invalid",
+            format!(
+                "not_before {} is neither an RFC 3339 time (2026-11-29T08:00:00Z) nor a delay of at most a year (30s, 5m, 2h)",
+                excerpt(&v)
+            ),
+        )),
+    }
+}
+
 /// Validates one `ge:work:incoming` entry. Routing is decided elsewhere; this only checks
 /// that the entry is well-formed.
 pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
@@ -139,12 +194,11 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
         None => format!("auto-{}", entry.id),
     };
 
-    let lane = non_empty(&fields, "lane");
-    if let Some(l) = &lane
-        && l.len() > 128
-    {
-        return Err(Rejection::new("invalid", format!("lane {} is longer than 128 bytes", excerpt(l))));
-    }
+    let lane = bounded_name(&fields, "lane")?;
+    let priority = parse_priority(&fields)?;
+    let not_before_ms = parse_not_before(&fields, source_ms)?;
+    let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
+    let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
 
     let mut depends_on: Vec<String> = Vec::new();
     if let Some(deps) = fields.get("depends_on") {
@@ -178,6 +232,10 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
         trigger: non_empty(&fields, "trigger"),
         lane,
         depends_on,
+        priority,
+        plan,
+        fairness_key,
+        not_before_ms,
         fields,
         source_id: entry.id.clone(),
         source_ms,
@@ -245,6 +303,33 @@ mod tests {
         assert!(parse_incoming(&dup, &l).unwrap_err().detail.contains("twice"));
         let deleted = StreamEntry { id: "1-0".into(), fields: None };
         assert_eq!(parse_incoming(&deleted, &l).unwrap_err().reason, "deleted");
+    }
+
+    #[test]
+    fn controls_have_defaults_and_refuse_bad_values_with_reasons() {
+        let l = Limits::default();
+        let plain = parse_incoming(&entry(&[("wp_id", "run1.step.a")]), &l).unwrap();
+        assert_eq!(
+            (plain.priority, plain.plan.as_deref(), plain.fairness_key.as_str(), plain.not_before_ms),
+            (0, Some("run1.step"), "run1.step", None)
+        );
+        let bare = parse_incoming(&entry(&[("wp_id", "alone")]), &l).unwrap();
+        assert_eq!((bare.plan, bare.fairness_key.as_str()), (None, ""));
+        let given = parse_incoming(
+            &entry(&[("wp_id", "x.y"), ("priority", "-7"), ("plan", "p"), ("fairness_key", "tenant-3"), ("not_before", "90s")]),
+            &l,
+        )
+        .unwrap();
+        assert_eq!((given.priority, given.plan.as_deref(), given.fairness_key.as_str()), (-7, Some("p"), "tenant-3"));
+        assert_eq!(given.not_before_ms, Some(1700000000000 + 90_000));
+        let at = parse_incoming(&entry(&[("not_before", "2026-11-29T08:00:00+01:00")]), &l).unwrap();
+        assert_eq!(at.not_before_ms, Some(chrono::DateTime::parse_from_rfc3339("2026-11-29T07:00:00Z").unwrap().timestamp_millis()));
+        for (k, v, says) in [("priority", "101", "-100 to 100"), ("priority", "high", "integer"), ("not_before", "tomorrow", "RFC 3339")] {
+            let rej = parse_incoming(&entry(&[(k, v)]), &l).unwrap_err();
+            assert!(rej.reason == "invalid" && rej.detail.contains(k) && rej.detail.contains(says), "{}", rej.detail);
+        }
+        let long = "p".repeat(129);
+        assert!(parse_incoming(&entry(&[("plan", &long)]), &l).unwrap_err().detail.contains("plan"));
     }
 
     #[test]

@@ -68,8 +68,24 @@ fn load_of(table: &RoutingTable, agent: &str, in_flight: &impl Fn(&str) -> u32) 
     format!("{agent} {}/{cap}", in_flight(agent))
 }
 
-/// One named agent: dispatch unless it is disabled or at its cap.
-fn to_agent(table: &RoutingTable, agent: &str, kind: RouteKind, why: String, in_flight: &impl Fn(&str) -> u32) -> Decision {
+/// What a dispatch round knows about each agent besides the routing file: its work in flight,
+/// and why it may take none now (paused, out of rate-limit tokens; v1.4).
+pub(crate) trait AgentState {
+    fn in_flight(&self, agent: &str) -> u32;
+    fn held(&self, _agent: &str) -> Option<String> {
+        None
+    }
+}
+
+impl<F: Fn(&str) -> u32> AgentState for F {
+    fn in_flight(&self, agent: &str) -> u32 {
+        self(agent)
+    }
+}
+
+/// One named agent: dispatch unless it is disabled, held or at its cap.
+fn to_agent(table: &RoutingTable, agent: &str, kind: RouteKind, why: String, state: &impl AgentState) -> Decision {
+    let in_flight = &|a: &str| state.in_flight(a);
     let Some(spec) = table.agents.get(agent) else {
         // Config validation guarantees trigger and default targets exist; only an explicit
         // agent_id can get here, and route() checks that first.
@@ -85,17 +101,24 @@ fn to_agent(table: &RoutingTable, agent: &str, kind: RouteKind, why: String, in_
     if spec.max_in_flight.is_some_and(|cap| in_flight(agent) >= cap) {
         return Decision::Wait { kind, candidates: vec![agent.to_string()], reason: format!("{why}: agent {agent} is full ({load})") };
     }
+    // Said as is ("rate limit of ada: next slot in 12 s"): the hold is the agent's, whatever
+    // the route.
+    if let Some(held) = state.held(agent) {
+        return Decision::Wait { kind, candidates: vec![agent.to_string()], reason: held };
+    }
     Decision::Dispatch { agent: agent.to_string(), kind, reason: format!("{why} -> {agent} ({load})") }
 }
 
-/// The enabled agent of `role` with the fewest in flight below its cap; ties by name.
-fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, in_flight: &impl Fn(&str) -> u32) -> Decision {
+/// The enabled, unheld agent of `role` with the fewest in flight below its cap; ties by name.
+fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, state: &impl AgentState) -> Decision {
+    let in_flight = &|a: &str| state.in_flight(a);
     let all: Vec<(&str, &crate::core::routing_file::AgentSpec)> = table.agents_with_role(role).collect();
     let loads = all.iter().map(|(n, _)| load_of(table, n, in_flight)).collect::<Vec<_>>().join(", ");
     let best = all
         .iter()
         .filter(|(_, a)| a.enabled)
         .filter(|(n, a)| a.max_in_flight.is_none_or(|cap| in_flight(n) < cap))
+        .filter(|(n, _)| state.held(n).is_none())
         .min_by_key(|(n, _)| (in_flight(n), *n));
     match best {
         Some((agent, _)) => {
@@ -103,10 +126,13 @@ fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, in_fl
         }
         None => {
             let disabled: Vec<&str> = all.iter().filter(|(_, a)| !a.enabled).map(|(n, _)| *n).collect();
+            let held: Vec<String> = all.iter().filter_map(|(n, _)| state.held(n)).collect();
             let state = if disabled.len() == all.len() {
                 format!("disabled: {}", disabled.join(", "))
-            } else {
+            } else if held.is_empty() {
                 format!("full or disabled: {loads}")
+            } else {
+                format!("full, disabled or held: {loads}; {}", held.join("; "))
             };
             Decision::Wait {
                 kind,
@@ -117,7 +143,7 @@ fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, in_fl
     }
 }
 
-pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl Fn(&str) -> u32) -> Decision {
+pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl AgentState) -> Decision {
     let nonempty = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
     let (agent_id, work_type, trigger) = (nonempty(req.agent_id), nonempty(req.work_type), nonempty(req.trigger));
 
@@ -202,7 +228,7 @@ default_agent: dolly
 
     fn go(agent_id: Option<&str>, work_type: Option<&str>, trigger: Option<&str>, loads: &[(&str, u32)]) -> Decision {
         let loads: HashMap<String, u32> = loads.iter().map(|(a, n)| (a.to_string(), *n)).collect();
-        route(&RouteRequest { agent_id, work_type, trigger }, &table(), &|a| loads.get(a).copied().unwrap_or(0))
+        route(&RouteRequest { agent_id, work_type, trigger }, &table(), &|a: &str| loads.get(a).copied().unwrap_or(0))
     }
 
     fn dispatched(d: &Decision) -> (&str, RouteKind) {
@@ -292,7 +318,7 @@ default_agent: dolly
         assert_eq!(dispatched(&go(None, None, Some("nothing.matches"), &[])), ("dolly", RouteKind::Default));
         assert_eq!(dispatched(&go(None, None, None, &[])), ("dolly", RouteKind::Default));
         let no_default = parse("version: 1\nagents:\n  ada: { roles: [dev] }\n", "t.yaml").unwrap();
-        match route(&RouteRequest { agent_id: None, work_type: Some("x"), trigger: None }, &no_default, &|_| 0) {
+        match route(&RouteRequest { agent_id: None, work_type: Some("x"), trigger: None }, &no_default, &|_: &str| 0) {
             Decision::DeadLetter { reason, detail } => {
                 assert_eq!(reason, DeadLetterReason::Unroutable);
                 assert!(detail.contains("work_type=\"x\"") && detail.contains("default_agent"), "{detail}");

@@ -38,6 +38,22 @@ pub struct AgentSpec {
     pub enabled: bool,
     /// How long a dispatch to this agent may run without a report (v1.1); None: no deadline.
     pub timeout: Option<Duration>,
+    /// How many dispatches may start per minute, across replicas (v1.4); None: no limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket (v1.4): `per_minute` tokens a minute, at most `burst` saved up. A dispatch
+/// takes one token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.per_minute) / 60.0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +129,16 @@ struct RawAgent {
     enabled: bool,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    rate_limit: Option<Spanned<RawRateLimit>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_minute: Spanned<u32>,
+    #[serde(default)]
+    burst: Option<Spanned<u32>>,
 }
 
 /// A work type names its role, or (v1.1) its role and a timeout. Untagged, so the parser
@@ -226,6 +252,23 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
         }
         let timeout =
             spec.value.timeout.as_ref().map(|t| positive_duration(&t.value, at(t), &format!("agents.{name}.timeout"))).transpose()?;
+        let rate_limit = match &spec.value.rate_limit {
+            None => None,
+            Some(r) => {
+                if r.value.per_minute.value == 0 {
+                    return Err(err_at(
+                        at(&r.value.per_minute),
+                        format!("agents.{name}.rate_limit.per_minute must be at least 1 (disable the agent to stop it)"),
+                    ));
+                }
+                if let Some(b) = &r.value.burst
+                    && b.value == 0
+                {
+                    return Err(err_at(at(b), format!("agents.{name}.rate_limit.burst must be at least 1")));
+                }
+                Some(RateLimit { per_minute: r.value.per_minute.value, burst: r.value.burst.as_ref().map_or(1, |b| b.value) })
+            }
+        };
         agents.insert(
             name.clone(),
             AgentSpec {
@@ -233,6 +276,7 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
                 max_in_flight: spec.value.max_in_flight.as_ref().map(|c| c.value),
                 enabled: spec.value.enabled,
                 timeout,
+                rate_limit,
             },
         );
     }
@@ -370,7 +414,8 @@ impl RoutingTable {
             let cap = a.max_in_flight.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into());
             let state = if a.enabled { "enabled" } else { "DISABLED" };
             let timeout = a.timeout.map(|t| format!("  timeout {}", humantime::format_duration(t))).unwrap_or_default();
-            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}{timeout}\n", a.roles.join(", ")));
+            let rate = a.rate_limit.map(|r| format!("  rate_limit {}/min burst {}", r.per_minute, r.burst)).unwrap_or_default();
+            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}{timeout}{rate}\n", a.roles.join(", ")));
         }
         out.push_str("\nwork_types:\n");
         for (wt, role) in &self.work_types {
@@ -407,6 +452,22 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text, "r.yaml").expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn rate_limits_default_to_a_burst_of_one_and_refuse_zero_where_written() {
+        let t = parse(
+            "version: 1\nagents:\n  a: { roles: [r], rate_limit: { per_minute: 30 } }\n  b: { roles: [r], rate_limit: { per_minute: 6, burst: 3 } }\n",
+            "r.yaml",
+        )
+        .unwrap();
+        assert_eq!(t.agents["a"].rate_limit, Some(RateLimit { per_minute: 30, burst: 1 }));
+        assert_eq!(t.agents["b"].rate_limit, Some(RateLimit { per_minute: 6, burst: 3 }));
+        let zero = err("version: 1\nagents:\n  a:\n    rate_limit: { per_minute: 0 }\n");
+        assert!(zero.starts_with("r.yaml:4:") && zero.contains("per_minute"), "{zero}");
+        let burst = err("version: 1\nagents:\n  a:\n    rate_limit:\n      per_minute: 5\n      burst: 0\n");
+        assert!(burst.starts_with("r.yaml:6:") && burst.contains("burst"), "{burst}");
+        assert!(err("version: 1\nagents:\n  a:\n    rate_limit: { per_hour: 5 }\n").starts_with("r.yaml:4:"));
     }
 
     #[test]

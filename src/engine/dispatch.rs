@@ -20,9 +20,10 @@ use anyhow::Context;
 use sqlx::Row;
 
 use crate::core::entry::parse_stream_id;
-use crate::core::router::{self, Decision, RouteRequest};
-use crate::core::routing_file::RoutingTable;
+use crate::core::router::{self, AgentState, Decision, RouteRequest};
+use crate::core::routing_file::{RateLimit, RoutingTable};
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::controls::{self, Bucket, PauseScope, Paused};
 use crate::engine::streams::{self, Trigger};
 
 /// Namespace of the per-agent locks (`pg_advisory_xact_lock(AGENT_LOCKS, hashtext(agent))`).
@@ -92,29 +93,62 @@ macro_rules! may_run {
     };
 }
 
-/// Held work packages in `scope` that may go now, oldest first; `$1` is the limit, `$2` the
+/// Held work packages in `scope` that may go now, best first; `$1` is the limit, `$2` the
 /// wp_ids of the scope. `$held` tests the status: through the open-work index for a sweep, as
 /// a filter after the key for a scope of wp_ids (see `store` on `COLLATE "C"`).
+///
+/// Best first (v1.4): higher `priority`; then fair share among equal priorities: each fairness
+/// key's work takes turns (its first, then its second, ...), a key's turns counted on from
+/// the work it has in flight already, so that a key with nothing running goes before one
+/// with much; then incoming order. The in-flight count per key is capped at the round's limit.
 macro_rules! candidates_sql {
-    ($held:literal, $scope:literal) => {
+    ($held:literal, $scope:expr) => {
         concat!(
-            "SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq,
-                    extract(epoch FROM ",
-            eligible_since!(),
-            ")::float8 AS eligible_since
-             FROM work_packages w
-             WHERE ",
+            "WITH c AS MATERIALIZED (
+                 SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq,
+                        w.plan, w.priority, w.fairness_key, w.created_at, w.next_attempt_at,
+                        CASE WHEN w.not_before > now() THEN extract(epoch FROM w.not_before)::float8 END AS delayed_until,
+                        row_number() OVER (PARTITION BY w.fairness_key, w.priority ORDER BY w.source_ms, w.source_seq) AS turn
+                 FROM work_packages w
+                 WHERE ",
             $held,
             "
-               AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
-               AND ",
+                   AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
+                   AND ",
             $scope,
             " AND ",
             may_run!(),
-            "
-             ORDER BY w.source_ms, w.source_seq
+            "),
+             busy AS (SELECT k.key, (SELECT count(*) FROM (SELECT 1 FROM work_packages d
+                                                          WHERE d.status = 'dispatched' AND d.fairness_key = k.key LIMIT $1) x) AS n
+                      FROM (SELECT DISTINCT c.fairness_key AS key FROM c) k)
+             SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq, w.plan,
+                    w.delayed_until, extract(epoch FROM ",
+            eligible_since!(),
+            ")::float8 AS eligible_since
+             FROM c w JOIN busy b ON b.key = w.fairness_key
+             ORDER BY w.priority DESC, w.turn + b.n, w.source_ms, w.source_seq
              LIMIT $1"
         )
+    };
+}
+
+/// The `ready` work a round looks at, as wp_ids: a share of the round from every fairness key
+/// (a skip scan over the keys of the ready-work index, then the best of each key), so that a
+/// plan submitted behind a large backlog is seen by the next round. `$1` is the round's limit.
+macro_rules! fair_ready {
+    () => {
+        "(WITH RECURSIVE keys(k) AS (
+               (SELECT x.fairness_key FROM work_packages x WHERE x.status = 'ready' ORDER BY x.fairness_key LIMIT 1)
+               UNION ALL
+               SELECT (SELECT x.fairness_key FROM work_packages x WHERE x.status = 'ready' AND x.fairness_key > keys.k
+                       ORDER BY x.fairness_key LIMIT 1)
+               FROM keys WHERE keys.k IS NOT NULL),
+           picked AS MATERIALIZED (SELECT k FROM keys WHERE k IS NOT NULL LIMIT $1)
+           SELECT r.wp_id FROM picked CROSS JOIN LATERAL (
+               SELECT x.wp_id FROM work_packages x WHERE x.status = 'ready' AND x.fairness_key = picked.k
+               ORDER BY x.priority DESC, x.source_ms, x.source_seq
+               LIMIT (SELECT ($1 + count(*) - 1) / count(*) FROM picked)) r)"
     };
 }
 
@@ -138,8 +172,31 @@ struct Candidate {
     trigger: Option<String>,
     lane: Option<String>,
     order: (i64, i64),
+    plan: Option<String>,
+    /// Its `not_before` (Unix seconds) while that is still to come, by the transaction's
+    /// clock, the one `dispatched_at` is written with (v1.4).
+    delayed_until: Option<f64>,
     /// Unix seconds since when it may run, for the dispatch-latency histogram.
     eligible_since: f64,
+}
+
+/// The agents as a round sees them: work in flight, pauses and rate-limit tokens (v1.4).
+struct Agents<'a> {
+    in_flight: &'a HashMap<String, u32>,
+    paused: &'a Paused,
+    buckets: &'a HashMap<String, Bucket>,
+}
+
+impl AgentState for Agents<'_> {
+    fn in_flight(&self, agent: &str) -> u32 {
+        self.in_flight.get(agent).copied().unwrap_or(0)
+    }
+    fn held(&self, agent: &str) -> Option<String> {
+        if let Some(p) = self.paused.get(PauseScope::Agent, Some(agent)) {
+            return Some(p.wait_reason());
+        }
+        self.buckets.get(agent).and_then(|b| b.held(agent))
+    }
 }
 
 /// One dispatch round. Returns how many work packages were dispatched.
@@ -163,23 +220,28 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let query = match scope.sweep_from {
         Some((ms, seq)) => sqlx::query(candidates_sql!(
             "w.status IN ('blocked', 'ready', 'retry_wait')",
-            "w.wp_id IN (
+            concat!(
+                "w.wp_id IN (
                  (SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($3, $4)
                   ORDER BY x.source_ms, x.source_seq LIMIT $1)
-                 UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'ready' ORDER BY x.source_ms, x.source_seq LIMIT $1)
+                 UNION ALL ",
+                fair_ready!(),
+                "
                  UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'retry_wait' AND x.next_attempt_at <= now()
                             ORDER BY x.source_ms, x.source_seq LIMIT $1)
                  UNION ALL SELECT unnest($2::text[]))"
+            )
         ))
         .bind(ROUND_LIMIT)
         .bind(&scope.wp_ids)
         .bind(ms)
         .bind(seq),
-        None if scope.include_ready => {
-            sqlx::query(candidates_sql!("w.status IN ('blocked', 'ready', 'retry_wait')", "(w.wp_id = ANY($2) OR w.status = 'ready')"))
-                .bind(ROUND_LIMIT)
-                .bind(&scope.wp_ids)
-        }
+        None if scope.include_ready => sqlx::query(candidates_sql!(
+            "w.status IN ('blocked', 'ready', 'retry_wait')",
+            concat!("w.wp_id IN (SELECT unnest($2::text[]) UNION ALL ", fair_ready!(), ")")
+        ))
+        .bind(ROUND_LIMIT)
+        .bind(&scope.wp_ids),
         None => sqlx::query(candidates_sql!("w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')", "w.wp_id = ANY($2)"))
             .bind(ROUND_LIMIT)
             .bind(&scope.wp_ids),
@@ -196,6 +258,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
                 trigger: r.try_get("trigger_subject")?,
                 lane: r.try_get("lane")?,
                 order: (r.try_get("source_ms")?, r.try_get("source_seq")?),
+                plan: r.try_get("plan")?,
+                delayed_until: r.try_get("delayed_until")?,
                 eligible_since: r.try_get("eligible_since")?,
             })
         })
@@ -204,7 +268,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         tx.commit().await?;
         return Ok(0);
     }
-    let mut in_flight = lock_and_count(&mut tx, &routing, &candidates).await?;
+    let (mut in_flight, limited) = lock_and_count(&mut tx, &routing, &candidates).await?;
+    let paused = Paused::load(&mut tx).await?;
+    let (mut buckets, clock) = if limited.is_empty() { Default::default() } else { controls::read_buckets(&mut tx, &limited).await? };
 
     // The lane gate. Two replicas may ingest entries 5 and 6 of one lane in either order; 6 must
     // not start while 5 is still pending in the group, not yet visible here. Asked after the
@@ -222,37 +288,48 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     };
 
     let mut claims: (Vec<String>, Vec<String>, Vec<String>, Vec<Option<i64>>) = Default::default();
-    let mut waits: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+    let mut waits: (Vec<String>, Vec<String>, Vec<String>, Vec<Option<f64>>) = Default::default();
+    let mut wait = |wp_id: &str, reason: String, status: &str, due: Option<f64>| {
+        waits.0.push(wp_id.to_string());
+        waits.1.push(reason);
+        waits.2.push(status.to_string());
+        waits.3.push(due);
+    };
     let mut gated = Vec::new();
     for c in &candidates {
         if let (Some(_), Some(g)) = (&c.lane, gate)
             && c.order > g
         {
-            waits.0.push(c.wp_id.clone());
-            waits.1.push(format!("lane order: an earlier incoming entry ({}-{}) is still being ingested", g.0, g.1));
-            waits.2.push("blocked".into());
+            wait(&c.wp_id, format!("lane order: an earlier incoming entry ({}-{}) is still being ingested", g.0, g.1), "blocked", None);
             gated.push(c.wp_id.clone());
             continue;
         }
+        // Delayed work waits for its time as `retry_wait`, read again only once it is due.
+        if let Some(nb) = c.delayed_until {
+            let at = chrono::DateTime::from_timestamp(nb as i64, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+            wait(&c.wp_id, format!("delayed: not before {at}"), "retry_wait", Some(nb));
+            continue;
+        }
+        if let Some(p) = paused.get(PauseScope::Plan, c.plan.as_deref()).or_else(|| paused.get(PauseScope::Lane, c.lane.as_deref())) {
+            wait(&c.wp_id, p.wait_reason(), "ready", None);
+            continue;
+        }
         let req = RouteRequest { agent_id: c.requested_agent.as_deref(), work_type: c.work_type.as_deref(), trigger: c.trigger.as_deref() };
-        let load = |a: &str| in_flight.get(a).copied().unwrap_or(0);
-        match router::route(&req, &routing, &load) {
+        let state = Agents { in_flight: &in_flight, paused: &paused, buckets: &buckets };
+        match router::route(&req, &routing, &state) {
             Decision::Dispatch { agent, kind, .. } => {
                 *in_flight.entry(agent.clone()).or_insert(0) += 1;
+                if let Some(b) = buckets.get_mut(&agent) {
+                    b.tokens -= 1.0;
+                }
                 claims.0.push(c.wp_id.clone());
                 claims.3.push(routing.timeout_for(&agent, c.work_type.as_deref()).map(|t| t.as_millis().min(i64::MAX as u128) as i64));
                 claims.1.push(agent);
                 claims.2.push(kind.as_str().to_string());
             }
-            Decision::Wait { reason, .. } => {
-                waits.0.push(c.wp_id.clone());
-                waits.1.push(reason);
-                waits.2.push("ready".into());
-            }
+            Decision::Wait { reason, .. } => wait(&c.wp_id, reason, "ready", None),
             Decision::DeadLetter { detail, .. } => {
-                waits.0.push(c.wp_id.clone());
-                waits.1.push(format!("no route under routing {}: {detail}", routing.config_version));
-                waits.2.push("ready".into());
+                wait(&c.wp_id, format!("no route under routing {}: {detail}", routing.config_version), "ready", None)
             }
         }
     }
@@ -260,18 +337,21 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     if !waits.0.is_empty() {
         sqlx::query(
             "WITH locked AS MATERIALIZED (
-                 SELECT w.wp_id, c.reason, c.status FROM unnest($1::text[], $2::text[], $3::text[]) AS c(wp_id, reason, status)
+                 SELECT w.wp_id, c.reason, c.status, c.due
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS c(wp_id, reason, status, due)
                  JOIN work_packages w ON w.wp_id = c.wp_id
                  WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')
                    AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason)
                  FOR UPDATE OF w SKIP LOCKED)
              UPDATE work_packages w SET status = l.status, wait_reason = l.reason, updated_at = now(),
-                    ready_at = CASE WHEN l.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END
+                    ready_at = CASE WHEN l.status = 'ready' THEN coalesce(w.ready_at, now()) ELSE w.ready_at END,
+                    next_attempt_at = CASE WHEN l.due IS NOT NULL THEN to_timestamp(l.due) ELSE w.next_attempt_at END
              FROM locked l WHERE w.wp_id = l.wp_id",
         )
         .bind(&waits.0)
         .bind(&waits.1)
         .bind(&waits.2)
+        .bind(&waits.3)
         .execute(&mut *tx)
         .await?;
     }
@@ -287,6 +367,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND ",
         may_run!(),
         "
+               AND NOT EXISTS (SELECT 1 FROM dispatch_pauses p
+                               WHERE (p.scope = 'agent' AND p.name = c.agent) OR (p.scope = 'lane' AND p.name = w.lane)
+                                  OR (p.scope = 'plan' AND p.name = w.plan))
              FOR UPDATE OF w SKIP LOCKED),
          claimed AS (
              UPDATE work_packages w SET status = 'dispatched', agent_id = l.agent, route = l.route,
@@ -305,6 +388,18 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         sqlx::query(claim_sql).bind(&claims.0).bind(&claims.1).bind(&claims.2).bind(&claims.3).fetch_all(&mut *tx).await?
     };
     let triggers = claimed.iter().map(|r| trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    if !buckets.is_empty() {
+        // Tokens go for what was claimed, not for what the round meant to claim.
+        let mut used: HashMap<String, u32> = HashMap::new();
+        for r in &claimed {
+            *used.entry(r.try_get("agent_id")?).or_insert(0) += 1;
+        }
+        for (a, b) in buckets.iter_mut() {
+            let meant = claims.1.iter().filter(|x| *x == a).count() as f64;
+            b.tokens += meant;
+        }
+        controls::take_tokens(&mut tx, &buckets, &used, clock).await?;
+    }
     tx.commit().await?;
     // Lost if a round fails before this point; the scheduler's sweep still finds them.
     ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(gated);
@@ -328,15 +423,17 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// Locks every agent with a `max_in_flight` that a candidate may be given to (in name order,
-/// so two rounds cannot deadlock), and returns the work in flight per agent: exact for those,
-/// folded from the deltas the triggers of migration 0003 keep; as last folded for the others,
-/// whose count only balances the load.
+/// Locks every agent with a `max_in_flight` or a `rate_limit` that a candidate may be given to
+/// (in name order, so two rounds cannot deadlock), and returns the work in flight per agent:
+/// exact for those, folded from the deltas the triggers of migration 0003 keep; as last folded
+/// for the others, whose count only balances the load. Also returns the locked agents with a
+/// rate limit, whose buckets the round may now read and write.
+#[allow(clippy::type_complexity)]
 async fn lock_and_count(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     routing: &RoutingTable,
     candidates: &[Candidate],
-) -> Result<HashMap<String, u32>, sqlx::Error> {
+) -> Result<(HashMap<String, u32>, Vec<(String, RateLimit)>), sqlx::Error> {
     let mut capped = BTreeSet::new();
     for c in candidates {
         let req = RouteRequest { agent_id: c.requested_agent.as_deref(), work_type: c.work_type.as_deref(), trigger: c.trigger.as_deref() };
@@ -346,9 +443,15 @@ async fn lock_and_count(
             asked.borrow_mut().push(a.to_string());
             0
         });
-        capped.extend(asked.into_inner().into_iter().filter(|a| routing.agents.get(a).is_some_and(|s| s.max_in_flight.is_some())));
+        capped.extend(
+            asked
+                .into_inner()
+                .into_iter()
+                .filter(|a| routing.agents.get(a).is_some_and(|s| s.max_in_flight.is_some() || s.rate_limit.is_some())),
+        );
     }
     let capped: Vec<String> = capped.into_iter().collect();
+    let limited: Vec<(String, RateLimit)> = capped.iter().filter_map(|a| Some((a.clone(), routing.agents.get(a)?.rate_limit?))).collect();
     if !capped.is_empty() {
         sqlx::query("SELECT count(pg_advisory_xact_lock($1, hashtext(s.a))) FROM (SELECT a FROM unnest($2::text[]) AS a ORDER BY a) s")
             .bind(AGENT_LOCKS)
@@ -372,7 +475,7 @@ async fn lock_and_count(
         let n: i32 = row.try_get("n")?;
         in_flight.insert(row.try_get("agent_id")?, n.max(0) as u32);
     }
-    Ok(in_flight)
+    Ok((in_flight, limited))
 }
 
 /// Folds the in-flight deltas of every agent no round holds, so the rows read for agents

@@ -26,7 +26,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         // that moment, is decided at dispatch.
         let req =
             RouteRequest { agent_id: spec.agent_id.as_deref(), work_type: spec.work_type.as_deref(), trigger: spec.trigger.as_deref() };
-        if let Decision::DeadLetter { reason, detail } = router::route(&req, &routing, &|_| 0) {
+        if let Decision::DeadLetter { reason, detail } = router::route(&req, &routing, &|_: &str| 0) {
             deadletters.push(dead(e, reason.as_str(), detail));
             continue;
         }

@@ -7,6 +7,7 @@ pub(crate) mod completions;
 pub(crate) mod config_watch;
 pub(crate) mod consume;
 pub(crate) mod context;
+pub mod controls;
 pub(crate) mod deadlines;
 pub mod dispatch;
 pub mod health;

@@ -63,6 +63,15 @@ pub async fn connect_with(url: &str, max_connections: u32, statement_timeout: Op
     pool(max_connections).connect_with(session_options(url, "ge-orchestrator", statement_timeout)?).await.context(connecting)
 }
 
+/// The wait reason of delayed work (v1.4), from the SQL expression of its `not_before`. Work
+/// that may not run yet waits as `retry_wait` with `next_attempt_at` at its `not_before`, so the
+/// scheduler's sweep reads it only once it is due.
+macro_rules! delayed_reason {
+    ($nb:literal) => {
+        concat!("'delayed: not before ' || to_char(", $nb, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
+    };
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestOutcome {
     Inserted,
@@ -209,17 +218,25 @@ async fn insert_many(
     }
     let col = |f: fn(&WorkPackageSpec) -> Option<String>| idx.iter().map(|i| f(&specs[*i])).collect::<Vec<_>>();
     let fields: Vec<serde_json::Value> = idx.iter().map(|i| fields_json(&specs[*i].fields)).collect();
-    let inserted: Vec<String> = sqlx::query_scalar(
+    let inserted: Vec<String> = sqlx::query_scalar(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
-                                    source_id, source_ms, source_seq, ready_at)
-         SELECT t.wp_id, CASE WHEN t.lane IS NULL AND NOT t.has_deps THEN 'ready' ELSE 'blocked' END, t.agent, t.work_type,
-                t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq, CASE WHEN t.lane IS NULL AND NOT t.has_deps THEN now() END
+                                    source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
+                                    next_attempt_at, wait_reason)
+         SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
+                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb,
+                CASE WHEN s.status = 'retry_wait' THEN s.nb END,
+                CASE WHEN s.status = 'retry_wait' THEN ",
+        delayed_reason!("s.nb"),
+        " END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
-                     $10::bool[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps)
+                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms)
+         CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
+         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
+                                               WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING
-         RETURNING wp_id",
-    )
+         RETURNING wp_id"
+    ))
     .bind(col(|s| Some(s.wp_id.clone())))
     .bind(col(|s| s.agent_id.clone()))
     .bind(col(|s| s.work_type.clone()))
@@ -230,6 +247,10 @@ async fn insert_many(
     .bind(idx.iter().map(|i| specs[*i].source_ms).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| specs[*i].source_seq).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| !specs[*i].depends_on.is_empty()).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| specs[*i].priority).collect::<Vec<_>>())
+    .bind(col(|s| s.plan.clone()))
+    .bind(col(|s| Some(s.fairness_key.clone())))
+    .bind(idx.iter().map(|i| specs[*i].not_before_ms).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<String> = inserted.into_iter().collect();
@@ -319,15 +340,20 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
             )));
         }
     }
-    let initial = if spec.depends_on.is_empty() && spec.lane.is_none() { "ready" } else { "blocked" };
-    let inserted = sqlx::query(
+    let blocked = !spec.depends_on.is_empty() || spec.lane.is_some();
+    let inserted = sqlx::query(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
-                                    source_id, source_ms, source_seq, ready_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $2 = 'ready' THEN now() END)
-         ON CONFLICT (wp_id) DO NOTHING",
-    )
+                                    source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
+                                    next_attempt_at, wait_reason)
+         SELECT $1, s.status, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN s.status = 'ready' THEN now() END, $10, $11, $12, s.nb,
+                CASE WHEN s.status = 'retry_wait' THEN s.nb END, CASE WHEN s.status = 'retry_wait' THEN ",
+        delayed_reason!("s.nb"),
+        " END
+         FROM (SELECT to_timestamp($13::int8 / 1000.0) AS nb) n
+         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+         ON CONFLICT (wp_id) DO NOTHING"
+    ))
     .bind(&spec.wp_id)
-    .bind(initial)
     .bind(&spec.agent_id)
     .bind(&spec.work_type)
     .bind(&spec.trigger)
@@ -336,6 +362,11 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
     .bind(&spec.source_id)
     .bind(spec.source_ms)
     .bind(spec.source_seq)
+    .bind(spec.priority)
+    .bind(&spec.plan)
+    .bind(&spec.fairness_key)
+    .bind(spec.not_before_ms)
+    .bind(blocked)
     .execute(&mut **tx)
     .await?
     .rows_affected();

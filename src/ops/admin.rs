@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::core::entry;
 use crate::core::status::STATUSES;
 use crate::engine::context::Ctx;
+use crate::engine::controls::{self, PauseScope};
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::{config_watch, store, streams};
 use crate::ops::{actions, activity, reads};
@@ -80,6 +81,19 @@ impl<S: Send + Sync> FromRequestParts<S> for P {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<String>::from_request_parts(parts, state).await {
             Ok(Path(t)) => Ok(P(t)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
+/// Two path parameters, with a JSON rejection.
+pub(crate) struct P2(String, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for P2 {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((a, b))) => Ok(P2(a, b)),
             Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
         }
     }
@@ -326,6 +340,52 @@ async fn replicas(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     ok(actions::replicas(&mut redis, &ctx.settings.names.health, stale, 1000).await?)
 }
 
+/// The scope and name of a pause route, checked.
+fn pause_target(scope: &str, name: &str) -> Result<PauseScope, ApiError> {
+    let scope: PauseScope = scope.parse().map_err(|e: controls::UnknownScope| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("{} name must be 1 to 128 bytes", scope.as_str())));
+    }
+    Ok(scope)
+}
+
+#[derive(Deserialize, Default)]
+struct PauseBody {
+    reason: Option<String>,
+}
+
+async fn list_pauses(State(ctx): State<Arc<Ctx>>) -> ApiResult {
+    ok(controls::pauses(&ctx.ops_pool).await?)
+}
+
+async fn pause(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name): P2, body: axum::body::Bytes) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    let scope = pause_target(&scope, &name)?;
+    let body: PauseBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PauseBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("the body must be {{\"reason\": \"...\"}}: {e}")))?
+    };
+    if body.reason.as_ref().is_some_and(|r| r.len() > 1000 || r.contains('\0')) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "reason must be at most 1000 bytes of text without NUL".into()));
+    }
+    let p = controls::pause(&ctx.pool, scope, &name, body.reason.as_deref()).await?;
+    tracing::info!(scope = scope.as_str(), name = %name, "paused by an operator");
+    ok(p)
+}
+
+async fn resume(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name): P2) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    let scope = pause_target(&scope, &name)?;
+    let Some(p) = controls::resume(&ctx.pool, scope, &name).await? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("{} {} is not paused", scope.as_str(), entry::excerpt(&name))));
+    };
+    tracing::info!(scope = scope.as_str(), name = %name, "resumed by an operator");
+    nudge(&ctx, None).await;
+    ok(p)
+}
+
 async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
     authorize(&ctx, &headers)?;
     // This replica reloads now, so the answer says whether the file was taken; the others
@@ -356,6 +416,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/deadletters", get(list_deadletters))
         .route("/api/agents", get(agents))
         .route("/api/replicas", get(replicas))
+        .route("/api/pauses", get(list_pauses))
         .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), require_read_token));
     // Each change checks the admin token itself; the API document is public anyway.
     Router::new()
@@ -366,6 +427,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/deadletters/requeue", post(requeue_all))
         .route("/api/deadletters/{id}/requeue", post(requeue_one))
         .route("/api/reload", post(reload))
+        .route("/api/pauses/{scope}/{name}", post(pause))
+        .route("/api/pauses/{scope}/{name}", delete(resume))
         .merge(reads)
         .with_state(ctx)
 }

@@ -37,6 +37,12 @@ pub struct WpView {
     pub source_id: String,
     /// RFC 3339, UTC.
     pub updated_at: String,
+    /// The plan it belongs to (v1.4).
+    pub plan: Option<String>,
+    /// Its dispatch priority, -100..100 (v1.4).
+    pub priority: i16,
+    /// RFC 3339, UTC: it may not run before (v1.4).
+    pub not_before: Option<String>,
 }
 
 /// Which work packages a listing shows. Empty fields match everything.
@@ -120,7 +126,8 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                 coalesce((SELECT array_agg(d.depends_on ORDER BY d.depends_on) FROM work_package_deps d WHERE d.wp_id = w.wp_id),
                          '{}') AS depends_on,
                 w.work_type, w.route, w.source_id, w.source_ms, w.source_seq,
-                to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated
+                to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated,
+                w.plan, w.priority, to_char(w.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS not_before
          FROM work_packages w
          WHERE ",
         matching!(),
@@ -159,7 +166,8 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                     if let (Some(p), Some(l)) = (lane_pred, &lane) {
                         why.push(format!("waits for lane {l} predecessor {p}"));
                     }
-                    if status == "retry_wait" {
+                    let delayed = wait_reason.as_deref().is_some_and(|w| w.starts_with("delayed:"));
+                    if status == "retry_wait" && !delayed {
                         why.push(format!("attempt {} failed; retry at {} UTC", attempts, next_at.unwrap_or_default()));
                     } else if let Some(w) = wait_reason.filter(|_| why.is_empty()) {
                         why.push(w);
@@ -185,6 +193,9 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                 depends_on: r.try_get("depends_on")?,
                 source_id: r.try_get("source_id")?,
                 updated_at: r.try_get("updated")?,
+                plan: r.try_get("plan")?,
+                priority: r.try_get("priority")?,
+                not_before: r.try_get("not_before")?,
             })
         })
         .collect()

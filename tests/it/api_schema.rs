@@ -46,7 +46,7 @@ async fn the_admin_api_conforms_to_its_openapi_document() {
 fn the_openapi_document_lists_every_route() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/ops/admin.rs")).unwrap();
-    let re = regex::Regex::new(r#"\.route\("(/api/[^"]+)",\s*(get|post)"#).unwrap();
+    let re = regex::Regex::new(r#"\.route\("(/api/[^"]+)",\s*(get|post|delete)"#).unwrap();
     let mut routes: Vec<String> = re.captures_iter(&source).map(|c| format!("{} {}", &c[2], &c[1])).collect();
     routes.retain(|r| r != "get /api/openapi.json");
     routes.sort();

@@ -24,6 +24,7 @@ fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
         source_id: format!("1-{seq}"),
         source_ms: 1,
         source_seq: seq,
+        ..WorkPackageSpec::default()
     }
 }
 

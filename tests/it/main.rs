@@ -11,6 +11,7 @@ mod agent;
 mod api_schema;
 mod architecture;
 mod cli_ops;
+mod controls;
 mod dag;
 mod deadlines;
 mod deploy;

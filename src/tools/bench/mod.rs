@@ -3,6 +3,7 @@
 //! `--json`, writes the figures for tooling. The method is in BENCHMARKS.md.
 
 mod ceiling;
+mod controls;
 mod load;
 mod report;
 
@@ -31,7 +32,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub database_url: Option<String>,
     /// Workloads to run, in this order; `chains` runs only when named.
-    #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover")]
+    #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover,capped,capped-controls,fair-wait")]
     pub workloads: Vec<String>,
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
@@ -44,6 +45,9 @@ pub struct BenchArgs {
     /// Chains of 10 work packages in the chains workload, written before the replicas start.
     #[arg(long, default_value_t = 2000)]
     pub chains: usize,
+    /// Work packages of the capped, capped-controls and fair-wait workloads (the backlog).
+    #[arg(long, default_value_t = 100_000)]
+    pub capped: usize,
     /// Work packages per second of dag-paced and of the takeover load.
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
@@ -67,8 +71,13 @@ agents:
   b2: { roles: [worker] }
   b3: { roles: [worker] }
   b4: { roles: [worker] }
+  c1: { roles: [capped], max_in_flight: 50 }
+  c2: { roles: [capped], max_in_flight: 50 }
+  c3: { roles: [capped], max_in_flight: 50 }
+  c4: { roles: [capped], max_in_flight: 50 }
 work_types:
   build: worker
+  capped-build: capped
 default_agent: b1
 ";
 
@@ -115,7 +124,9 @@ impl Stack {
         let mut con = client.get_multiplexed_async_connection().await?;
         streams::flush_all(&mut con).await?;
         let pool = store::connect(&self.database_url, 1).await?;
-        sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events, dispatch_outbox").execute(&pool).await?;
+        sqlx::query("TRUNCATE work_packages, work_package_deps, work_package_events, dispatch_outbox, dispatch_pauses, agent_rate_buckets")
+            .execute(&pool)
+            .await?;
         pool.close().await;
         Ok(())
     }
@@ -429,7 +440,12 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
             "dag-paced" => dag(&args, &stack, &client, Some(args.rate)).await?,
             "takeover" => takeover(&args, &stack, &client).await?,
             "chains" => chains(&args, &stack, &client).await?,
-            other => anyhow::bail!("unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains)"),
+            "capped" => controls::capped_run(&args, &stack, &client, false).await?,
+            "capped-controls" => controls::capped_run(&args, &stack, &client, true).await?,
+            "fair-wait" => controls::fair_wait(&args, &stack, &client).await?,
+            other => anyhow::bail!(
+                "unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains, capped, capped-controls, fair-wait)"
+            ),
         };
         println!("  {}", report::line(&run));
         runs.push(run);

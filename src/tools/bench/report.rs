@@ -49,6 +49,16 @@ pub(crate) struct Run {
     /// Peak RSS of each replica, in MB.
     pub peak_rss_mb: Vec<f64>,
     pub takeover: Option<Takeover>,
+    pub fair_wait: Option<FairWait>,
+}
+
+/// A small plan behind a large backlog (v1.4).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct FairWait {
+    /// Work packages waiting as `ready` when the small plan was sent.
+    pub backlog_ready: usize,
+    /// From sending the small plan to the first trigger of it.
+    pub first_dispatch_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -78,6 +88,8 @@ pub(crate) struct Report {
     pub runs: Vec<Run>,
     /// route WP/s divided by ceiling WP/s.
     pub route_ceiling_ratio: Option<f64>,
+    /// capped-controls WP/s divided by capped WP/s: what priorities and fair share cost (v1.4).
+    pub controls_ratio: Option<f64>,
     pub targets: Vec<Target>,
 }
 
@@ -109,6 +121,10 @@ impl Report {
             (Some(r), Some(c)) if c.wp_per_s > 0.0 => Some(r.wp_per_s / c.wp_per_s),
             _ => None,
         };
+        let controls_ratio = match (get("capped-controls"), get("capped")) {
+            (Some(c), Some(p)) if p.wp_per_s > 0.0 => Some(c.wp_per_s / p.wp_per_s),
+            _ => None,
+        };
         let takeover = get("takeover").and_then(|r| r.takeover.as_ref()).and_then(|t| t.processed_after_s.or(t.left_group_after_s));
         let rss = runs.iter().flat_map(|r| r.peak_rss_mb.iter().copied()).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
         let at_least = |name, target: f64, measured: Option<f64>, unit| Target {
@@ -137,8 +153,15 @@ impl Report {
             ),
             at_most("peak RSS per replica", 50.0, rss, "MB"),
             at_most("takeover after kill -9", 3.0, takeover, "s"),
+            at_least("capped-controls / capped", 0.9, controls_ratio, "ratio"),
+            at_most(
+                "small plan's first dispatch (fair-wait)",
+                1.0,
+                get("fair-wait").and_then(|r| r.fair_wait.as_ref()).map(|f| f.first_dispatch_s),
+                "s",
+            ),
         ];
-        Report { machine: machine(), replicas, batch_size, runs, route_ceiling_ratio: ratio, targets }
+        Report { machine: machine(), replicas, batch_size, runs, route_ceiling_ratio: ratio, controls_ratio, targets }
     }
 
     /// Every workload finished with nothing lost or doubled. Speed is reported, not judged.
@@ -178,6 +201,12 @@ impl Report {
                 t.pending_at_kill,
                 f(t.processed_after_s),
                 f(t.left_group_after_s)
+            );
+        }
+        if let Some(f) = self.runs.iter().find_map(|r| r.fair_wait.as_ref()) {
+            s += &format!(
+                "fair-wait: a plan of 10 sent behind {} ready work packages of one plan; its first dispatch after {:.3} s\n",
+                f.backlog_ready, f.first_dispatch_s
             );
         }
         s += "\ntarget                                  goal       measured   met\n";

@@ -1,0 +1,98 @@
+//! `pause`, `resume` and `pauses` (contract v1.4): pauses of agents, lanes and plans, written to
+//! PostgreSQL directly like `retry` and `cancel`. A resume from here is seen by the replicas'
+//! next scheduler sweep; the admin API's also starts a dispatch round at once.
+
+use std::process::ExitCode;
+
+use crate::cli::args::DatabaseArg;
+use crate::engine::controls::{self, Pause, PauseScope};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum Scope {
+    Agent,
+    Lane,
+    Plan,
+}
+
+impl From<Scope> for PauseScope {
+    fn from(s: Scope) -> Self {
+        match s {
+            Scope::Agent => PauseScope::Agent,
+            Scope::Lane => PauseScope::Lane,
+            Scope::Plan => PauseScope::Plan,
+        }
+    }
+}
+
+fn show(p: &Pause) -> String {
+    let reason = p.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+    format!("{} {} paused since {}{reason}", p.scope, p.name, p.paused_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PauseCmd {
+    /// agent, lane or plan.
+    scope: Scope,
+    /// Its name (a plan is named by its `plan` field, else its wp_ids up to their last dot).
+    name: String,
+    /// Why, shown with every work package it holds.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    db: DatabaseArg,
+}
+
+impl PauseCmd {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        if self.name.is_empty() || self.name.len() > 128 {
+            anyhow::bail!("the name must be 1 to 128 bytes");
+        }
+        let p = controls::pause(&self.db.connect().await?, self.scope.into(), &self.name, self.reason.as_deref()).await?;
+        println!("{}", show(&p));
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ResumeCmd {
+    /// agent, lane or plan.
+    scope: Scope,
+    name: String,
+    #[command(flatten)]
+    db: DatabaseArg,
+}
+
+impl ResumeCmd {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let scope: PauseScope = self.scope.into();
+        match controls::resume(&self.db.connect().await?, scope, &self.name).await? {
+            Some(_) => {
+                println!("resumed {} {}; its work goes at the replicas' next sweep", scope.as_str(), self.name);
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("{} {} is not paused; nothing to resume", scope.as_str(), self.name);
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PausesCmd {
+    #[command(flatten)]
+    db: DatabaseArg,
+}
+
+impl PausesCmd {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let all = controls::pauses(&self.db.connect().await?).await?;
+        if all.is_empty() {
+            println!("nothing is paused");
+        }
+        for p in &all {
+            println!("{}", show(p));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
