@@ -189,7 +189,7 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
     assert_eq!(env.status("e2e.hotfix").await.as_deref(), Some("completed"));
     assert!(shots.join("dashboard.png").exists() && shots.join("dashboard-requeued.png").exists());
-    assert!(shots.join("dashboard-big-plan.png").exists());
+    assert!(shots.join("dashboard-big-plan.png").exists() && shots.join("dashboard-paused.png").exists());
     // The paused lane's step went once it was resumed, and not before: the browser saw it wait.
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE])).await.as_deref(), Some("completed"));
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE] + 1)).await.as_deref(), Some("dispatched"));

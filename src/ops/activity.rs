@@ -43,8 +43,9 @@ pub struct Latency {
 /// One bucket per minute of the last `minutes`, oldest first, the current minute last.
 ///
 /// Latency is measured as the engine's histogram measures it: from when a work package
-/// could run (ingested, its last dependency completed, its lane predecessor ended) to its
-/// dispatch. Only first attempts count, since a retry's wait is its backoff.
+/// could run (ingested, its `not_before` passed, its last dependency completed, its lane
+/// predecessor ended) to its dispatch. Only first attempts count, since a retry's wait is its
+/// backoff. A pause's wait counts: the chart shows what the pause cost.
 pub async fn activity(pool: &PgPool, minutes: i64) -> Result<Vec<Bucket>, sqlx::Error> {
     let rows = sqlx::query(
         "WITH RECURSIVE
@@ -75,7 +76,7 @@ pub async fn activity(pool: &PgPool, minutes: i64) -> Result<Vec<Bucket>, sqlx::
              WHERE x.n <= $2),
          lat AS (
              SELECT s.minute,
-                    greatest(0, extract(epoch FROM s.at - greatest(w.created_at, deps.t, pred.t)) * 1000)::float8 AS ms
+                    greatest(0, extract(epoch FROM s.at - greatest(w.created_at, w.not_before, deps.t, pred.t)) * 1000)::float8 AS ms
              FROM sampled s
              JOIN work_packages w ON w.wp_id = s.wp_id
              LEFT JOIN LATERAL (SELECT max(p.completed_at) AS t FROM work_package_deps d

@@ -54,8 +54,9 @@ pub struct Filter {
     pub agent: Option<String>,
     /// wp_ids starting with this (a plan submitted with `--prefix`).
     pub prefix: Option<String>,
-    /// The plan: wp_ids whose part before their last dot is this (`run1` holds `run1.spec`,
-    /// not `run1.a.spec`); a trailing dot is ignored.
+    /// The plan (v1.4): the work packages of this `plan`; those stored before plans were
+    /// (migration 0008) by the rule ingest applies, their wp_id up to its last dot (`run1` holds
+    /// `run1.spec`, not `run1.a.spec`). A trailing dot is ignored.
     pub plan: Option<String>,
     pub limit: Option<i64>,
 }
@@ -76,8 +77,8 @@ macro_rules! matching {
            AND ($3::text IS NULL OR w.lane = $3)
            AND ($4::text IS NULL OR w.agent_id = $4)
            AND ($5::text IS NULL OR starts_with(w.wp_id, $5))
-           AND ($6::text IS NULL OR (strpos(w.wp_id, '.') > 0
-                                     AND left(w.wp_id, length(w.wp_id) - strpos(reverse(w.wp_id), '.')) = $6))"
+           AND ($6::text IS NULL OR coalesce(w.plan, CASE WHEN strpos(w.wp_id, '.') > 0
+                                     THEN left(w.wp_id, length(w.wp_id) - strpos(reverse(w.wp_id), '.')) END) = $6)"
     };
 }
 

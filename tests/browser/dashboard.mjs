@@ -168,7 +168,8 @@ async function bigPlan(page, big) {
   await page.waitForFunction((sel) => (document.querySelector(sel)?.dataset.why || "").startsWith("paused"), after);
   if ((await page.getAttribute(after, "data-status")) === "dispatched") throw new Error(`${big.after_pause} went while its lane was paused`);
   await page.waitForSelector(`#waiting tr:has(td.why:text-matches("^paused"))`);
-  step(`lane ${big.pause_lane} paused from the page: ${big.after_pause} waits, paused`);
+  await page.screenshot({ path: join(spec.screenshots, "dashboard-paused.png"), fullPage: true });
+  step(`lane ${big.pause_lane} paused from the page: ${big.after_pause} waits, paused; screenshot taken`);
   await page.click(`#lanes tr[data-lane="${big.pause_lane}"] button.resume`);
   await page.waitForSelector(`${after}[data-status="dispatched"]`);
   await page.waitForSelector(`#pauses tr[data-name="${big.pause_lane}"]`, { state: "detached" });

@@ -158,21 +158,26 @@ async fn status_filters_by_status_lane_agent_and_plan_together() {
         env.submit(&[("wp_id", &format!("{plan}.c")), ("agent_id", "ada")]).await;
     }
     env.submit(&[("wp_id", "p1.sub.x"), ("agent_id", "ada")]).await;
+    // A plan given by its field, whatever the wp_id says.
+    env.submit(&[("wp_id", "solo"), ("agent_id", "ada"), ("plan", "p2")]).await;
     eventually(T, "the work dispatched or blocked", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status IN ('dispatched', 'blocked')")
             .fetch_one(&env.pool)
             .await
             .unwrap();
-        (n == 7).then_some(())
+        (n == 8).then_some(())
     })
     .await;
+    // A row stored before plans were recorded (migration 0008) has none: its wp_id says.
+    sqlx::query("UPDATE work_packages SET plan = NULL WHERE wp_id = 'p1.c'").execute(&env.pool).await.unwrap();
 
     assert_eq!(listed(&env, &["--plan", "p1"]), ["p1.a", "p1.b", "p1.c"]);
     assert_eq!(listed(&env, &["--plan", "p1."]), ["p1.a", "p1.b", "p1.c"], "a trailing dot is the same plan");
     assert_eq!(listed(&env, &["--plan", "p1.sub"]), ["p1.sub.x"]);
     assert_eq!(listed(&env, &["--status", "blocked"]), ["p1.b", "p2.b"]);
     assert_eq!(listed(&env, &["--lane", "p2-lane"]), ["p2.a", "p2.b"]);
-    assert_eq!(listed(&env, &["--agent", "ada"]), ["p1.c", "p2.c", "p1.sub.x"]);
+    assert_eq!(listed(&env, &["--agent", "ada"]), ["p1.c", "p2.c", "p1.sub.x", "solo"]);
+    assert_eq!(listed(&env, &["--plan", "p2"]), ["p2.a", "p2.b", "p2.c", "solo"]);
     assert_eq!(listed(&env, &["--agent", "dolly", "--status", "dispatched", "--plan", "p2"]), ["p2.a"]);
     assert!(listed(&env, &["--lane", "p1-lane", "--plan", "p2"]).is_empty());
 
@@ -180,7 +185,7 @@ async fn status_filters_by_status_lane_agent_and_plan_together() {
     let (ok, out, _) = status(&env, &["--plan", "p2", "--json"]);
     assert!(ok);
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["counts"], serde_json::json!([["blocked", 1], ["dispatched", 2]]), "{v}");
+    assert_eq!(v["counts"], serde_json::json!([["blocked", 1], ["dispatched", 3]]), "{v}");
     let (ok, text, _) = status(&env, &["--lane", "p1-lane"]);
     assert!(ok && text.contains("blocked=1  dispatched=1") && text.contains("p1.b") && !text.contains("p2.a"), "{text}");
 
