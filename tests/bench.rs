@@ -15,7 +15,8 @@ fn every_workload_runs_and_accounts_for_all_work() {
         .args(["bench", "--route", "2000", "--dag-plans", "30", "--rate", "300", "--takeover-load", "6s", "--timeout", "60s", "--json"])
         .arg(&json)
         // chains runs only when named.
-        .args(["--workloads", "route,ceiling,dag,dag-paced,takeover,chains", "--chains", "30"])
+        .args(["--workloads", "route,ceiling,dag,dag-paced,takeover,chains,capped,capped-controls,fair-wait", "--chains", "30"])
+        .args(["--capped", "2000"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -25,7 +26,7 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["route", "ceiling", "dag", "dag-paced", "takeover", "chains"]);
+    assert_eq!(names, ["route", "ceiling", "dag", "dag-paced", "takeover", "chains", "capped", "capped-controls", "fair-wait"]);
     for r in runs {
         let w = r["workload"].as_str().unwrap();
         assert_eq!(r["finished"], r["work_packages"], "{w}: every work package accounted for");
@@ -43,5 +44,9 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let takeover = &get("takeover")["takeover"];
     assert!(takeover["left_group_after_s"].is_number(), "the killed replica was taken over: {takeover}");
     assert!(report["route_ceiling_ratio"].is_number());
-    assert_eq!(report["targets"].as_array().unwrap().len(), 6);
+    assert!(report["controls_ratio"].is_number(), "capped-controls against capped");
+    let fair = &get("fair-wait")["fair_wait"];
+    assert!(fair["first_dispatch_s"].is_number() && fair["backlog_ready"].as_u64().unwrap() > 0, "a backlog and a wait: {fair}");
+    assert_eq!(get("fair-wait")["work_packages"], 10, "the small plan");
+    assert_eq!(report["targets"].as_array().unwrap().len(), 8);
 }

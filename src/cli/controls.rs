@@ -44,8 +44,8 @@ pub(crate) struct PauseCmd {
 
 impl PauseCmd {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        if self.name.is_empty() || self.name.len() > 128 {
-            anyhow::bail!("the name must be 1 to 128 bytes");
+        if self.name.is_empty() || self.name.chars().count() > 128 || self.name.contains('\0') {
+            anyhow::bail!("the name must be 1 to 128 characters, without NUL");
         }
         let p = controls::pause(&self.db.connect().await?, self.scope.into(), &self.name, self.reason.as_deref()).await?;
         println!("{}", show(&p));

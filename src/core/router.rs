@@ -285,6 +285,31 @@ default_agent: dolly
         }
     }
 
+    struct Held(&'static [&'static str]);
+    impl AgentState for Held {
+        fn in_flight(&self, _: &str) -> u32 {
+            0
+        }
+        fn held(&self, agent: &str) -> Option<String> {
+            self.0.contains(&agent).then(|| format!("paused: agent {agent}"))
+        }
+    }
+
+    #[test]
+    fn held_agents_are_passed_over_and_say_why() {
+        let t = table();
+        let req = |agent_id, work_type| RouteRequest { agent_id, work_type, trigger: None };
+        assert_eq!(dispatched(&route(&req(None, Some("implement")), &t, &Held(&["ada"]))), ("turing", RouteKind::WorkType));
+        match route(&req(Some("ada"), None), &t, &Held(&["ada"])) {
+            Decision::Wait { reason, .. } => assert_eq!(reason, "paused: agent ada"),
+            d => panic!("{d:?}"),
+        }
+        match route(&req(None, Some("implement")), &t, &Held(&["ada", "turing"])) {
+            Decision::Wait { reason, .. } => assert!(reason.contains("paused: agent ada; paused: agent turing"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
+    }
+
     #[test]
     fn disabled_agents_wait() {
         match go(None, Some("deploy"), None, &[]) {

@@ -343,8 +343,8 @@ async fn replicas(State(ctx): State<Arc<Ctx>>) -> ApiResult {
 /// The scope and name of a pause route, checked.
 fn pause_target(scope: &str, name: &str) -> Result<PauseScope, ApiError> {
     let scope: PauseScope = scope.parse().map_err(|e: controls::UnknownScope| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    if name.is_empty() || name.len() > 128 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("{} name must be 1 to 128 bytes", scope.as_str())));
+    if name.is_empty() || name.chars().count() > 128 || name.contains('\0') {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("{} name must be 1 to 128 characters, without NUL", scope.as_str())));
     }
     Ok(scope)
 }
@@ -367,8 +367,8 @@ async fn pause(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name):
         serde_json::from_slice(&body)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("the body must be {{\"reason\": \"...\"}}: {e}")))?
     };
-    if body.reason.as_ref().is_some_and(|r| r.len() > 1000 || r.contains('\0')) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "reason must be at most 1000 bytes of text without NUL".into()));
+    if body.reason.as_ref().is_some_and(|r| r.chars().count() > 1000 || r.contains('\0')) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "reason must be at most 1000 characters, without NUL".into()));
     }
     let p = controls::pause(&ctx.pool, scope, &name, body.reason.as_deref()).await?;
     tracing::info!(scope = scope.as_str(), name = %name, "paused by an operator");

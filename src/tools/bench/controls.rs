@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{store, streams};
 use crate::tools::bench::load::{self, AgentLog, Wp};
-use crate::tools::bench::report::{Latency, Run};
+use crate::tools::bench::report::{FairWait, Latency, Run};
 use crate::tools::bench::{BenchArgs, Stack, rss_mb, throughput};
 
 /// The capped agents of the bench's routing file, and the work type that goes to them.
@@ -65,8 +65,9 @@ pub(crate) async fn capped_run(args: &BenchArgs, stack: &Stack, client: &redis::
     Ok(run)
 }
 
-/// `fair-wait`: `args.capped` work packages of plan `big` are sent and stored (most of them
-/// waiting as `ready` for the capped agents), then 10 of plan `small`; measures from sending
+/// `fair-wait`: `args.capped` work packages of plan `big` are sent and stored (all but the
+/// capped agents' slots waiting as `ready`), then the agents start and 10 of plan `small` are
+/// sent; measures from sending
 /// those to the first trigger of one, and waits for all 10. The backlog is not drained: only
 /// the small plan counts.
 pub(crate) async fn fair_wait(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> anyhow::Result<Run> {
@@ -74,7 +75,6 @@ pub(crate) async fn fair_wait(args: &BenchArgs, stack: &Stack, client: &redis::C
     let mut procs = stack.replicas(args, client, "bench-fair").await?;
     let token = CancellationToken::new();
     let log = Arc::new(Mutex::new(AgentLog::default()));
-    let agents = load::agents(client, &CAPPED, true, &log, &token);
     let big: Vec<Wp> = (0..args.capped)
         .map(|i| Wp { wp_id: format!("big.{i}"), fields: vec![("work_type", CAPPED_TYPE.into())], prereqs: Vec::new() })
         .collect();
@@ -92,6 +92,9 @@ pub(crate) async fn fair_wait(args: &BenchArgs, stack: &Stack, client: &redis::C
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The agents start only now, so that all but the first slots' worth of the backlog waits as
+    // `ready` when the small plan comes.
+    let agents = load::agents(client, &CAPPED, true, &log, &token);
     let (_, sent) = load::produce(&mut con, &stack.names.incoming, &small, None, &token).await?;
     let seen = load::wait_for(&log, args.timeout, |l| l.seen.keys().filter(|w| w.starts_with("small.")).count() >= small.len()).await;
     let first_small =
@@ -105,10 +108,14 @@ pub(crate) async fn fair_wait(args: &BenchArgs, stack: &Stack, client: &redis::C
     }
     pool.close().await;
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
-    run.finished = l.seen.keys().filter(|w| w.starts_with("small.")).count();
-    run.seconds = first_small.map_or(0.0, |t| t.saturating_sub(sent) as f64 / 1e6);
+    let small_seen: Vec<u64> = l.seen.iter().filter(|(w, _)| w.starts_with("small.")).map(|(_, at)| *at).collect();
+    run.finished = small_seen.len();
+    // The small plan's own figures: from its send to its last trigger.
+    run.seconds = small_seen.iter().max().map_or(0.0, |t| t.saturating_sub(sent) as f64 / 1e6);
+    run.wp_per_s = run.finished as f64 / run.seconds.max(1e-6);
     run.duplicates = l.duplicates();
     run.lost = if seen { 0 } else { small.len() - run.finished };
-    run.fair_wait = Some(crate::tools::bench::report::FairWait { backlog_ready: backlog.max(0) as usize, first_dispatch_s: run.seconds });
+    let first_dispatch_s = first_small.map_or(0.0, |t| t.saturating_sub(sent) as f64 / 1e6);
+    run.fair_wait = Some(FairWait { backlog_ready: backlog.max(0) as usize, first_dispatch_s });
     Ok(run)
 }
