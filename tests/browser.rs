@@ -4,7 +4,8 @@
 //! the agents and replicas panels, and requeues a dead letter from the UI after a routing fix
 //! and a reload, until it completes. Then a big plan (8 lanes of 25 steps, each lane at a
 //! different point, one failed): the view opens on its frontier with finished stretches folded,
-//! shows each lane's progress, sums up what waits, and pauses and resumes a lane and an agent.
+//! shows each lane's progress, sums up what waits, and pauses and resumes a lane, an agent and
+//! the plan.
 //! The test plays the big plan's agent itself, so each lane stops where it should. The replica
 //! has a read token, which the page asks for before it shows anything. Screenshots go to
 //! `$GE_SCREENSHOTS` (the docs use `GE_SCREENSHOTS=docs/screenshots`), else to a temporary

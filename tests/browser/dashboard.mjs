@@ -181,4 +181,13 @@ async function bigPlan(page, big) {
   await page.click(`#pauses tr[data-scope="agent"][data-name="${big.pause_agent}"] button.resume`);
   await page.waitForSelector(`#agents tr[data-agent="${big.pause_agent}"][data-paused="false"] button.pause`);
   step(`agent ${big.pause_agent} paused and resumed from the page`);
+
+  // The plan shown, from the button beside the plan selector.
+  await page.click("#pause-plan");
+  await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`);
+  await page.waitForSelector('#pause-plan[data-paused="true"]:has-text("resume plan")');
+  await page.click("#pause-plan");
+  await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`, { state: "detached" });
+  await page.waitForSelector('#pause-plan[data-paused="false"]:has-text("pause plan")');
+  step(`plan ${big.plan} paused and resumed from the page`);
 }
