@@ -2,15 +2,22 @@
 //! dashboard, reference agents as processes, the sample plan), then `tests/browser/dashboard.mjs`
 //! (playwright-core) checks the DAG's statuses and swimlanes, what blocked work waits for,
 //! the agents and replicas panels, and requeues a dead letter from the UI after a routing fix
-//! and a reload, until it completes. The replica has a read token, which the page asks for
-//! before it shows anything. Screenshots go to `$GE_SCREENSHOTS` (the docs use
-//! `GE_SCREENSHOTS=docs/screenshots`), else to a temporary directory.
+//! and a reload, until it completes. Then a big plan (8 lanes of 25 steps, each lane at a
+//! different point, one failed): the view opens on its frontier with finished stretches folded,
+//! shows each lane's progress, sums up what waits, and pauses and resumes a lane, an agent and
+//! the plan.
+//! The test plays the big plan's agent itself, so each lane stops where it should. The replica
+//! has a read token, which the page asks for before it shows anything. Screenshots go to
+//! `$GE_SCREENSHOTS` (the docs use `GE_SCREENSHOTS=docs/screenshots`), else to a temporary
+//! directory.
 
 #[path = "it/harness.rs"]
 mod harness;
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ge_orchestrator::tools::plan::Plan;
@@ -30,6 +37,49 @@ fn agent(env: &TestEnv, name: &str) -> tokio::process::Child {
         .expect("start a reference agent")
 }
 
+/// The big plan: lanes `l0`..`l7` of 25 steps, all on agent `bigco`, which this test plays.
+const LANES: usize = 8;
+const STEPS: usize = 25;
+/// Steps each lane completes before the browser looks; lane 5's next step then fails for good.
+const PROGRESS: [usize; LANES] = [20, 12, 3, 0, 25, 5, 16, 8];
+const FAILING_LANE: usize = 5;
+/// The lane the browser pauses: its running step completes when the browser asks (a file
+/// `release-l2` in the shared directory), and its next step must then wait for the resume.
+const PAUSED_LANE: usize = 2;
+
+fn big_wp(lane: usize, step: usize) -> String {
+    format!("big.l{lane}-s{step:02}")
+}
+
+/// Agent `bigco`: completes each lane's steps up to its PROGRESS, fails lane 5's next step,
+/// holds every other trigger, and completes one held step of a lane each time the browser
+/// drops a `release-LANE` file into `dir`.
+async fn play_bigco(env: Arc<TestEnv>, dir: PathBuf) {
+    let mut done = HashSet::new();
+    loop {
+        for t in env.triggers("bigco").await {
+            let wp = t["wp_id"].clone();
+            let Some((lane, step)) = wp.strip_prefix("big.l").and_then(|r| r.split_once("-s")) else { continue };
+            let (lane, step): (usize, usize) = (lane.parse().unwrap(), step.parse().unwrap());
+            if done.contains(&t["dispatch_id"]) {
+                continue;
+            }
+            let release = dir.join(format!("release-l{lane}"));
+            if step < PROGRESS[lane] {
+                env.complete(&t).await;
+            } else if lane == FAILING_LANE && step == PROGRESS[lane] {
+                env.fail(&t, false).await;
+            } else if std::fs::remove_file(&release).is_ok() {
+                env.complete(&t).await;
+            } else {
+                continue;
+            }
+            done.insert(t["dispatch_id"].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -39,7 +89,8 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
         "the browser test needs playwright-core in tests/browser/node_modules and /usr/bin/chromium: run scripts/setup.sh"
     );
 
-    let env = TestEnv::start(ROUTING).await;
+    let routing = ROUTING.replace("agents:\n", "agents:\n  bigco:  { roles: [big] }\n");
+    let env = Arc::new(TestEnv::start(&routing).await);
     let (mut settings, port) = http_settings(&env, "replica-1", Some(TOKEN));
     // Reads need a token too: the dashboard must send the one pasted in its header.
     settings.admin_read_token = Some(READ_TOKEN.into());
@@ -69,6 +120,34 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     .await;
     eventually(T, "the dead letter", || async { (!env.deadletters().await.is_empty()).then_some(()) }).await;
 
+    // The big plan, submitted step by step across the lanes, as a planner would.
+    let shared = env.dir.path().join("browser-shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    for step in 0..STEPS {
+        for lane in 0..LANES {
+            env.submit(&[("wp_id", &big_wp(lane, step)), ("agent_id", "bigco"), ("lane", &format!("l{lane}"))]).await;
+        }
+    }
+    let bigco = tokio::spawn(play_bigco(env.clone(), shared.clone()));
+    let expected_done: usize = PROGRESS.iter().sum();
+    eventually(T, "each lane of the big plan where it should be", || async {
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM work_packages WHERE wp_id LIKE 'big.%' GROUP BY status ORDER BY status")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        let running = PROGRESS.iter().enumerate().filter(|&(l, &p)| p < STEPS && l != FAILING_LANE).count();
+        let want = vec![
+            ("blocked".to_string(), (LANES * STEPS - expected_done - running - 1) as i64),
+            ("completed".to_string(), expected_done as i64),
+            ("dispatched".to_string(), running as i64),
+            ("failed".to_string(), 1),
+        ];
+        (counts == want).then_some(())
+    })
+    .await;
+    let frontier: Vec<String> = (0..LANES).filter(|&l| PROGRESS[l] < STEPS).map(|l| big_wp(l, PROGRESS[l])).collect();
+
     let mut expect: serde_json::Map<String, serde_json::Value> = ids.iter().map(|id| (id.clone(), "completed".into())).collect();
     expect.insert("e2e.held".into(), "ready".into());
     expect.insert("e2e.after-held".into(), "blocked".into());
@@ -81,10 +160,22 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
         "blocked": { "e2e.after-held": "e2e.held", "e2e.unblocked-later": "e2e.held", "e2e.held": "hopper" },
         "requeue": "e2e.hotfix",
         "screenshots": shots,
+        "big": {
+            "plan": "big",
+            "lanes": (0..LANES).map(|l| serde_json::json!({
+                "lane": format!("l{l}"), "done": PROGRESS[l], "total": STEPS,
+            })).collect::<Vec<_>>(),
+            "frontier": frontier,
+            "failed": big_wp(FAILING_LANE, PROGRESS[FAILING_LANE]),
+            "pause_lane": format!("l{PAUSED_LANE}"),
+            "after_pause": big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE] + 1),
+            "pause_agent": "turing",
+            "shared": shared,
+        },
     });
 
     // The fix, on disk; the browser presses "reload routing" before it requeues.
-    env.write_routing(&ROUTING.replace("agents:\n", "agents:\n  ghost:  { roles: [ops] }\n"));
+    env.write_routing(&routing.replace("agents:\n", "agents:\n  ghost:  { roles: [ops] }\n"));
 
     let out = tokio::process::Command::new("node")
         .arg(browser_dir.join("dashboard.mjs"))
@@ -99,5 +190,10 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
     assert_eq!(env.status("e2e.hotfix").await.as_deref(), Some("completed"));
     assert!(shots.join("dashboard.png").exists() && shots.join("dashboard-requeued.png").exists());
+    assert!(shots.join("dashboard-big-plan.png").exists() && shots.join("dashboard-paused.png").exists());
+    // The paused lane's step went once it was resumed, and not before: the browser saw it wait.
+    assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE])).await.as_deref(), Some("completed"));
+    assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE] + 1)).await.as_deref(), Some("dispatched"));
+    bigco.abort();
     replica.stop().await;
 }

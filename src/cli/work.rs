@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use super::args::{DatabaseArg, redis_con};
+use crate::core::status::STATUSES;
 use crate::engine::settings::Names;
 use crate::engine::{store, streams};
 use crate::ops::{reads, status};
@@ -16,8 +17,22 @@ pub(crate) struct Status {
     /// Also count dead letters.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
-    #[arg(long, default_value_t = 200)]
+    /// The most recent this many work packages that match the filters.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     limit: i64,
+    /// Only work packages with this status.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATUSES))]
+    status: Option<String>,
+    /// Only work packages of this lane.
+    #[arg(long)]
+    lane: Option<String>,
+    /// Only work packages of this agent (of their current or last dispatch).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only work packages of this plan: the wp_ids whose part before their last dot is PLAN
+    /// (`--plan run1` for a plan submitted with `--prefix run1.`).
+    #[arg(long)]
+    plan: Option<String>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -31,9 +46,19 @@ impl Status {
             Some(url) => Some(streams::len(&mut redis_con(url).await?, &self.names.deadletter).await?),
             None => None,
         };
+        // The counts are those of the filters too, without the limit.
+        let filter = reads::Filter {
+            wp_id: self.wp_id,
+            status: self.status,
+            lane: self.lane,
+            agent: self.agent,
+            prefix: None,
+            plan: self.plan,
+            limit: Some(self.limit),
+        };
         let overview = status::Overview {
-            counts: reads::counts(&pool).await?,
-            work_packages: reads::work_packages(&pool, self.wp_id.as_deref(), self.limit).await?,
+            counts: reads::counts_matching(&pool, &reads::Filter { limit: None, ..filter.clone() }).await?,
+            work_packages: reads::list(&pool, &filter).await?,
             deadletters,
         };
         if self.json {

@@ -23,7 +23,7 @@ use crate::engine::context::Ctx;
 use crate::engine::controls::{self, PauseScope};
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::{config_watch, store, streams};
-use crate::ops::{actions, reads};
+use crate::ops::{actions, activity, reads};
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
@@ -193,6 +193,19 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
     }))
 }
 
+#[derive(Deserialize)]
+struct ActivityQuery {
+    minutes: Option<i64>,
+}
+
+async fn activity(State(ctx): State<Arc<Ctx>>, Q(q): Q<ActivityQuery>) -> ApiResult {
+    let minutes = q.minutes.unwrap_or(60);
+    if !(1..=activity::MAX_MINUTES).contains(&minutes) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("minutes must be between 1 and {}", activity::MAX_MINUTES)));
+    }
+    ok(json!({ "minutes": minutes, "buckets": activity::activity(&ctx.ops_pool, minutes).await? }))
+}
+
 async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiResult {
     check_limit(f.limit, MAX_WORK_PACKAGES)?;
     if let Some(s) = f.status.as_deref().filter(|s| !STATUSES.contains(s)) {
@@ -200,7 +213,7 @@ async fn list_wps(State(ctx): State<Arc<Ctx>>, Q(f): Q<reads::Filter>) -> ApiRes
     }
     // PostgreSQL text cannot hold NUL, so no stored value has one; it would only make the
     // query fail.
-    let filters = [&f.wp_id, &f.status, &f.lane, &f.agent, &f.prefix];
+    let filters = [&f.wp_id, &f.status, &f.lane, &f.agent, &f.prefix, &f.plan];
     if filters.iter().any(|v| v.as_deref().is_some_and(|s| s.contains('\0'))) {
         return ok(Vec::<reads::WpView>::new());
     }
@@ -397,6 +410,7 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     let reads = Router::new()
         .route("/api/overview", get(overview))
+        .route("/api/activity", get(activity))
         .route("/api/work-packages", get(list_wps))
         .route("/api/work-packages/{wp_id}", get(one_wp))
         .route("/api/deadletters", get(list_deadletters))

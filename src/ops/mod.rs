@@ -2,6 +2,7 @@
 //! the admin API, Prometheus metrics, the dashboard, status views and operator actions.
 
 pub(crate) mod actions;
+pub mod activity;
 pub mod admin;
 pub mod http;
 pub mod metrics;

@@ -1,6 +1,7 @@
-//! Every PostgreSQL read of the operators' surface: the CLI, the admin API, `/metrics`, the
-//! dashboard, the dev stack and `submit --wait`. Read-only; the engine's own statements live in
-//! `engine::store` and `engine::dispatch`, which own the tables.
+//! Every PostgreSQL read of the operators' surface but the activity chart's (`ops::activity`):
+//! the CLI, the admin API, `/metrics`, the dashboard, the dev stack and `submit --wait`.
+//! Read-only; the engine's own statements live in `engine::store` and `engine::dispatch`, which
+//! own the tables.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -53,11 +54,54 @@ pub struct Filter {
     pub agent: Option<String>,
     /// wp_ids starting with this (a plan submitted with `--prefix`).
     pub prefix: Option<String>,
+    /// The plan (v1.4): the work packages of this `plan`; those stored before plans were
+    /// (migration 0008) by the rule ingest applies, their wp_id up to its last dot (`run1` holds
+    /// `run1.spec`, not `run1.a.spec`). A trailing dot is ignored.
+    pub plan: Option<String>,
     pub limit: Option<i64>,
 }
 
+impl Filter {
+    fn plan_name(&self) -> Option<String> {
+        let plan = self.plan.as_deref().filter(|p| !p.is_empty())?;
+        Some(plan.strip_suffix('.').unwrap_or(plan).to_string())
+    }
+}
+
+/// Whether work package `w` matches a `Filter` bound as $1 to $6 (wp_id, status, lane, agent,
+/// prefix, plan): one condition for the listing and its counts.
+macro_rules! matching {
+    () => {
+        "($1::text IS NULL OR w.wp_id = $1)
+           AND ($2::text IS NULL OR w.status = $2)
+           AND ($3::text IS NULL OR w.lane = $3)
+           AND ($4::text IS NULL OR w.agent_id = $4)
+           AND ($5::text IS NULL OR starts_with(w.wp_id, $5))
+           AND ($6::text IS NULL OR coalesce(w.plan, CASE WHEN strpos(w.wp_id, '.') > 0
+                                     THEN left(w.wp_id, length(w.wp_id) - strpos(reverse(w.wp_id), '.')) END) = $6)"
+    };
+}
+
 pub async fn counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM work_packages GROUP BY status ORDER BY status").fetch_all(pool).await?;
+    counts_matching(pool, &Filter::default()).await
+}
+
+/// Work packages per status among those matching `f` (its limit aside).
+pub async fn counts_matching(pool: &PgPool, f: &Filter) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
+    let rows = sqlx::query(concat!(
+        "SELECT w.status, count(*) AS n FROM work_packages w WHERE ",
+        matching!(),
+        " GROUP BY w.status ORDER BY w.status"
+    ))
+    .bind(nonempty(&f.wp_id))
+    .bind(nonempty(&f.status))
+    .bind(nonempty(&f.lane))
+    .bind(nonempty(&f.agent))
+    .bind(nonempty(&f.prefix))
+    .bind(f.plan_name())
+    .fetch_all(pool)
+    .await?;
     rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
 }
 
@@ -69,7 +113,7 @@ pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Re
 /// Work packages matching `f`, in stream order (the most recent `limit` of them).
 pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error> {
     let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT w.wp_id, w.status, w.agent_id, w.lane, w.attempts, w.dispatch_id, w.wait_reason, w.last_error,
                 to_char(w.next_attempt_at AT TIME ZONE 'UTC', 'HH24:MI:SS') AS next_at,
                 (SELECT string_agg(d.depends_on || ' (' || coalesce(p.status, 'not submitted yet') || ')', ', ' ORDER BY d.depends_on)
@@ -86,20 +130,19 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                 to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated,
                 w.plan, w.priority, to_char(w.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS not_before
          FROM work_packages w
-         WHERE ($1::text IS NULL OR w.wp_id = $1)
-           AND ($3::text IS NULL OR w.status = $3)
-           AND ($4::text IS NULL OR w.lane = $4)
-           AND ($5::text IS NULL OR w.agent_id = $5)
-           AND ($6::text IS NULL OR starts_with(w.wp_id, $6))
+         WHERE ",
+        matching!(),
+        "
          ORDER BY w.source_ms DESC, w.source_seq DESC
-         LIMIT $2",
-    )
+         LIMIT $7"
+    ))
     .bind(nonempty(&f.wp_id))
-    .bind(f.limit.unwrap_or(200).clamp(1, 100_000))
     .bind(nonempty(&f.status))
     .bind(nonempty(&f.lane))
     .bind(nonempty(&f.agent))
     .bind(nonempty(&f.prefix))
+    .bind(f.plan_name())
+    .bind(f.limit.unwrap_or(200).clamp(1, 100_000))
     .fetch_all(pool)
     .await?;
     // Newest `limit` were fetched; show them oldest first, in lane order.

@@ -3,10 +3,14 @@
 //   SPEC_JSON: { token, read_token (the replica asks for it on reads), expect: {wp_id: status},
 //                blocked: {wp_id: text its "why" contains},
 //                requeue: wp_id of a dead letter to requeue after pressing "reload routing",
-//                screenshots: directory for the PNGs }
+//                screenshots: directory for the PNGs,
+//                big: { plan, lanes: [{lane, done, total}], frontier: [wp_id], failed: wp_id,
+//                       pause_lane, after_pause: the wp_id that must wait while its lane is paused,
+//                       pause_agent, shared: directory where release-LANE lets the lane's
+//                       running step complete } }
 // Exits non-zero with a message on the first check that fails.
 import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const [base, specText] = process.argv.slice(2);
@@ -29,9 +33,15 @@ try {
     step("the read token pasted");
   }
 
-  // The plan's DAG shows each work package with the status the API has.
+  // The newest plan is the big one; the sample plan is chosen by name.
+  await page.waitForSelector('#plan option[value="e2e"]', { state: "attached" });
+  await page.selectOption("#plan", "e2e");
+
+  // The plan's DAG shows each work package with the status the API has: in a box of its own,
+  // or, finished, in a folded stretch of its lane.
   for (const [wp, status] of Object.entries(spec.expect)) {
-    await page.waitForSelector(`#dag g.wp[data-wp="${wp}"][data-status="${status}"]`);
+    const own = `#dag g.wp[data-wp="${wp}"][data-status="${status}"]`;
+    await page.waitForSelector(status === "completed" ? `${own}, #dag g.group[data-group="done"][data-members~="${wp}"]` : own);
   }
   step(`the DAG shows the ${Object.keys(spec.expect).length} expected statuses`);
   const lanes = await page.$$eval("#dag rect.lane", (rs) => rs.map((r) => r.dataset.lane));
@@ -79,7 +89,105 @@ try {
   await page.waitForSelector(`#detail h2:has-text("${spec.requeue}")`);
   await page.waitForSelector('#detail td:has-text("completed")');
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
+
+  await bigPlan(page, spec.big);
   step("all checks passed");
 } finally {
   await browser.close();
+}
+
+/** The big plan: the view opens on the frontier, folds what is finished, shows each lane's
+ *  progress and sums up what waits; a lane and an agent are paused and resumed from the page. */
+async function bigPlan(page, big) {
+  await page.selectOption("#plan", big.plan);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  for (const wp of big.frontier) await page.waitForSelector(`#dag g.wp[data-wp="${wp}"]:not(.group)`);
+  const view = page.viewportSize();
+  for (const wp of big.frontier) {
+    const box = await page.locator(`#dag g.wp[data-wp="${wp}"]`).boundingBox();
+    const inView = box && box.x >= 0 && box.y >= 0 && box.x + box.width <= view.width && box.y + box.height <= view.height;
+    if (!inView) throw new Error(`${wp}, where its lane is now, is outside the view without scrolling: ${JSON.stringify(box)} in ${JSON.stringify(view)}`);
+    const visible = await page.evaluate((id) => {
+      const g = document.querySelector(`#dag g.wp[data-wp="${id}"]`).getBoundingClientRect();
+      const s = document.querySelector("#dag .dagscroll").getBoundingClientRect();
+      return g.left >= s.left && g.right <= s.right;
+    }, wp);
+    if (!visible) throw new Error(`${wp} is scrolled out of the plan's view`);
+  }
+  step(`the ${big.frontier.length} lanes' frontier is in view without scrolling`);
+
+  // Finished stretches are one box each: no finished step of the plan has a box of its own
+  // when three or more of its lane's are done in a row.
+  for (const l of big.lanes.filter((x) => x.done >= 3)) {
+    const group = `#dag g.group[data-group="done"][data-members~="big.${l.lane}-s00"]`;
+    await page.waitForSelector(group);
+    const count = Number(await page.getAttribute(group, "data-count"));
+    if (count !== l.done) throw new Error(`lane ${l.lane}: the folded stretch holds ${count} steps, ${l.done} are done`);
+    if (await page.$(`#dag g.wp:not(.group)[data-wp="big.${l.lane}-s00"]`)) throw new Error(`lane ${l.lane}: a finished step is drawn on its own`);
+  }
+  const boxes = await page.$$eval("#dag g.wp", (gs) => gs.length);
+  if (boxes > 6 * big.lanes.length) throw new Error(`${boxes} boxes for ${big.lanes.length} lanes: the plan is not folded`);
+  step(`finished stretches folded (${boxes} boxes for ${big.lanes.length * big.lanes[0].total} steps)`);
+
+  // Each lane's progress, in the plan and in the lanes table.
+  for (const l of big.lanes) {
+    await page.waitForSelector(`#dag g.progress[data-lane="${l.lane}"][data-done="${l.done}"][data-total="${l.total}"]`);
+    await page.waitForSelector(`#lanes tr[data-lane="${l.lane}"][data-done="${l.done}"][data-total="${l.total}"]`);
+  }
+  step("per-lane progress shown");
+
+  // What waits is summed up: the failed step on its own line, each lane's queue on one.
+  await page.waitForSelector(`#waiting tr[data-wp="${big.failed}"] td.why:has-text("failed")`);
+  for (const l of big.lanes.filter((x) => x.done < x.total - 1)) {
+    const waiting = l.total - l.done - 1;
+    const row = `#waiting tr[data-group="lane:${l.lane}"]`;
+    await page.waitForSelector(`${row}[data-count="${waiting}"] td.why:has-text("head")`);
+  }
+  const rows = await page.$$eval("#waiting tbody tr", (rs) => rs.length);
+  if (rows > big.lanes.length + 1) throw new Error(`the waiting list has ${rows} rows for ${big.lanes.length} lanes`);
+  step(`the waiting list sums up the blocked steps in ${rows} rows`);
+
+  // The activity chart has the minutes' dispatches.
+  await page.waitForFunction(() => Number(document.querySelector("#activity [data-dispatched]")?.dataset.dispatched) > 0, null, { timeout: 15_000 });
+  const done = big.lanes.reduce((n, l) => n + l.done, 0);
+  const completed = Number(await page.getAttribute("#activity [data-completed]", "data-completed"));
+  if (completed < done) throw new Error(`the activity chart counts ${completed} completions, the plan has ${done}`);
+  await page.waitForSelector("#activity svg.throughput polyline.dispatched");
+  await page.waitForSelector("#activity svg.latency :is(polyline, circle).p50");
+  mkdirSync(spec.screenshots, { recursive: true });
+  await page.screenshot({ path: join(spec.screenshots, "dashboard-big-plan.png"), fullPage: true });
+  step("activity chart drawn; big-plan screenshot taken");
+
+  // Pause a lane from its row; its running step finishes, the next one waits, paused.
+  await page.fill("#pause-reason", "maintenance window");
+  await page.click(`#lanes tr[data-lane="${big.pause_lane}"] button.pause`);
+  await page.waitForSelector(`#pauses tr[data-scope="lane"][data-name="${big.pause_lane}"]:has-text("maintenance window")`);
+  await page.waitForSelector(`#lanes tr[data-lane="${big.pause_lane}"] button.resume`);
+  writeFileSync(join(big.shared, `release-${big.pause_lane}`), "");
+  const after = `#dag g.wp[data-wp="${big.after_pause}"]`;
+  await page.waitForFunction((sel) => (document.querySelector(sel)?.dataset.why || "").startsWith("paused"), after);
+  if ((await page.getAttribute(after, "data-status")) === "dispatched") throw new Error(`${big.after_pause} went while its lane was paused`);
+  await page.waitForSelector(`#waiting tr:has(td.why:text-matches("^paused"))`);
+  await page.screenshot({ path: join(spec.screenshots, "dashboard-paused.png"), fullPage: true });
+  step(`lane ${big.pause_lane} paused from the page: ${big.after_pause} waits, paused; screenshot taken`);
+  await page.click(`#lanes tr[data-lane="${big.pause_lane}"] button.resume`);
+  await page.waitForSelector(`${after}[data-status="dispatched"]`);
+  await page.waitForSelector(`#pauses tr[data-name="${big.pause_lane}"]`, { state: "detached" });
+  step(`lane ${big.pause_lane} resumed from the page: ${big.after_pause} went`);
+
+  // An agent, from its row, resumed from the pauses list.
+  await page.click(`#agents tr[data-agent="${big.pause_agent}"] button.pause`);
+  await page.waitForSelector(`#agents tr[data-agent="${big.pause_agent}"][data-paused="true"]`);
+  await page.click(`#pauses tr[data-scope="agent"][data-name="${big.pause_agent}"] button.resume`);
+  await page.waitForSelector(`#agents tr[data-agent="${big.pause_agent}"][data-paused="false"] button.pause`);
+  step(`agent ${big.pause_agent} paused and resumed from the page`);
+
+  // The plan shown, from the button beside the plan selector.
+  await page.click("#pause-plan");
+  await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`);
+  await page.waitForSelector('#pause-plan[data-paused="true"]:has-text("resume plan")');
+  await page.click("#pause-plan");
+  await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`, { state: "detached" });
+  await page.waitForSelector('#pause-plan[data-paused="false"]:has-text("pause plan")');
+  step(`plan ${big.plan} paused and resumed from the page`);
 }

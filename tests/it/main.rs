@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod activity;
 mod admin;
 mod agent;
 mod api_schema;
