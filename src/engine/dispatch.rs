@@ -100,7 +100,10 @@ macro_rules! may_run {
 /// Best first (v1.4): higher `priority`; then fair share among equal priorities: each fairness
 /// key's work takes turns (its first, then its second, ...), a key's turns counted on from
 /// the work it has in flight already, so that a key with nothing running goes before one
-/// with much; then incoming order. The in-flight count per key is capped at the round's limit.
+/// with much; then incoming order. The in-flight count per key is capped at the round's limit,
+/// counted once per key (materialized: inlined, it ran once per candidate, 38 ms a round of
+/// 100 at 1,000 in flight), and not at all when the candidates share one key, where it
+/// cannot change the order.
 macro_rules! candidates_sql {
     ($held:literal, $scope:expr) => {
         concat!(
@@ -119,15 +122,17 @@ macro_rules! candidates_sql {
             " AND ",
             may_run!(),
             "),
-             busy AS (SELECT k.key, (SELECT count(*) FROM (SELECT 1 FROM work_packages d
-                                                          WHERE d.status = 'dispatched' AND d.fairness_key = k.key LIMIT $1) x) AS n
-                      FROM (SELECT DISTINCT c.fairness_key AS key FROM c) k)
+             busy AS MATERIALIZED (
+                 SELECT k.key, (SELECT count(*) FROM (SELECT 1 FROM work_packages d
+                                                      WHERE d.status = 'dispatched' AND d.fairness_key = k.key LIMIT $1) x) AS n
+                 FROM (SELECT DISTINCT c.fairness_key AS key FROM c) k
+                 WHERE (SELECT count(DISTINCT c.fairness_key) FROM c) > 1)
              SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.lane, w.source_ms, w.source_seq, w.plan,
                     w.delayed_until, extract(epoch FROM ",
             eligible_since!(),
             ")::float8 AS eligible_since
-             FROM c w JOIN busy b ON b.key = w.fairness_key
-             ORDER BY w.priority DESC, w.turn + b.n, w.source_ms, w.source_seq
+             FROM c w LEFT JOIN busy b ON b.key = w.fairness_key
+             ORDER BY w.priority DESC, w.turn + coalesce(b.n, 0), w.source_ms, w.source_seq
              LIMIT $1"
         )
     };
