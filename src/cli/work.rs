@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use super::args::{DatabaseArg, redis_con};
 use crate::engine::settings::Names;
 use crate::engine::{store, streams};
-use crate::ops::{reads, status};
+use crate::ops::{actions, reads, status};
 
 #[derive(clap::Args)]
 pub(crate) struct Status {
@@ -27,14 +27,19 @@ pub(crate) struct Status {
 impl Status {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let pool = self.db.connect().await?;
-        let deadletters = match &self.redis_url {
-            Some(url) => Some(streams::len(&mut redis_con(url).await?, &self.names.deadletter).await?),
-            None => None,
+        let (deadletters, retention) = match &self.redis_url {
+            Some(url) => {
+                let mut con = redis_con(url).await?;
+                let n = streams::len(&mut con, &self.names.deadletter).await?;
+                (Some(n), retention_in_force(&mut con, &self.names.health).await?)
+            }
+            None => (None, None),
         };
         let overview = status::Overview {
             counts: reads::counts(&pool).await?,
             work_packages: reads::work_packages(&pool, self.wp_id.as_deref(), self.limit).await?,
             deadletters,
+            retention,
         };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&overview)?);
@@ -43,6 +48,16 @@ impl Status {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// The retention the replicas run with, from the newest health entry of a live one (an
+/// operator's command does not know the replicas' settings).
+async fn retention_in_force(con: &mut streams::MasterConnection, health: &str) -> anyhow::Result<Option<(String, String)>> {
+    let reps = actions::replicas(con, health, std::time::Duration::from_secs(120), 200).await?;
+    Ok(reps
+        .into_iter()
+        .filter(|r| r.live)
+        .find_map(|r| Some((r.heartbeat.get("retention")?.clone(), r.heartbeat.get("trigger_retention")?.clone()))))
 }
 
 #[derive(clap::Args)]

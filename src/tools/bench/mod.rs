@@ -3,7 +3,7 @@
 //! `--json`, writes the figures for tooling. The method is in BENCHMARKS.md.
 
 mod ceiling;
-mod load;
+pub(crate) mod load;
 mod report;
 
 use std::path::PathBuf;
