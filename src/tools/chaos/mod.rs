@@ -56,6 +56,13 @@ pub struct ChaosArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The replicas' GE_RETENTION (with GE_RETENTION_INTERVAL 1s), so finished work is removed
+    /// and streams trimmed while the faults go on. A work package no longer in PostgreSQL
+    /// counts as completed when an agent reported one of its dispatches completed (retention
+    /// removes only finished work, and the agents fail nothing); duplicates are counted over
+    /// the triggers the agents received as well as those still in the streams.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
 }
 
 /// Short sweep intervals, so the backstop also gets exercised within a run.
@@ -108,6 +115,7 @@ async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<Agen
             let (Some(wp), Some(dispatch)) = (fields.get("wp_id"), fields.get("dispatch_id")) else { continue };
             {
                 let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                l.trigger_entries.entry(dispatch.clone()).or_default().insert(e.id.clone());
                 if l.received.contains_key(dispatch) {
                     l.redelivered += 1;
                 } else {
@@ -309,11 +317,16 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let pool = store::connect(&database_url, 2).await?;
     let endpoint = Endpoint::parse(&stack.redis_url())?;
 
-    let env = vec![
+    let mut env: Vec<(String, String)> = vec![
         ("REDIS_URL".into(), stack.redis_url()),
         ("DATABASE_URL".into(), database_url.clone()),
         ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
     ];
+    if let Some(r) = args.retention {
+        env.push(("GE_RETENTION".into(), format!("{}ms", r.as_millis())));
+        env.push(("GE_RETENTION_INTERVAL".into(), "1s".into()));
+        env.push(("GE_REPUBLISH_AFTER".into(), format!("{}ms", (r.as_millis() / 2).clamp(1, 5000))));
+    }
     let mut replicas = ReplicaProcs::new(env, &REPLICA_ARGS, dir.clone(), "chaos")?;
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
@@ -435,10 +448,14 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     replicas.stop_all(Duration::from_secs(15)).await;
 
-    let observed = observe(&pool, &endpoint).await?;
+    let mut observed = observe(&pool, &endpoint, &log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = check::count_removed(&sub, &log, &mut observed);
+        if args.retention.is_some() {
+            println!("  removed by retention (completed, per the agents): {removed}");
+        }
         (check::check(&sub, &log, &observed), sub.wp_ids.len(), sub.bad.len(), log.redelivered)
     };
     let (times, unmeasured) = joined(takeovers).await;
@@ -524,7 +541,10 @@ fn settings_text(settings: &[(&str, &str)]) -> String {
     settings.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Observed> {
+/// What PostgreSQL and Redis hold at the end; the triggers counted per dispatch_id over those
+/// still in the streams and those the agents received (`seen`, entry ids), since retention
+/// trims what the agents acknowledged.
+async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String, HashSet<String>>) -> anyhow::Result<Observed> {
     use sqlx::Row;
     let states = sqlx::query("SELECT wp_id, status, attempts FROM work_packages")
         .fetch_all(pool)
@@ -534,7 +554,7 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Obs
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
     let names = Names::default();
     let mut con = MasterConnection::connect(endpoint).await?;
-    let mut trigger_counts: HashMap<String, usize> = HashMap::new();
+    let mut entries: HashMap<String, HashSet<String>> = seen.clone();
     for agent in AGENTS {
         for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
             let d = e
@@ -543,9 +563,10 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Obs
                 .into_iter()
                 .find(|(k, _)| k == b"dispatch_id")
                 .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
-            *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
+            entries.entry(d.unwrap_or_default()).or_default().insert(e.id);
         }
     }
+    let trigger_counts: HashMap<String, usize> = entries.into_iter().map(|(d, ids)| (d, ids.len())).collect();
     let deadletters = streams::range(&mut con, &names.deadletter, "-", "+")
         .await?
         .into_iter()
