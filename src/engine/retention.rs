@@ -114,6 +114,7 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
             _ = tick.tick() => {}
             _ = token.cancelled() => return,
         }
+        ctx.metrics.upkeep();
         let db = remove_finished(&ctx).await.map_err(anyhow::Error::from).map(|_| ());
         let streams = trimming::trim_all(&ctx).await.map(|_| ());
         match db.and(streams) {

@@ -448,7 +448,8 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     replicas.stop_all(Duration::from_secs(15)).await;
 
-    let mut observed = observe(&pool, &endpoint, &log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries).await?;
+    let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries.clone();
+    let mut observed = observe(&pool, &endpoint, &received).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
