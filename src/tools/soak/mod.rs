@@ -78,6 +78,8 @@ const THROUGHPUT_PCT: f64 = 20.0;
 #[derive(Debug, Serialize)]
 pub(crate) struct SoakReport {
     pub work_packages: usize,
+    /// Sent to the incoming stream (all of them, unless the run was stopped).
+    pub sent: usize,
     pub rate: u32,
     pub retention_s: f64,
     pub load_s: f64,
@@ -208,22 +210,30 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
 
     let mut probe = Probe { con: streams::connect(&redis.url()).await?, pool: pool.clone(), names: names.clone() };
     let producer_token = token.child_token();
-    let mut producer_con = client.get_multiplexed_async_connection().await.context("connecting the producer")?;
+    // No response timeout: under load a pipeline may take longer than the default 500 ms, and
+    // a timed-out pipeline cannot be sent again (its entries would differ in their send time).
+    let mut producer_con = streams::blocking(&client).await.context("connecting the producer")?;
     let blocks = args.work_packages.div_ceil(30);
     let total = blocks * 30;
     let rate = args.rate;
     let incoming = names.incoming.clone();
     let pt = producer_token.clone();
+    let stop = token.clone();
     let producer = tokio::spawn(async move {
         // A second's worth at a time, paced by `produce` in 10 ms slices.
         let per_call = (rate as usize / 30).max(1);
         let mut b = 0;
         while b < blocks && !pt.is_cancelled() {
             let wps: Vec<Wp> = (b..(b + per_call).min(blocks)).flat_map(block).collect();
-            load::produce(&mut producer_con, &incoming, &wps, Some(rate), &pt).await?;
+            if let Err(e) = load::produce(&mut producer_con, &incoming, &wps, Some(rate), &pt).await {
+                eprintln!("soak: the producer stopped after {} work packages: {e}", b * 30);
+                // The run cannot reach its total: stop it, and report what it saw.
+                stop.cancel();
+                return b * 30;
+            }
             b += per_call;
         }
-        Ok::<_, redis::RedisError>(())
+        b.min(blocks) * 30
     });
 
     let t0 = Instant::now();
@@ -262,9 +272,7 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
         }
     }
     producer_token.cancel();
-    if let Ok(Err(e)) = producer.await {
-        tracing::warn!(error = %e, "the producer stopped on an error");
-    }
+    let sent = producer.await.unwrap_or(0);
     let final_streams = probe.streams().await?;
     let (final_wps, final_events, final_edges): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM work_packages), (SELECT count(*) FROM work_package_events), (SELECT count(*) FROM work_package_deps)",
@@ -294,6 +302,7 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
     let load_s = samples.get(load_len.saturating_sub(1)).map(|s| s.t_s).unwrap_or(0.0);
     let out = SoakReport {
         work_packages: total,
+        sent,
         rate: args.rate,
         retention_s: args.retention.as_secs_f64(),
         load_s,
@@ -326,7 +335,7 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
     drop(redis);
     drop(postgres);
     let _ = std::fs::remove_dir_all(&dir);
-    let ok = out.lost == 0 && out.duplicates == 0 && out.out_of_order.is_empty() && drained;
+    let ok = out.sent == total && out.lost == 0 && out.duplicates == 0 && out.out_of_order.is_empty() && drained;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
