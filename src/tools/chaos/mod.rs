@@ -325,9 +325,18 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     if let Some(r) = args.retention {
         env.push(("GE_RETENTION".into(), format!("{}ms", r.as_millis())));
         env.push(("GE_RETENTION_INTERVAL".into(), "1s".into()));
-        env.push(("GE_REPUBLISH_AFTER".into(), format!("{}ms", (r.as_millis() / 2).clamp(1, 5000))));
     }
-    let mut replicas = ReplicaProcs::new(env, &REPLICA_ARGS, dir.clone(), "chaos")?;
+    // Republication must come before a dispatch key expires, and keys live no longer than the
+    // retention (the replica refuses otherwise).
+    let republish = match args.retention {
+        Some(r) => format!("{}ms", (r.as_millis() / 2).clamp(1, 2000)),
+        None => "2s".into(),
+    };
+    let mut replica_args: Vec<&str> = REPLICA_ARGS.to_vec();
+    if let Some(i) = replica_args.iter().position(|a| *a == "--republish-after") {
+        replica_args[i + 1] = republish.as_str();
+    }
+    let mut replicas = ReplicaProcs::new(env, &replica_args, dir.clone(), "chaos")?;
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
@@ -430,10 +439,23 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
     let settle_start = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
+        let mut done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
             .fetch_one(&pool)
             .await
             .unwrap_or(0);
+        if args.retention.is_some() {
+            // Completed work is removed as it goes: done once nothing is open and the agents
+            // completed every work package.
+            let open: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status NOT IN ('completed', 'failed', 'cancelled')")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(1);
+            let l = log.lock().unwrap_or_else(|p| p.into_inner());
+            let completed: HashSet<&str> =
+                l.received.iter().filter(|(d, _)| l.completed.contains_key(*d)).map(|(_, (w, _))| w.as_str()).collect();
+            done = if open == 0 { completed.len() as i64 } else { 0 };
+        }
         if done >= total || settle_start.elapsed() > args.settle || token.is_cancelled() {
             break;
         }
