@@ -15,8 +15,8 @@ use crate::engine::context::{Ctx, SharedRouting, Stats};
 use crate::engine::input::Input;
 use crate::engine::settings::RunSettings;
 use crate::{
-    core::redact, engine::config_watch, engine::health, engine::recover, engine::scheduler, engine::store, engine::streams,
-    engine::takeover, ops::http, ops::reads,
+    core::redact, engine::config_watch, engine::health, engine::recover, engine::retention, engine::scheduler, engine::store,
+    engine::streams, engine::takeover, ops::http, ops::reads,
 };
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
@@ -97,6 +97,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracker.spawn(config_watch::run(ctx.clone(), token.clone()));
     tracker.spawn(scheduler::run(ctx.clone(), token.clone()));
     tracker.spawn(takeover::run(ctx.clone(), token.clone()));
+    tracker.spawn(retention::run(ctx.clone(), token.clone()));
     if let Some(l) = listener {
         tracker.spawn(http::serve(l, ctx.clone(), token.clone()));
     }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::settings::RunSettings;
 use crate::replica;
-use crate::tools::{agent, bench, chaos, dev};
+use crate::tools::{agent, bench, chaos, dev, soak};
 
 #[derive(Parser)]
 #[command(name = "ge-orchestrator", version, about = "Routes work packages to AI agents and enforces their order")]
@@ -72,6 +72,9 @@ enum Command {
     /// Measure throughput, latency, takeover and memory of real replicas beside the Redis
     /// ceiling.
     Bench(bench::BenchArgs),
+    /// A long run with fast retention: Redis memory, database size and replica RSS sampled
+    /// until they plateau (SOAK.md).
+    Soak(soak::SoakArgs),
     /// Run the local stack: Redis and PostgreSQL (unless given), two replicas, demo agents and
     /// a sample plan, showing the work as it moves.
     Dev(dev::DevArgs),
@@ -131,6 +134,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => {
             init_logging(&cli.log_format, "error");
             bench::run(args, shutdown_token()?).await
+        }
+        Command::Soak(args) => {
+            init_logging(&cli.log_format, "error");
+            soak::run(args, shutdown_token()?).await
         }
         Command::Dev(args) => {
             init_logging(&cli.log_format, "warn");

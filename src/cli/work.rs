@@ -7,7 +7,7 @@ use super::args::{DatabaseArg, redis_con};
 use crate::core::status::STATUSES;
 use crate::engine::settings::Names;
 use crate::engine::{store, streams};
-use crate::ops::{reads, status};
+use crate::ops::{actions, reads, status};
 
 #[derive(clap::Args)]
 pub(crate) struct Status {
@@ -42,9 +42,13 @@ pub(crate) struct Status {
 impl Status {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let pool = self.db.connect().await?;
-        let deadletters = match &self.redis_url {
-            Some(url) => Some(streams::len(&mut redis_con(url).await?, &self.names.deadletter).await?),
-            None => None,
+        let (deadletters, retention) = match &self.redis_url {
+            Some(url) => {
+                let mut con = redis_con(url).await?;
+                let n = streams::len(&mut con, &self.names.deadletter).await?;
+                (Some(n), retention_in_force(&mut con, &self.names.health).await?)
+            }
+            None => (None, None),
         };
         // The counts are those of the filters too, without the limit.
         let filter = reads::Filter {
@@ -60,6 +64,7 @@ impl Status {
             counts: reads::counts_matching(&pool, &reads::Filter { limit: None, ..filter.clone() }).await?,
             work_packages: reads::list(&pool, &filter).await?,
             deadletters,
+            retention,
         };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&overview)?);
@@ -68,6 +73,16 @@ impl Status {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// The retention the replicas run with, from the newest health entry of a live one (an
+/// operator's command does not know the replicas' settings).
+async fn retention_in_force(con: &mut streams::MasterConnection, health: &str) -> anyhow::Result<Option<(String, String)>> {
+    let reps = actions::replicas(con, health, std::time::Duration::from_secs(120), 200).await?;
+    Ok(reps
+        .into_iter()
+        .filter(|r| r.live)
+        .find_map(|r| Some((r.heartbeat.get("retention")?.clone(), r.heartbeat.get("trigger_retention")?.clone()))))
 }
 
 #[derive(clap::Args)]

@@ -6,6 +6,7 @@ pub mod entry;
 pub mod fnmatch;
 pub(crate) mod limits;
 pub(crate) mod redact;
+pub mod retention;
 pub(crate) mod router;
 pub mod routing_file;
 pub mod status;

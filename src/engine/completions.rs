@@ -108,7 +108,10 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
                 &stream,
                 e,
                 "unknown_wp",
-                format!("no work package {wp_id} was ever submitted; check the agent reports the wp_id of its trigger"),
+                format!(
+                    "no work package {wp_id} is known: it was never submitted (check the agent reports the wp_id of its trigger), \
+                     or it finished longer ago than the retention period (GE_RETENTION) and was removed"
+                ),
             )),
         }
     }

@@ -545,7 +545,7 @@ async fn publish(ctx: &Ctx, triggers: Vec<(String, Trigger)>) -> anyhow::Result<
     }
     let (ids, triggers): (Vec<String>, Vec<Trigger>) = triggers.into_iter().unzip();
     let mut redis = ctx.redis.clone();
-    streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_ttl).await.context("publishing triggers")?;
+    streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_lifetime()).await.context("publishing triggers")?;
     forget_claims(ctx, &ids).await.context("recording published triggers")?;
     Ok(())
 }

@@ -35,6 +35,8 @@ pub async fn report(ctx: &Ctx, status: &str) -> redis::RedisResult<String> {
         ("deadlettered", Stats::get(&s.deadlettered).to_string()),
         ("reload_failures", Stats::get(&s.reload_failures).to_string()),
         ("pending", pending),
+        ("retention", ctx.settings.retention.retention.to_string()),
+        ("trigger_retention", ctx.settings.retention.describe_triggers()),
     ];
     let mut redis = ctx.redis.clone();
     streams::xadd(&mut redis, &ctx.settings.names.health, Some(ctx.settings.health_maxlen), &fields).await

@@ -1,6 +1,6 @@
 //! The engine of one replica: the PostgreSQL store, the Redis streams, and the loops that read
 //! the input streams, dispatch work, sweep for what became due, recover abandoned entries,
-//! take over dead replicas and report health.
+//! take over dead replicas, report health, and remove what retention allows.
 
 pub mod backoff;
 pub(crate) mod completions;
@@ -15,8 +15,10 @@ pub mod ingest;
 pub mod input;
 pub mod metrics;
 pub(crate) mod recover;
+pub mod retention;
 pub(crate) mod scheduler;
 pub mod settings;
 pub mod store;
 pub mod streams;
 pub mod takeover;
+pub(crate) mod trimming;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::core::limits::Limits;
+use crate::core::retention::{AgentPolicies, MaxLen, Period, TriggerPolicy};
 
 /// The longest period or lifetime a setting may have. Far beyond any sensible value, and
 /// short enough that adding it to an instant cannot overflow.
@@ -148,6 +149,8 @@ pub struct RunSettings {
     pub dispatch_key_ttl: Duration,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    pub retention: Retention,
     #[arg(long, env = "GE_DEADLETTER_MAXLEN", default_value_t = 100_000)]
     pub deadletter_maxlen: u64,
     /// Bytes a dead letter keeps of each original value; a longer one is cut, its full size
@@ -215,6 +218,7 @@ impl RunSettings {
             redis_wait_replicas: None,
             redis_wait_timeout: Duration::from_secs(1),
             limits: Limits::default(),
+            retention: Retention::default(),
             deadletter_maxlen: 100_000,
             deadletter_value_bytes: 4096,
             health_maxlen: 10_000,
@@ -249,6 +253,7 @@ impl RunSettings {
             ("statement_timeout", self.statement_timeout),
             ("http_header_timeout", self.http_header_timeout),
             ("http_request_timeout", self.http_request_timeout),
+            ("retention_interval", self.retention.retention_interval),
         ];
         for (id, d) in durations {
             if let Err(e) = check_duration(d) {
@@ -277,6 +282,7 @@ impl RunSettings {
             ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
             ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),
             ("max_depends_on", self.limits.max_depends_on as u64, 0, 1_000_000),
+            ("retention_batch", self.retention.retention_batch, 1, 100_000),
         ];
         for (id, v, min, max) in sizes {
             if !(min..=max).contains(&v) {
@@ -300,6 +306,16 @@ impl RunSettings {
                 "a dispatch published again after its key expired goes out twice",
             ),
         ];
+        let mut orders = orders.to_vec();
+        if let Some(kept) = self.retention.retention.0 {
+            orders.push((
+                "republish_after",
+                self.republish_after,
+                "retention",
+                kept,
+                "a dispatch published again after its key expired (keys live no longer than the retention) goes out twice",
+            ));
+        }
         for (short_id, short, long_id, long, why) in orders {
             if short >= long {
                 let (s, l) = (humantime::format_duration(short), humantime::format_duration(long));
@@ -318,6 +334,18 @@ impl RunSettings {
         crate::engine::streams::Confirm { replicas, timeout: self.redis_wait_timeout }
     }
 
+    /// How long a per-dispatch key lives: `--dispatch-key-ttl`, and never longer than the
+    /// retention. A work package removed by retention and sent again starts over at attempt 1,
+    /// with the dispatch_id it had the first time; its key must be gone by then, or the new
+    /// trigger would be taken for a republication and never sent. The key is set at dispatch,
+    /// before the work package finishes, so it expires before the row is removed.
+    pub(crate) fn dispatch_key_lifetime(&self) -> Duration {
+        match self.retention.retention.0 {
+            Some(kept) => self.dispatch_key_ttl.min(kept),
+            None => self.dispatch_key_ttl,
+        }
+    }
+
     pub(crate) fn consumer_name(&self) -> String {
         self.consumer.clone().unwrap_or_else(default_consumer_name)
     }
@@ -330,6 +358,68 @@ pub(crate) fn default_consumer_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "replica".into());
     format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+/// What is removed, and when (contract v1.3): finished work packages from PostgreSQL, entries
+/// every reader is done with from the streams, and unread triggers past the operator's policy.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Retention {
+    /// How long a finished work package (completed, failed, cancelled) stays in PostgreSQL,
+    /// with its edges and history, after it finished; `0` keeps them for ever.
+    #[arg(long, env = "GE_RETENTION", default_value = "7days", value_parser = Period::parse)]
+    pub retention: Period,
+    /// How often a replica removes what retention allows (one replica at a time).
+    #[arg(long, env = "GE_RETENTION_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub retention_interval: Duration,
+    /// Work packages removed per transaction: small, so no lock is held for long.
+    #[arg(long, env = "GE_RETENTION_BATCH", default_value_t = 500)]
+    pub retention_batch: u64,
+    /// A trigger older than this is removed even when its agent has not read it; `off` keeps
+    /// unread triggers for ever.
+    #[arg(long, env = "GE_TRIGGER_MAX_AGE", default_value = "7days", value_parser = Period::parse)]
+    pub trigger_max_age: Period,
+    /// A trigger stream is cut to about this many entries, read or not; `off` for no cap.
+    #[arg(long, env = "GE_TRIGGER_MAX_LEN", default_value = "off", value_parser = MaxLen::parse)]
+    pub trigger_max_len: MaxLen,
+    /// Per-agent trigger policies over the two above: `ada=30d,turing=1h/50000` (`AGE[/LEN]`,
+    /// each part may be `off`).
+    #[arg(long, env = "GE_TRIGGER_RETENTION", default_value = "", value_parser = AgentPolicies::parse)]
+    pub trigger_retention: AgentPolicies,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            retention: Period(Some(Duration::from_secs(7 * 86_400))),
+            retention_interval: Duration::from_secs(10),
+            retention_batch: 500,
+            trigger_max_age: Period(Some(Duration::from_secs(7 * 86_400))),
+            trigger_max_len: MaxLen(None),
+            trigger_retention: AgentPolicies::default(),
+        }
+    }
+}
+
+impl Retention {
+    /// The trigger policies in words, as `system.health` and `status` show them: the default,
+    /// then each agent's own.
+    pub fn describe_triggers(&self) -> String {
+        let default = TriggerPolicy { max_age: self.trigger_max_age, max_len: self.trigger_max_len.0 };
+        let mut out = format!("acknowledged removed; {default}");
+        for (agent, p) in &self.trigger_retention.0 {
+            out.push_str(&format!("; {agent}: {p}"));
+        }
+        out
+    }
+
+    /// The trigger policy of `agent`: its own, else the default.
+    pub(crate) fn trigger_policy(&self, agent: &str) -> TriggerPolicy {
+        self.trigger_retention
+            .0
+            .get(agent)
+            .copied()
+            .unwrap_or(TriggerPolicy { max_age: self.trigger_max_age, max_len: self.trigger_max_len.0 })
+    }
 }
 
 /// `--flag (ENV)` of the setting whose field is `id`, as clap declares it, so messages cannot

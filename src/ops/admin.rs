@@ -190,6 +190,11 @@ async fn overview(State(ctx): State<Arc<Ctx>>) -> ApiResult {
         "deadletters": deadletters,
         "config_version": routing.config_version,
         "replica": ctx.consumer,
+        "retention": {
+            "work_packages": ctx.settings.retention.retention.to_string(),
+            "seconds": ctx.settings.retention.retention.0.map(|d| d.as_secs()),
+            "triggers": ctx.settings.retention.describe_triggers(),
+        },
     }))
 }
 

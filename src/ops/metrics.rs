@@ -10,6 +10,7 @@ use crate::core::status::STATUSES;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::input::Input;
 use crate::engine::streams;
+use crate::engine::trimming;
 use crate::ops::reads;
 
 /// Escapes a label value for the text format.
@@ -36,6 +37,49 @@ impl Out {
             let _ = writeln!(self.0, "{name}{{{}}} {}", l.join(","), num(v));
         }
     }
+}
+
+/// Stream lengths and trim points, the agents' distance to their trim points, the database's
+/// size and the retention in force (v1.3). Returns the sources that did not answer.
+async fn retention_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
+    let mut errors = 0;
+    let measured = trimming::measure(ctx).await;
+    out.family("ge_stream_length", "gauge", "Entries in a stream the orchestrator trims (input and trigger streams).");
+    for (t, r) in &measured {
+        match r {
+            Ok(r) => out.sample("ge_stream_length", &[("stream", &t.stream)], r.length as f64),
+            Err(_) => errors += 1,
+        }
+    }
+    out.family("ge_stream_trim_point_seconds", "gauge", "Unix time of a stream's trim point: entries older may be removed.");
+    for (t, r) in &measured {
+        if let Some(ms) = r.as_ref().ok().and_then(|r| r.trim_point.as_deref()).and_then(trimming::id_ms) {
+            out.sample("ge_stream_trim_point_seconds", &[("stream", &t.stream)], ms as f64 / 1000.0);
+        }
+    }
+    out.family("ge_trigger_backlog_entries", "gauge", "Triggers an agent's slowest consumer group has not read or acknowledged.");
+    out.family(
+        "ge_trigger_retention_used_ratio",
+        "gauge",
+        "How close an agent's oldest unread trigger is to its trim point (1: at it; warned from 0.8).",
+    );
+    for (t, r) in &measured {
+        if let (Some(agent), Ok(r)) = (&t.agent, r) {
+            out.sample("ge_trigger_backlog_entries", &[("agent", agent)], r.backlog as f64);
+            out.sample("ge_trigger_retention_used_ratio", &[("agent", agent)], trimming::used_ratio(r, &t.policy));
+        }
+    }
+    match reads::database_bytes(&ctx.ops_pool).await {
+        Ok(n) => {
+            out.family("ge_database_bytes", "gauge", "Size of the orchestrator's PostgreSQL database.");
+            out.sample("ge_database_bytes", &[], n as f64);
+        }
+        Err(_) => errors += 1,
+    }
+    out.family("ge_retention_seconds", "gauge", "How long finished work packages are kept (GE_RETENTION; +Inf: for ever).");
+    let kept = ctx.settings.retention.retention.0.map(|d| d.as_secs_f64()).unwrap_or(f64::INFINITY);
+    out.sample("ge_retention_seconds", &[], kept);
+    errors
 }
 
 /// The whole exposition: recorded counters and histograms, then gauges read now. A source
@@ -74,6 +118,8 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
         }
         Err(_) => errors += 1,
     }
+
+    errors += retention_gauges(ctx, &mut out).await;
 
     match reads::counts(&ctx.ops_pool).await {
         Ok(counts) => {

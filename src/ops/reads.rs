@@ -105,6 +105,11 @@ pub async fn counts_matching(pool: &PgPool, f: &Filter) -> Result<Vec<(String, i
     rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
 }
 
+/// Bytes of the database the pool is connected to (v1.3).
+pub async fn database_bytes(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_database_size(current_database())").fetch_one(pool).await
+}
+
 /// Work packages in stream order (one when `wp_id` is given, else at most `limit`).
 pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Result<Vec<WpView>, sqlx::Error> {
     list(pool, &Filter { wp_id: wp_id.map(str::to_string), limit: Some(limit), ..Default::default() }).await

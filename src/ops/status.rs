@@ -9,6 +9,9 @@ pub(crate) struct Overview {
     pub counts: Vec<(String, i64)>,
     pub work_packages: Vec<WpView>,
     pub deadletters: Option<u64>,
+    /// The retention in force (v1.3), from the newest health entry of a live replica: (work
+    /// packages, trigger streams).
+    pub retention: Option<(String, String)>,
 }
 
 pub(crate) fn render(o: &Overview) -> String {
@@ -17,6 +20,9 @@ pub(crate) fn render(o: &Overview) -> String {
     out.push_str(&format!("work packages: {}\n", if counts.is_empty() { "none".into() } else { counts.join("  ") }));
     if let Some(d) = o.deadletters {
         out.push_str(&format!("dead letters: {d}\n"));
+    }
+    if let Some((wps, triggers)) = &o.retention {
+        out.push_str(&format!("retention: finished work packages kept {wps}; trigger streams: {triggers}\n"));
     }
     if !o.work_packages.is_empty() {
         let w = o.work_packages.iter().map(|v| v.wp_id.len()).max().unwrap_or(5).max(5);

@@ -1,6 +1,6 @@
 //! What is not the orchestrator but ships with it: the reference agent, plans and their
 //! submission, the local stack (throwaway Redis and PostgreSQL, and their highly available
-//! topology), and the chaos and benchmark harnesses.
+//! topology), and the chaos, benchmark and soak harnesses.
 
 pub mod agent;
 pub mod bench;
@@ -11,4 +11,5 @@ pub mod plan;
 pub(crate) mod procs;
 pub(crate) mod progress;
 pub mod proxy;
+pub mod soak;
 pub mod topology;

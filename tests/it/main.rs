@@ -29,6 +29,7 @@ mod operator_pool;
 mod outages;
 mod random_bytes;
 mod recovery;
+mod retention;
 mod routing;
 mod security;
 mod security_http;

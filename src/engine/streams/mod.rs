@@ -2,7 +2,7 @@
 //! command the crate sends. Everything that knows the shape of a Redis reply lives in this
 //! module: a stream's entries in `entries`, consumer groups in `group`, acknowledgements
 //! together with what must not exist without them in `ack`, trigger publication in
-//! `publish`, and `Reader`, the one loop that reads a consumer group. Where Redis is (one
+//! `publish`, trimming to what readers still need in `trim`, and `Reader`, the one loop that reads a consumer group. Where Redis is (one
 //! address, or Sentinels that name the master) is an [`Endpoint`]; every connection of a
 //! replica is made through one, so that it follows a failover.
 
@@ -12,6 +12,7 @@ mod entries;
 mod group;
 mod publish;
 mod reader;
+mod trim;
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub use group::{ensure_group, group_consumers, is_nogroup, pending_summary, read
 pub use publish::Trigger;
 pub(crate) use publish::{publish_triggers, request_reload};
 pub(crate) use reader::{Reader, Trouble};
+pub use trim::used_memory;
+pub(crate) use trim::{TrimReport, take_turn, trim_stream};
 
 /// The Redis client for `url`. A `rediss://` URL is verified against the system roots plus,
 /// when `GE_REDIS_CA_CERT` names a PEM file, that CA. Errors never repeat the password.

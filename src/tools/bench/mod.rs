@@ -4,7 +4,7 @@
 
 mod ceiling;
 mod controls;
-mod load;
+pub(crate) mod load;
 mod report;
 
 use std::path::PathBuf;

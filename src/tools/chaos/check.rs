@@ -25,6 +25,9 @@ pub(crate) struct AgentLog {
     pub completed: HashMap<String, Instant>,
     /// Triggers delivered to an agent again (its own PEL after a Redis restart).
     pub redelivered: u64,
+    /// The stream entry ids of the triggers received, per dispatch_id: two ids are a
+    /// duplicate dispatch even once retention has trimmed both.
+    pub trigger_entries: HashMap<String, HashSet<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,6 +51,26 @@ pub(crate) struct Observed {
     pub trigger_counts: HashMap<String, usize>,
     /// (reason, wp_id field) of each dead letter
     pub deadletters: Vec<(String, String)>,
+}
+
+/// Work packages retention removed: gone from PostgreSQL, with a completion an agent reported.
+/// Retention removes only finished work and the fake agents fail nothing, so each counts as
+/// completed, after as many attempts as it had dispatches. Returns how many.
+pub(crate) fn count_removed(sub: &Submitted, log: &AgentLog, obs: &mut Observed) -> usize {
+    let mut dispatches: HashMap<&str, (i32, bool)> = HashMap::new();
+    for (d, (wp, _)) in &log.received {
+        let e = dispatches.entry(wp.as_str()).or_default();
+        e.0 += 1;
+        e.1 |= log.completed.contains_key(d);
+    }
+    let mut n = 0;
+    for w in &sub.wp_ids {
+        if let (None, Some((attempts, true))) = (obs.states.get(w), dispatches.get(w.as_str())) {
+            obs.states.insert(w.clone(), ("completed".into(), *attempts));
+            n += 1;
+        }
+    }
+    n
 }
 
 pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> {
@@ -138,6 +161,15 @@ mod tests {
         log.received.insert("b:1".into(), ("b".into(), later + std::time::Duration::from_millis(1)));
         let good = check(&sub, &log, &observed(&[("a", "completed", 1), ("b", "completed", 1)], &[("a:1", 1), ("b:1", 1)]));
         assert!(good.iter().all(|i| i.held), "{good:?}");
+
+        // Removed by retention after an agent completed it: completed; never seen: lost.
+        let mut gone = observed(&[("b", "completed", 1)], &[("a:1", 1), ("b:1", 1)]);
+        assert_eq!(count_removed(&sub, &log, &mut gone), 1);
+        assert!(check(&sub, &log, &gone).iter().all(|i| i.held));
+        let mut unseen = AgentLog::default();
+        unseen.received.insert("a:1".into(), ("a".into(), t0));
+        let mut lost = observed(&[("b", "completed", 1)], &[]);
+        assert_eq!(count_removed(&sub, &unseen, &mut lost), 0, "received, never completed: not removed but lost");
 
         let bad = check(&sub, &log, &observed(&[("a", "completed", 2), ("b", "blocked", 0)], &[("a:1", 2)]));
         let broken: Vec<&str> = bad.iter().filter(|i| !i.held).map(|i| i.name).collect();

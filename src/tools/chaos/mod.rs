@@ -56,6 +56,13 @@ pub struct ChaosArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The replicas' GE_RETENTION (with GE_RETENTION_INTERVAL 1s), so finished work is removed
+    /// and streams trimmed while the faults go on. A work package no longer in PostgreSQL
+    /// counts as completed when an agent reported one of its dispatches completed (retention
+    /// removes only finished work, and the agents fail nothing); duplicates are counted over
+    /// the triggers the agents received as well as those still in the streams.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
 }
 
 /// Short sweep intervals, so the backstop also gets exercised within a run.
@@ -108,6 +115,7 @@ async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<Agen
             let (Some(wp), Some(dispatch)) = (fields.get("wp_id"), fields.get("dispatch_id")) else { continue };
             {
                 let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                l.trigger_entries.entry(dispatch.clone()).or_default().insert(e.id.clone());
                 if l.received.contains_key(dispatch) {
                     l.redelivered += 1;
                 } else {
@@ -309,12 +317,26 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let pool = store::connect(&database_url, 2).await?;
     let endpoint = Endpoint::parse(&stack.redis_url())?;
 
-    let env = vec![
+    let mut env: Vec<(String, String)> = vec![
         ("REDIS_URL".into(), stack.redis_url()),
         ("DATABASE_URL".into(), database_url.clone()),
         ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
     ];
-    let mut replicas = ReplicaProcs::new(env, &REPLICA_ARGS, dir.clone(), "chaos")?;
+    if let Some(r) = args.retention {
+        env.push(("GE_RETENTION".into(), format!("{}ms", r.as_millis())));
+        env.push(("GE_RETENTION_INTERVAL".into(), "1s".into()));
+    }
+    // Republication must come before a dispatch key expires, and keys live no longer than the
+    // retention (the replica refuses otherwise).
+    let republish = match args.retention {
+        Some(r) => format!("{}ms", (r.as_millis() / 2).clamp(1, 2000)),
+        None => "2s".into(),
+    };
+    let mut replica_args: Vec<&str> = REPLICA_ARGS.to_vec();
+    if let Some(i) = replica_args.iter().position(|a| *a == "--republish-after") {
+        replica_args[i + 1] = republish.as_str();
+    }
+    let mut replicas = ReplicaProcs::new(env, &replica_args, dir.clone(), "chaos")?;
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
@@ -417,10 +439,23 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
     let settle_start = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
+        let mut done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
             .fetch_one(&pool)
             .await
             .unwrap_or(0);
+        if args.retention.is_some() {
+            // Completed work is removed as it goes: done once nothing is open and the agents
+            // completed every work package.
+            let open: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status NOT IN ('completed', 'failed', 'cancelled')")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(1);
+            let l = log.lock().unwrap_or_else(|p| p.into_inner());
+            let completed: HashSet<&str> =
+                l.received.iter().filter(|(d, _)| l.completed.contains_key(*d)).map(|(_, (w, _))| w.as_str()).collect();
+            done = if open == 0 { completed.len() as i64 } else { 0 };
+        }
         if done >= total || settle_start.elapsed() > args.settle || token.is_cancelled() {
             break;
         }
@@ -435,10 +470,15 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     replicas.stop_all(Duration::from_secs(15)).await;
 
-    let observed = observe(&pool, &endpoint).await?;
+    let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries.clone();
+    let mut observed = observe(&pool, &endpoint, &received).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = check::count_removed(&sub, &log, &mut observed);
+        if args.retention.is_some() {
+            println!("  removed by retention (completed, per the agents): {removed}");
+        }
         (check::check(&sub, &log, &observed), sub.wp_ids.len(), sub.bad.len(), log.redelivered)
     };
     let (times, unmeasured) = joined(takeovers).await;
@@ -524,7 +564,10 @@ fn settings_text(settings: &[(&str, &str)]) -> String {
     settings.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Observed> {
+/// What PostgreSQL and Redis hold at the end; the triggers counted per dispatch_id over those
+/// still in the streams and those the agents received (`seen`, entry ids), since retention
+/// trims what the agents acknowledged.
+async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String, HashSet<String>>) -> anyhow::Result<Observed> {
     use sqlx::Row;
     let states = sqlx::query("SELECT wp_id, status, attempts FROM work_packages")
         .fetch_all(pool)
@@ -534,7 +577,7 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Obs
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
     let names = Names::default();
     let mut con = MasterConnection::connect(endpoint).await?;
-    let mut trigger_counts: HashMap<String, usize> = HashMap::new();
+    let mut entries: HashMap<String, HashSet<String>> = seen.clone();
     for agent in AGENTS {
         for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
             let d = e
@@ -543,9 +586,10 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint) -> anyhow::Result<Obs
                 .into_iter()
                 .find(|(k, _)| k == b"dispatch_id")
                 .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
-            *trigger_counts.entry(d.unwrap_or_default()).or_default() += 1;
+            entries.entry(d.unwrap_or_default()).or_default().insert(e.id);
         }
     }
+    let trigger_counts: HashMap<String, usize> = entries.into_iter().map(|(d, ids)| (d, ids.len())).collect();
     let deadletters = streams::range(&mut con, &names.deadletter, "-", "+")
         .await?
         .into_iter()
