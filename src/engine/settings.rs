@@ -29,6 +29,11 @@ fn duration(s: &str) -> Result<Duration, String> {
     check_duration(d).map(|()| d)
 }
 
+/// A duration that may be zero (a floor, which zero lowers out of the way).
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 0s, 500ms, 5s, 2m, 7days)"))
+}
+
 /// Redis keys and the consumer group. Defaults are the contract's names.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Names {
@@ -308,6 +313,16 @@ impl RunSettings {
         ];
         let mut orders = orders.to_vec();
         if let Some(kept) = self.retention.retention.0 {
+            if kept < self.retention.retention_floor {
+                let (k, f) = (humantime::format_duration(kept), humantime::format_duration(self.retention.retention_floor));
+                problems.push(format!(
+                    "{} ({k}) is shorter than {} ({f}): a replica stalled longer than the retention could send a trigger \
+                     twice, and a dependent sent later than that after its prerequisite finished would wait for ever; \
+                     lower the floor only where nothing can stall that long",
+                    flag("retention"),
+                    flag("retention_floor")
+                ));
+            }
             orders.push((
                 "republish_after",
                 self.republish_after,
@@ -368,6 +383,12 @@ pub struct Retention {
     /// with its edges and history, after it finished; `0` keeps them for ever.
     #[arg(long, env = "GE_RETENTION", default_value = "7days", value_parser = Period::parse)]
     pub retention: Period,
+    /// The shortest retention this deployment accepts. The retention is also how long a
+    /// dispatch key lives and how late a dependent may arrive: a replica stalled longer than it
+    /// (a pause, a frozen VM) can send a trigger again, and a dependent sent longer after its
+    /// prerequisite finished waits for ever. Lower it only where no stall lasts that long.
+    #[arg(long, env = "GE_RETENTION_FLOOR", default_value = "1m", value_parser = duration_or_zero)]
+    pub retention_floor: Duration,
     /// How often a replica removes what retention allows (one replica at a time).
     #[arg(long, env = "GE_RETENTION_INTERVAL", default_value = "10s", value_parser = duration)]
     pub retention_interval: Duration,
@@ -391,6 +412,7 @@ impl Default for Retention {
     fn default() -> Self {
         Retention {
             retention: Period(Some(Duration::from_secs(7 * 86_400))),
+            retention_floor: Duration::from_secs(60),
             retention_interval: Duration::from_secs(10),
             retention_batch: 500,
             trigger_max_age: Period(Some(Duration::from_secs(7 * 86_400))),

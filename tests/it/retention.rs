@@ -13,6 +13,7 @@ use crate::harness::{BIN, ROUTING, T, TestEnv, eventually, http, http_get, http_
 /// second.
 fn fast(mut s: RunSettings) -> RunSettings {
     s.retention.retention = Period(Some(Duration::from_secs(1)));
+    s.retention.retention_floor = Duration::ZERO;
     s.retention.retention_interval = Duration::from_millis(200);
     s.republish_after = Duration::from_millis(500);
     s
@@ -259,6 +260,14 @@ async fn a_retention_that_cannot_be_read_or_is_shorter_than_republication_is_ref
     s.republish_after = Duration::from_secs(5);
     let e = format!("{:#}", s.validate().unwrap_err());
     assert!(e.contains("--retention (GE_RETENTION)") && e.contains("--republish-after"), "{e}");
+    // Below the floor (1 minute unless lowered) whatever else holds.
+    let mut s = env.settings("r1");
+    s.retention.retention = Period(Some(Duration::from_secs(30)));
+    s.republish_after = Duration::from_secs(5);
+    let e = format!("{:#}", s.validate().unwrap_err());
+    assert!(e.contains("is shorter than --retention-floor (GE_RETENTION_FLOOR) (1m)") && !e.contains("--republish-after"), "{e}");
+    s.retention.retention_floor = Duration::from_secs(30);
+    s.validate().expect("a retention at its floor");
     let out = std::process::Command::new(BIN)
         .args(["run", "--http-addr", "off"])
         .env("REDIS_URL", env.redis.url())

@@ -194,6 +194,8 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
         ("DATABASE_URL".into(), database_url.clone()),
         ("GE_ROUTING_CONFIG".into(), config.to_string_lossy().into_owned()),
         ("GE_RETENTION".into(), retention.clone()),
+        // No faults here: nothing stalls, so a retention of seconds is safe.
+        ("GE_RETENTION_FLOOR".into(), "0s".into()),
         ("GE_RETENTION_INTERVAL".into(), format!("{}ms", args.retention_interval.as_millis())),
         ("GE_HEALTH_INTERVAL".into(), "5s".into()),
         // Shorter than the retention, which bounds the dispatch keys' lifetime.
