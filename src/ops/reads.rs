@@ -66,6 +66,20 @@ impl Filter {
         let plan = self.plan.as_deref().filter(|p| !p.is_empty())?;
         Some(plan.strip_suffix('.').unwrap_or(plan).to_string())
     }
+
+    /// Binds the filter as $1 to $6 of `matching!`; an empty value matches everything.
+    fn bind<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
+        q.bind(nonempty(&self.wp_id))
+            .bind(nonempty(&self.status))
+            .bind(nonempty(&self.lane))
+            .bind(nonempty(&self.agent))
+            .bind(nonempty(&self.prefix))
+            .bind(self.plan_name())
+    }
 }
 
 /// Whether work package `w` matches a `Filter` bound as $1 to $6 (wp_id, status, lane, agent,
@@ -88,20 +102,14 @@ pub async fn counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
 
 /// Work packages per status among those matching `f` (its limit aside).
 pub async fn counts_matching(pool: &PgPool, f: &Filter) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
-    let rows = sqlx::query(concat!(
-        "SELECT w.status, count(*) AS n FROM work_packages w WHERE ",
-        matching!(),
-        " GROUP BY w.status ORDER BY w.status"
-    ))
-    .bind(nonempty(&f.wp_id))
-    .bind(nonempty(&f.status))
-    .bind(nonempty(&f.lane))
-    .bind(nonempty(&f.agent))
-    .bind(nonempty(&f.prefix))
-    .bind(f.plan_name())
-    .fetch_all(pool)
-    .await?;
+    let rows = f
+        .bind(sqlx::query(concat!(
+            "SELECT w.status, count(*) AS n FROM work_packages w WHERE ",
+            matching!(),
+            " GROUP BY w.status ORDER BY w.status"
+        )))
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
 }
 
@@ -117,9 +125,9 @@ pub async fn work_packages(pool: &PgPool, wp_id: Option<&str>, limit: i64) -> Re
 
 /// Work packages matching `f`, in stream order (the most recent `limit` of them).
 pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error> {
-    let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
-    let rows = sqlx::query(concat!(
-        "SELECT w.wp_id, w.status, w.agent_id, w.lane, w.attempts, w.dispatch_id, w.wait_reason, w.last_error,
+    let rows = f
+        .bind(sqlx::query(concat!(
+            "SELECT w.wp_id, w.status, w.agent_id, w.lane, w.attempts, w.dispatch_id, w.wait_reason, w.last_error,
                 to_char(w.next_attempt_at AT TIME ZONE 'UTC', 'HH24:MI:SS') AS next_at,
                 (SELECT string_agg(d.depends_on || ' (' || coalesce(p.status, 'not submitted yet') || ')', ', ' ORDER BY d.depends_on)
                    FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
@@ -136,20 +144,14 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                 w.plan, w.priority, to_char(w.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS not_before
          FROM work_packages w
          WHERE ",
-        matching!(),
-        "
+            matching!(),
+            "
          ORDER BY w.source_ms DESC, w.source_seq DESC
          LIMIT $7"
-    ))
-    .bind(nonempty(&f.wp_id))
-    .bind(nonempty(&f.status))
-    .bind(nonempty(&f.lane))
-    .bind(nonempty(&f.agent))
-    .bind(nonempty(&f.prefix))
-    .bind(f.plan_name())
-    .bind(f.limit.unwrap_or(200).clamp(1, 100_000))
-    .fetch_all(pool)
-    .await?;
+        )))
+        .bind(f.limit.unwrap_or(200).clamp(1, 100_000))
+        .fetch_all(pool)
+        .await?;
     // Newest `limit` were fetched; show them oldest first, in lane order.
     let rows: Vec<_> = rows.into_iter().rev().collect();
     rows.iter()
