@@ -19,6 +19,13 @@ pub struct StreamEntry {
     pub fields: Option<RawFields>,
 }
 
+impl StreamEntry {
+    /// The value of field `name`, as text (bytes that are not UTF-8 replaced).
+    pub(crate) fn field(&self, name: &str) -> Option<String> {
+        self.fields.as_ref()?.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
 /// Why an entry cannot become a work package: a contract reason code and a sentence a person
 /// can act on.
 #[derive(Debug, Clone, PartialEq)]

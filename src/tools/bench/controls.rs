@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{store, streams};
 use crate::tools::bench::load::{self, AgentLog, Wp};
-use crate::tools::bench::report::{FairWait, Latency, Run};
+use crate::tools::bench::report::{FairWait, Run};
 use crate::tools::bench::{BenchArgs, Stack, rss_mb, throughput};
 
 /// The capped agents of the bench's routing file, and the work type that goes to them.
@@ -59,7 +59,7 @@ pub(crate) async fn capped_run(args: &BenchArgs, stack: &Stack, client: &redis::
     }
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     (run.finished, run.seconds, run.wp_per_s) = throughput(&l.completed, first);
-    run.ingest_to_trigger = Some(Latency::from_us(l.seen.iter().filter_map(|(wp, at)| Some(at.saturating_sub(*l.sent.get(wp)?)))));
+    run.ingest_to_trigger = Some(l.ingest_to_trigger());
     run.duplicates = l.duplicates();
     run.lost = n - run.finished;
     Ok(run)

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader};
+use crate::tools::bench::report::Latency;
 
 /// Wall-clock microseconds; every timestamp of the benchmark is taken in this one process.
 pub(crate) fn now_us() -> u64 {
@@ -137,6 +138,11 @@ impl AgentLog {
     pub fn duplicates(&self) -> usize {
         self.dispatch_ids.values().filter(|n| **n > 1).count()
     }
+
+    /// From sending each incoming entry to seeing its trigger.
+    pub fn ingest_to_trigger(&self) -> Latency {
+        Latency::from_us(self.seen.iter().filter_map(|(wp, at)| Some(at.saturating_sub(*self.sent.get(wp)?))))
+    }
 }
 
 /// A fake agent on `triggers.{agent}`: records each trigger, and completes it at once when
@@ -155,9 +161,7 @@ pub async fn agent(client: redis::Client, agent: String, complete: bool, log: Ar
         {
             let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
             for e in &entries {
-                let get = |name: &str| {
-                    e.fields.as_ref()?.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                };
+                let get = |name: &str| e.field(name);
                 let (Some(wp), Some(dispatch)) = (get("wp_id"), get("dispatch_id")) else { continue };
                 *l.dispatch_ids.entry(dispatch.clone()).or_default() += 1;
                 if let Some(sent) = get("bench_sent_us").and_then(|s| s.parse().ok()) {

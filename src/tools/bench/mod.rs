@@ -231,7 +231,7 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
     }
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     (run.finished, run.seconds, run.wp_per_s) = throughput(&l.seen, first);
-    run.ingest_to_trigger = Some(Latency::from_us(l.seen.iter().filter_map(|(wp, at)| Some(at.saturating_sub(*l.sent.get(wp)?)))));
+    run.ingest_to_trigger = Some(l.ingest_to_trigger());
     run.duplicates = l.duplicates();
     run.lost = n - run.finished;
     Ok(run)

@@ -33,9 +33,7 @@ pub(crate) async fn agent(client: redis::Client, agent: String, seen: Arc<Mutex<
         {
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
             for e in &entries {
-                let get = |name: &str| {
-                    e.fields.as_ref()?.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                };
+                let get = |name: &str| e.field(name);
                 let (Some(wp), Some(dispatch)) = (get("wp_id"), get("dispatch_id")) else { continue };
                 if !s.dispatch_ids.insert(dispatch.clone()) {
                     s.duplicates += 1;
