@@ -80,6 +80,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         group_joined: AtomicBool::new(true),
         gate_held: Default::default(),
         sweep_from: std::sync::Mutex::new(crate::engine::dispatch::SWEEP_START),
+        rerouted_for: std::sync::Mutex::new(None),
         metrics: crate::engine::metrics::Metrics::new(),
     });
 

@@ -10,7 +10,7 @@ pub(crate) struct RouteRequest<'a> {
     pub trigger: Option<&'a str>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum RouteKind {
     Explicit,
     WorkType,
@@ -143,59 +143,143 @@ fn to_role(table: &RoutingTable, role: &str, kind: RouteKind, why: String, state
     }
 }
 
-pub fn route(req: &RouteRequest, table: &RoutingTable, in_flight: &impl AgentState) -> Decision {
+/// Where the router sends a work package, decided once when it arrives (and again only under
+/// a new routing file): one agent or one role, and by which rule. Which agent of a role gets it
+/// is decided at dispatch, by the load of that moment.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Target {
+    pub kind: RouteKind,
+    pub dest: Dest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Dest {
+    Agent(String),
+    Role(String),
+}
+
+impl Target {
+    /// The stored form, `work_type/role:developer`: the key of the index of ready work.
+    pub fn key(&self) -> String {
+        let (what, name) = match &self.dest {
+            Dest::Agent(a) => ("agent", a),
+            Dest::Role(r) => ("role", r),
+        };
+        format!("{}/{what}:{name}", self.kind.as_str())
+    }
+
+    /// The inverse of `key`; None for anything else.
+    pub fn parse(key: &str) -> Option<Target> {
+        let (kind, dest) = key.split_once('/')?;
+        let kind = match kind {
+            "explicit" => RouteKind::Explicit,
+            "work_type" => RouteKind::WorkType,
+            "trigger" => RouteKind::Trigger,
+            "default" => RouteKind::Default,
+            _ => return None,
+        };
+        let dest = match dest.split_once(':')? {
+            ("agent", a) => Dest::Agent(a.to_string()),
+            ("role", r) => Dest::Role(r.to_string()),
+            _ => return None,
+        };
+        Some(Target { kind, dest })
+    }
+
+    /// The agents it may go to under `table`, by name.
+    pub fn agents<'t>(&self, table: &'t RoutingTable) -> Vec<&'t str> {
+        match &self.dest {
+            Dest::Agent(a) => table.agents.get_key_value(a).map(|(k, _)| k.as_str()).into_iter().collect(),
+            Dest::Role(r) => table.agents.iter().filter(|(_, a)| a.roles.iter().any(|x| x == r)).map(|(n, _)| n.as_str()).collect(),
+        }
+    }
+}
+
+/// Why a request goes to a target, in the words of the routing file.
+fn why(req: &RouteRequest, target: &Target, table: &RoutingTable) -> String {
+    fn nonempty(v: Option<&str>) -> Option<&str> {
+        v.filter(|s| !s.is_empty())
+    }
+    match target.kind {
+        RouteKind::Explicit => format!("agent_id {}", excerpt(nonempty(req.agent_id).unwrap_or_default())),
+        RouteKind::WorkType => format!("work_type {:?}", req.work_type.unwrap_or_default()),
+        RouteKind::Trigger => {
+            let (what, subject) = match nonempty(req.trigger) {
+                Some(t) => ("trigger", t),
+                None => ("work_type", nonempty(req.work_type).unwrap_or_default()),
+            };
+            match table.triggers.iter().find(|t| t.pattern.is_match(subject)) {
+                Some(rule) => format!("{what} {} matches pattern {:?}", excerpt(subject), rule.pattern.as_str()),
+                None => format!("{what} {} (matched a pattern of an earlier routing file)", excerpt(subject)),
+            }
+        }
+        RouteKind::Default => "no other route applies: default_agent".into(),
+    }
+}
+
+/// Where `req` goes under `table`, whatever the agents' load: the routing file's rules in
+/// order (contract "Routing"), or why it cannot be routed at all.
+pub(crate) fn resolve(req: &RouteRequest, table: &RoutingTable) -> Result<Target, (DeadLetterReason, String)> {
     let nonempty = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
     let (agent_id, work_type, trigger) = (nonempty(req.agent_id), nonempty(req.work_type), nonempty(req.trigger));
 
-    if let Some(agent) = &agent_id {
-        if !table.agents.contains_key(agent) {
+    if let Some(agent) = agent_id {
+        if !table.agents.contains_key(&agent) {
             let known = table.agents.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
-            return Decision::DeadLetter {
-                reason: DeadLetterReason::UnknownAgent,
-                detail: format!(
+            return Err((
+                DeadLetterReason::UnknownAgent,
+                format!(
                     "agent_id {} is not in the routing registry (known agents: {known}); fix the agent_id or add the agent to the routing file",
-                    excerpt(agent)
+                    excerpt(&agent)
                 ),
-            };
+            ));
         }
-        return to_agent(table, agent, RouteKind::Explicit, format!("agent_id {agent}"), in_flight);
+        return Ok(Target { kind: RouteKind::Explicit, dest: Dest::Agent(agent) });
     }
-
     if let Some(wt) = &work_type
         && let Some(role) = table.work_types.get(wt)
     {
-        return to_role(table, role, RouteKind::WorkType, format!("work_type {wt:?}"), in_flight);
+        return Ok(Target { kind: RouteKind::WorkType, dest: Dest::Role(role.clone()) });
     }
-
     if let Some(subject) = trigger.as_ref().or(work_type.as_ref())
         && let Some(rule) = table.triggers.iter().find(|t| t.pattern.is_match(subject))
     {
-        let why = format!(
-            "{} {} matches pattern {:?}",
-            if trigger.is_some() { "trigger" } else { "work_type" },
-            excerpt(subject),
-            rule.pattern.as_str()
-        );
-        return match &rule.target {
-            TriggerTarget::Role(role) => to_role(table, role, RouteKind::Trigger, why, in_flight),
-            TriggerTarget::Agent(agent) => to_agent(table, agent, RouteKind::Trigger, why, in_flight),
+        let dest = match &rule.target {
+            TriggerTarget::Role(role) => Dest::Role(role.clone()),
+            TriggerTarget::Agent(agent) => Dest::Agent(agent.clone()),
         };
+        return Ok(Target { kind: RouteKind::Trigger, dest });
     }
-
     if let Some(default) = &table.default_agent {
-        return to_agent(table, default, RouteKind::Default, "no other route applies: default_agent".into(), in_flight);
+        return Ok(Target { kind: RouteKind::Default, dest: Dest::Agent(default.clone()) });
     }
-
     let given: Vec<String> = [("work_type", &work_type), ("trigger", &trigger)]
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", excerpt(v))))
         .collect();
-    Decision::DeadLetter {
-        reason: DeadLetterReason::Unroutable,
-        detail: format!(
+    Err((
+        DeadLetterReason::Unroutable,
+        format!(
             "no route for {}: no agent_id, no work_types mapping, no trigger pattern matched, and no default_agent; add a mapping, a pattern or a default_agent to the routing file (or send agent_id)",
             if given.is_empty() { "an entry with none of agent_id, work_type, trigger".to_string() } else { given.join(", ") }
         ),
+    ))
+}
+
+/// Which agent of `target` takes it now, given the agents' state, or why it waits.
+pub(crate) fn dispatch_to(req: &RouteRequest, target: &Target, table: &RoutingTable, state: &impl AgentState) -> Decision {
+    let why = why(req, target, table);
+    match &target.dest {
+        Dest::Agent(a) => to_agent(table, a, target.kind, why, state),
+        Dest::Role(r) => to_role(table, r, target.kind, why, state),
+    }
+}
+
+/// The whole decision: where it goes under `table`, and to which agent now.
+pub fn route(req: &RouteRequest, table: &RoutingTable, state: &impl AgentState) -> Decision {
+    match resolve(req, table) {
+        Ok(target) => dispatch_to(req, &target, table, state),
+        Err((reason, detail)) => Decision::DeadLetter { reason, detail },
     }
 }
 

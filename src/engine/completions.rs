@@ -3,7 +3,7 @@
 
 use crate::core::entry::{self, StreamEntry};
 use crate::engine::context::{Ctx, Stats};
-use crate::engine::dispatch::{self, Scope};
+use crate::engine::dispatch::{self, Ready, Scope};
 use crate::engine::input::Input;
 use crate::engine::store::{self, ReportOutcome};
 use crate::engine::streams::DeadLetter;
@@ -21,7 +21,8 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let policy = ctx.routing.get().retry.clone();
     let mut deadletters = Vec::new();
     let mut changed = Vec::new();
-    let mut freed_slot = false;
+    // The agents whose slots the reports freed: their targets' ready work is read next.
+    let mut freed = std::collections::BTreeSet::new();
     let (mut completed, mut failed) = (0u64, 0u64);
     // (wp_id, completed?) of the reports applied, for the per-agent metrics.
     let mut reported: Vec<(String, bool)> = Vec::new();
@@ -86,20 +87,17 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         match outcome {
             ReportOutcome::Completed => {
                 completed += 1;
-                freed_slot = true;
                 reported.push((wp_id.clone(), true));
                 tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package completed");
                 changed.push(wp_id.clone());
             }
             ReportOutcome::RetryWait { delay_ms } => {
                 failed += 1;
-                freed_slot = true;
                 reported.push((wp_id.clone(), false));
                 tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), delay_ms, "attempt failed; will retry");
             }
             ReportOutcome::Failed => {
                 failed += 1;
-                freed_slot = true;
                 reported.push((wp_id.clone(), false));
                 tracing::warn!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package failed; no attempts left");
             }
@@ -123,7 +121,9 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     // The reports are durable, so the acknowledgement and the dispatch of what they unblocked
     // go out together: the round reads nothing the acknowledgement changes (the lane gate looks
     // at the incoming stream only), and the next work package does not wait for Redis to answer.
-    let scope = Scope { wp_ids: unblocked, sweep_from: None, include_ready: freed_slot };
+    freed.extend(routes.iter().map(|(agent, _)| agent.clone()).filter(|a| !a.is_empty()));
+    let ready = if freed.is_empty() { Ready::None } else { Ready::Of(freed) };
+    let scope = Scope { wp_ids: unblocked, sweep_from: None, ready };
     let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch::round(ctx, &scope));
     if let Err(e) = dispatched {
         tracing::warn!(error = format!("{e:#}"), "dispatch after completions failed; the scheduler will retry");

@@ -80,6 +80,9 @@ pub struct Ctx {
     pub gate_held: std::sync::Mutex<Vec<String>>,
     /// Where the scheduler's next sweep of blocked work packages starts (their incoming order).
     pub sweep_from: std::sync::Mutex<(i64, i64)>,
+    /// The routing file's version under which this replica last routed open work again
+    /// (`dispatch::reroute_open_work`); None until it has once.
+    pub rerouted_for: std::sync::Mutex<Option<String>>,
     /// This replica's Prometheus counters and histograms.
     pub metrics: crate::engine::metrics::Metrics,
 }

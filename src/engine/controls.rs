@@ -89,13 +89,23 @@ pub async fn pause(pool: &PgPool, scope: PauseScope, name: &str, reason: Option<
     Pause::from_row(&row)
 }
 
-/// Ends a pause; None when `name` was not paused.
+/// Ends a pause; None when `name` was not paused. The work a plan's or lane's pause held back
+/// row by row (`held_by`) goes back to the ready work that rounds read, in the same
+/// transaction, so that no round sees the pause gone and the work still held.
 pub async fn resume(pool: &PgPool, scope: PauseScope, name: &str) -> Result<Option<Pause>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let row = sqlx::query("DELETE FROM dispatch_pauses WHERE scope = $1 AND name = $2 RETURNING scope, name, reason, paused_at")
         .bind(scope.as_str())
         .bind(name)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?;
+    if row.is_some() && scope != PauseScope::Agent {
+        sqlx::query("UPDATE work_packages SET held_by = NULL WHERE held_by = $1")
+            .bind(format!("{}:{name}", scope.as_str()))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     row.as_ref().map(Pause::from_row).transpose()
 }
 
@@ -104,8 +114,8 @@ pub async fn resume(pool: &PgPool, scope: PauseScope, name: &str) -> Result<Opti
 pub(crate) struct Paused(HashMap<(PauseScope, String), Pause>);
 
 impl Paused {
-    pub(crate) async fn load(tx: &mut Transaction<'_, Postgres>) -> Result<Self, sqlx::Error> {
-        Ok(Paused(pauses(&mut **tx).await?.into_iter().filter_map(|p| Some(((p.scope.parse().ok()?, p.name.clone()), p))).collect()))
+    pub(crate) fn of(pauses: Vec<Pause>) -> Self {
+        Paused(pauses.into_iter().filter_map(|p| Some(((p.scope.parse().ok()?, p.name.clone()), p))).collect())
     }
 
     pub(crate) fn get(&self, scope: PauseScope, name: Option<&str>) -> Option<&Pause> {
@@ -131,36 +141,6 @@ impl Bucket {
             format!("rate limit of {agent}: next slot in {secs} s")
         })
     }
-}
-
-/// The buckets of `agents` (each with its limit), and the database's clock they were refilled
-/// to. The caller holds the agents' advisory locks, which makes read-modify-write exact.
-pub(crate) async fn read_buckets(
-    tx: &mut Transaction<'_, Postgres>,
-    agents: &[(String, RateLimit)],
-) -> Result<(HashMap<String, Bucket>, f64), sqlx::Error> {
-    let names: Vec<&str> = agents.iter().map(|(a, _)| a.as_str()).collect();
-    let rows = sqlx::query(
-        "SELECT k.a AS agent_id, b.tokens, b.at, extract(epoch FROM clock_timestamp())::float8 AS now
-         FROM unnest($1::text[]) AS k(a) LEFT JOIN agent_rate_buckets b ON b.agent_id = k.a",
-    )
-    .bind(&names)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut now = 0.0;
-    let mut out = HashMap::new();
-    for r in rows {
-        let agent: String = r.try_get("agent_id")?;
-        now = r.try_get("now")?;
-        let Some((_, limit)) = agents.iter().find(|(a, _)| *a == agent) else { continue };
-        let burst = f64::from(limit.burst);
-        let tokens = match (r.try_get::<Option<f64>, _>("tokens")?, r.try_get::<Option<f64>, _>("at")?) {
-            (Some(t), Some(at)) => (t + (now - at).max(0.0) * limit.per_second()).min(burst),
-            _ => burst,
-        };
-        out.insert(agent, Bucket { limit: *limit, tokens });
-    }
-    Ok((out, now))
 }
 
 /// Takes `used` tokens from each bucket, as of `now` (the clock `read_buckets` returned).

@@ -2,16 +2,17 @@
 //! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
 
 use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
-use crate::core::router::{self, Decision, RouteRequest};
+use crate::core::router::{self, RouteRequest};
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
-use crate::engine::store::{self, IngestOutcome};
+use crate::engine::store::{self, IngestOutcome, Routes};
 use crate::engine::streams::DeadLetter;
 
 pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
     let routing = ctx.routing.get();
     let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
+    let mut targets = Vec::with_capacity(entries.len());
     let mut deadletters = Vec::new();
     let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter::of(&names.incoming, e, reason, detail);
     for e in entries {
@@ -22,19 +23,22 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
                 continue;
             }
         };
-        // Only whether it can be routed at all is decided now; which agent, given the load at
+        // Routed once, now: to an agent or a role. Which agent of a role, given the load of
         // that moment, is decided at dispatch.
         let req =
             RouteRequest { agent_id: spec.agent_id.as_deref(), work_type: spec.work_type.as_deref(), trigger: spec.trigger.as_deref() };
-        if let Decision::DeadLetter { reason, detail } = router::route(&req, &routing, &|_: &str| 0) {
-            deadletters.push(dead(e, reason.as_str(), detail));
-            continue;
+        match router::resolve(&req, &routing) {
+            Ok(target) => targets.push(target.key()),
+            Err((reason, detail)) => {
+                deadletters.push(dead(e, reason.as_str(), detail));
+                continue;
+            }
         }
         specs.push((spec, e));
     }
 
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
-    let outcomes = store::ingest(&ctx.pool, &plain).await?;
+    let outcomes = store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version }).await?;
     let mut inserted = Vec::new();
     let mut has_lanes = false;
     for ((spec, e), outcome) in specs.iter().zip(outcomes) {

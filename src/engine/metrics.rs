@@ -14,6 +14,7 @@ pub(crate) const DEADLETTERED: &str = "ge_entries_deadlettered_total";
 pub(crate) const DISPATCH_LATENCY: &str = "ge_dispatch_latency_seconds";
 pub(crate) const TRIMMED: &str = "ge_stream_trimmed_entries_total";
 pub(crate) const REMOVED: &str = "ge_retention_removed_rows_total";
+pub(crate) const PUBLISH_REFUSED: &str = "ge_trigger_publish_refused_total";
 
 /// Seconds from "may run" to "trigger published": sub-second normally, minutes when agents
 /// are full.
@@ -76,6 +77,10 @@ impl Metrics {
     /// Rows of `table` removed by this replica's retention (v1.3).
     pub(crate) fn removed(&self, table: &str, n: u64) {
         self.counter(REMOVED, &[("table", table)], n);
+    }
+    /// A trigger Redis refused to add (it stays claimed and is published again later).
+    pub(crate) fn publish_refused(&self, agent: &str) {
+        self.counter(PUBLISH_REFUSED, &[("agent", agent)], 1);
     }
     pub(crate) fn dispatch_latency(&self, agent: &str, kind: &str, seconds: f64) {
         let labels = vec![Label::new("route", kind.to_string()), Label::new("agent", agent.to_string())];

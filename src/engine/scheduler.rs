@@ -31,6 +31,10 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
             tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
             ctx.stats.note_error();
         }
+        if let Err(e) = dispatch::reroute_open_work(&ctx).await {
+            tracing::warn!(error = format!("{e:#}"), "routing open work again failed");
+            ctx.stats.note_error();
+        }
         if let Err(e) = dispatch::sweep(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "scheduled dispatch round failed");
             ctx.stats.note_error();

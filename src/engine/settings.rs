@@ -285,7 +285,8 @@ impl RunSettings {
             ("http_max_connections", self.http_max_connections as u64, 1, 100_000),
             ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
             ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),
-            ("max_fields", self.limits.max_fields as u64, 1, 1_000_000),
+            // Beyond it, Redis's Lua could not pass a trigger's fields to XADD.
+            ("max_fields", self.limits.max_fields as u64, 1, crate::engine::streams::MAX_ENTRY_FIELDS as u64),
             ("max_depends_on", self.limits.max_depends_on as u64, 0, 1_000_000),
             ("retention_batch", self.retention.retention_batch, 1, 100_000),
         ];

@@ -99,11 +99,21 @@ fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 /// lock (`ingest_acyclic`). The rest take the lock exclusively and are checked and inserted one
 /// by one, in stream order (`ingest_in_order`), so the entry that closes a cycle is the one
 /// refused.
-pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
-    if let Some(out) = ingest_acyclic(pool, specs).await? {
+///
+/// `routes` gives each spec's target (`router::Target::key`) under the routing file whose
+/// version `routes.version` is: work is routed once, when it arrives.
+pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+    if let Some(out) = ingest_acyclic(pool, specs, routes).await? {
         return Ok(out);
     }
-    ingest_in_order(pool, specs).await
+    ingest_in_order(pool, specs, routes).await
+}
+
+/// Where each work package of an ingest batch goes, in the batch's order, and under which
+/// routing file's version.
+pub struct Routes<'a> {
+    pub targets: &'a [String],
+    pub version: &'a str,
 }
 
 /// The batch in one INSERT of work packages and one of edges, under the shared DAG lock, when
@@ -115,7 +125,7 @@ pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<Inge
 /// commits) there is none stored, the batch has none among its own work packages, and every
 /// dependency is stored or in the batch: so no edge into this batch's work packages can come
 /// from a concurrent shared batch either, whose dependencies must be stored or its own.
-async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Option<Vec<IngestOutcome>>, sqlx::Error> {
+async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Option<Vec<IngestOutcome>>, sqlx::Error> {
     let mut seen = HashSet::with_capacity(specs.len());
     // A batch that names one wp_id twice keeps strict stream order, so the first of the two wins.
     if !specs.iter().all(|s| seen.insert(s.wp_id.as_str())) || batch_has_cycle(specs) {
@@ -142,7 +152,7 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Opti
         }
     }
     let all: Vec<usize> = (0..specs.len()).collect();
-    let out = insert_many(&mut tx, specs, &all).await?;
+    let out = insert_many(&mut tx, specs, &all, routes).await?;
     tx.commit().await?;
     Ok(Some(out))
 }
@@ -182,7 +192,7 @@ fn batch_has_cycle(specs: &[WorkPackageSpec]) -> bool {
 
 /// Under the exclusive DAG lock: work without dependencies in one statement, then each work
 /// package with dependencies checked against the whole graph and inserted, in stream order.
-async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
@@ -192,13 +202,13 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec]) -> Result<Vec
     let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
     if !repeats {
         let plain: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].depends_on.is_empty()).collect();
-        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain).await?) {
+        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain, routes).await?) {
             out[*i] = Some(outcome);
         }
     }
     for (i, spec) in specs.iter().enumerate() {
         if out[i].is_none() {
-            out[i] = Some(ingest_one(&mut tx, spec).await?);
+            out[i] = Some(ingest_one(&mut tx, spec, &routes.targets[i], routes.version).await?);
         }
     }
     tx.commit().await?;
@@ -212,6 +222,7 @@ async fn insert_many(
     tx: &mut Transaction<'_, Postgres>,
     specs: &[WorkPackageSpec],
     idx: &[usize],
+    routes: &Routes<'_>,
 ) -> Result<Vec<IngestOutcome>, sqlx::Error> {
     if idx.is_empty() {
         return Ok(Vec::new());
@@ -221,16 +232,16 @@ async fn insert_many(
     let inserted: Vec<String> = sqlx::query_scalar(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason)
          SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
-                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb,
+                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END,
                 CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
         " END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
-                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms)
+                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target)
          CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
                                                WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
@@ -251,6 +262,8 @@ async fn insert_many(
     .bind(col(|s| s.plan.clone()))
     .bind(col(|s| Some(s.fairness_key.clone())))
     .bind(idx.iter().map(|i| specs[*i].not_before_ms).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| routes.targets[*i].as_str()).collect::<Vec<_>>())
+    .bind(routes.version)
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<String> = inserted.into_iter().collect();
@@ -315,7 +328,12 @@ fn resubmission(spec: &WorkPackageSpec, existing: &serde_json::Value, fields: &s
     ))
 }
 
-async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) -> Result<IngestOutcome, sqlx::Error> {
+async fn ingest_one(
+    tx: &mut Transaction<'_, Postgres>,
+    spec: &WorkPackageSpec,
+    target: &str,
+    routed_by: &str,
+) -> Result<IngestOutcome, sqlx::Error> {
     let fields = fields_json(&spec.fields);
     if !spec.depends_on.is_empty() {
         // Does any dependency (transitively) depend on this work package already?
@@ -344,8 +362,9 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
     let inserted = sqlx::query(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason)
          SELECT $1, s.status, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN s.status = 'ready' THEN now() END, $10, $11, $12, s.nb,
+                $15, $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END, CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
         " END
@@ -367,6 +386,8 @@ async fn ingest_one(tx: &mut Transaction<'_, Postgres>, spec: &WorkPackageSpec) 
     .bind(&spec.fairness_key)
     .bind(spec.not_before_ms)
     .bind(blocked)
+    .bind(target)
+    .bind(routed_by)
     .execute(&mut **tx)
     .await?
     .rows_affected();

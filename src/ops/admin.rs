@@ -167,7 +167,7 @@ fn valid_wp(wp_id: &str) -> Result<(), ApiError> {
 /// start of the incoming order.
 async fn nudge(ctx: &Ctx, wp_ids: Option<Vec<String>>) {
     let scope = match wp_ids {
-        Some(wp_ids) => Scope { wp_ids, sweep_from: None, include_ready: true },
+        Some(wp_ids) => Scope { wp_ids, sweep_from: None, ready: dispatch::Ready::All },
         None => Scope::sweep(dispatch::SWEEP_START),
     };
     if let Err(e) = dispatch::round(ctx, &scope).await {

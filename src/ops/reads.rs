@@ -181,7 +181,11 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                         why.push(w);
                     }
                 }
-                "dispatched" => why.push(format!("running on {}", agent_id.as_deref().unwrap_or("?"))),
+                "dispatched" => {
+                    why.push(format!("running on {}", agent_id.as_deref().unwrap_or("?")));
+                    // A trigger Redis refused says so (see `dispatch::publish`).
+                    why.extend(wait_reason);
+                }
                 "failed" => why.push(format!(
                     "failed after {attempts} attempt(s): {}; retry or cancel it",
                     last_error.as_deref().unwrap_or("no error text")

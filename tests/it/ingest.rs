@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use ge_orchestrator::core::entry::WorkPackageSpec;
-use ge_orchestrator::engine::store::{self, IngestOutcome};
+use ge_orchestrator::engine::store::{self, IngestOutcome, Routes};
 
 use crate::harness::{ROUTING, TestEnv};
 
@@ -28,6 +28,12 @@ fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
     }
 }
 
+/// Every spec goes to dolly, under a routing file of version "v".
+async fn ingest(pool: &sqlx::PgPool, specs: &[WorkPackageSpec]) -> Vec<IngestOutcome> {
+    let targets = vec!["explicit/agent:dolly".to_string(); specs.len()];
+    store::ingest(pool, specs, &Routes { targets: &targets, version: "v" }).await.unwrap()
+}
+
 fn reason(o: &IngestOutcome) -> &str {
     match o {
         IngestOutcome::Rejected(r) => r.reason,
@@ -39,23 +45,19 @@ fn reason(o: &IngestOutcome) -> &str {
 #[tokio::test]
 async fn batched_ingest_decides_like_one_by_one() {
     let env = TestEnv::start(ROUTING).await;
-    let first = store::ingest(&env.pool, &[spec("x", 1, "p", &[]), spec("y", 2, "p", &[])]).await.unwrap();
+    let first = ingest(&env.pool, &[spec("x", 1, "p", &[]), spec("y", 2, "p", &[])]).await;
     assert_eq!(first.iter().map(reason).collect::<Vec<_>>(), ["inserted", "inserted"]);
 
     // New, retry, conflict and a dependent one, all in one batch.
     let second =
-        store::ingest(&env.pool, &[spec("a", 3, "p", &[]), spec("x", 4, "p", &[]), spec("y", 5, "other", &[]), spec("b", 6, "p", &["a"])])
-            .await
-            .unwrap();
+        ingest(&env.pool, &[spec("a", 3, "p", &[]), spec("x", 4, "p", &[]), spec("y", 5, "other", &[]), spec("b", 6, "p", &["a"])]).await;
     assert_eq!(second.iter().map(reason).collect::<Vec<_>>(), ["inserted", "duplicate", "conflict", "inserted"]);
     let IngestOutcome::Rejected(r) = &second[2] else { unreachable!() };
     assert!(r.detail.contains("payload"), "the conflict names the differing field: {}", r.detail);
 
     // One wp_id twice in a batch: the first is inserted, the second compared with it.
     let third =
-        store::ingest(&env.pool, &[spec("z", 7, "one", &[]), spec("z", 8, "two", &[]), spec("w", 9, "p", &[]), spec("w", 10, "p", &[])])
-            .await
-            .unwrap();
+        ingest(&env.pool, &[spec("z", 7, "one", &[]), spec("z", 8, "two", &[]), spec("w", 9, "p", &[]), spec("w", 10, "p", &[])]).await;
     assert_eq!(third.iter().map(reason).collect::<Vec<_>>(), ["inserted", "conflict", "inserted", "duplicate"]);
     let stored: serde_json::Value =
         sqlx::query_scalar("SELECT fields FROM work_packages WHERE wp_id = 'z'").fetch_one(&env.pool).await.unwrap();

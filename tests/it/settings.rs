@@ -66,6 +66,9 @@ async fn replica_run_returns_an_error_for_each_setting_that_cannot_work() {
         ("--max-payload-bytes", |s| s.limits.max_payload_bytes = 0),
         ("--max-field-bytes", |s| s.limits.max_field_bytes = 0),
         ("--max-fields", |s| s.limits.max_fields = 0),
+        // More fields than Redis's Lua can pass to XADD: every trigger of such an entry would
+        // be refused.
+        ("--max-fields", |s| s.limits.max_fields = 4_000),
     ];
     for (flag, mutate) in cases {
         let mut settings = env.settings("settings-2");

@@ -30,7 +30,7 @@ pub(crate) use entries::{newest, newest_before, range, range_page, xadd_many};
 pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, keep_claimed, remove_consumer};
 pub use group::{ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
 pub use publish::Trigger;
-pub(crate) use publish::{publish_triggers, request_reload};
+pub(crate) use publish::{MAX_ENTRY_FIELDS, Published, publish_triggers, request_reload};
 pub(crate) use reader::{Reader, Trouble};
 pub use trim::used_memory;
 pub(crate) use trim::{TrimReport, take_turn, trim_stream};

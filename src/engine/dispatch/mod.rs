@@ -1,0 +1,179 @@
+//! Dispatch: from "this may run now" to "its trigger is published", as a short pipeline:
+//!
+//! 1. `candidates`: what may run, read outside any transaction: the work packages a round was
+//!    given, and ready work only of the targets whose agents can take some now (`decide::
+//!    open_targets`), so that a held backlog costs nothing and holds nothing back;
+//! 2. the lane gate, asked of Redis with no transaction open;
+//! 3. `claim`: under the locks of the capped agents the candidates may go to, the agents'
+//!    exact state, then `decide` (pure) says what is claimed and why the rest waits, and the
+//!    claim writes both with the outbox rows;
+//! 4. `publish`: the triggers, then the outbox rows of those Redis holds.
+//!
+//! Exactly-once rests on two things. The claim (status `dispatched`, attempt + 1, a new
+//! `dispatch_id`) is one UPDATE of rows it locks first, skipping rows another round holds, so
+//! only one round can claim a given attempt. Publication is a Redis script that adds the
+//! trigger only if its `dispatch_id` key is new, so publishing a claimed dispatch again (after a
+//! crash, or by a replica that was paused) is harmless.
+
+mod candidates;
+mod claim;
+mod decide;
+mod publish;
+mod reroute;
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use sqlx::Row;
+
+use crate::core::entry::parse_stream_id;
+use crate::engine::context::{Ctx, Stats};
+use crate::engine::streams;
+
+pub use decide::Ready;
+pub(crate) use publish::republish_stale;
+pub(crate) use reroute::reroute_open_work;
+
+/// Which held work packages a round looks at.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub wp_ids: Vec<String>,
+    /// A sweep: every `retry_wait` one that is due, and a page of `blocked` ones after this
+    /// point of the incoming order.
+    pub sweep_from: Option<(i64, i64)>,
+    /// Whose ready work it reads too.
+    pub ready: Ready,
+}
+
+impl Scope {
+    pub fn ids(wp_ids: Vec<String>) -> Self {
+        Scope { wp_ids, ..Scope::default() }
+    }
+    /// A sweep whose page of blocked work starts after `from` in the incoming order.
+    pub fn sweep(from: (i64, i64)) -> Self {
+        Scope { wp_ids: Vec::new(), sweep_from: Some(from), ready: Ready::All }
+    }
+}
+
+/// Where a sweep starts that looks at blocked work from the beginning of the incoming order.
+pub(crate) const SWEEP_START: (i64, i64) = (-1, -1);
+
+/// The scheduler's sweep: what may go without an event this replica saw (retry timers come
+/// due, slots freed, gates opened and dependencies completed on another replica, operators'
+/// actions). Blocked work is looked at a page per sweep, from where the last one stopped,
+/// so a sweep costs the same however large the backlog; a page shorter than a round starts
+/// the next sweep from the beginning again.
+pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
+    let from = *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
+    let n = round(ctx, &Scope::sweep(from)).await?;
+    let next: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT x.source_ms, x.source_seq FROM work_packages x
+         WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($1, $2)
+         ORDER BY x.source_ms, x.source_seq OFFSET $3 - 1 LIMIT 1",
+    )
+    .bind(from.0)
+    .bind(from.1)
+    .bind(decide::ROUND_LIMIT)
+    .fetch_optional(&ctx.pool)
+    .await?;
+    *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner()) = next.unwrap_or(SWEEP_START);
+    Ok(n)
+}
+
+/// One dispatch round. Returns how many work packages were dispatched.
+pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
+    let held = std::mem::take(&mut *ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()));
+    let widened;
+    let scope = if held.is_empty() {
+        scope
+    } else {
+        widened = Scope { wp_ids: scope.wp_ids.iter().cloned().chain(held).collect(), ..scope.clone() };
+        &widened
+    };
+    if scope.sweep_from.is_none() && scope.ready == Ready::None && scope.wp_ids.is_empty() {
+        return Ok(0);
+    }
+    let routing = ctx.routing.get();
+
+    // 1. What may run. Which targets' ready work is worth reading is decided from the agents'
+    // state as it is now, unlocked: a count that is stale by a completion only makes a round
+    // read a target whose slot is gone (the claim then says it waits) or leave one whose slot
+    // was just freed to the round that completion starts.
+    let open = if scope.ready == Ready::None {
+        Vec::new()
+    } else {
+        let (agents, _) = claim::agents_now(&ctx.pool, &routing, &[]).await?;
+        decide::open_targets(&routing, &agents, &scope.ready)
+    };
+    let candidates = candidates::read(&ctx.pool, scope, &open).await?;
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+
+    // 2. The lane gate. Two replicas may ingest entries 5 and 6 of one lane in either order; 6
+    // must not start while 5 is still pending in the group, not yet visible here. Asked after
+    // the candidates were read and before the claim, which checks them again: any earlier
+    // entry is then either still pending (held here) or committed before the claim's snapshot
+    // (seen by `may_run`). Only lanes have an order to keep; a round without lane members
+    // skips the round trip.
+    let gate = if candidates.iter().any(|c| c.lane.is_some()) {
+        let mut redis = ctx.redis.clone();
+        let pending = streams::pending_summary(&mut redis, &ctx.settings.names.incoming, &ctx.settings.names.group)
+            .await
+            .context("reading the pending entries of the incoming stream")?;
+        pending.smallest.as_deref().and_then(parse_stream_id)
+    } else {
+        None
+    };
+
+    // 3. The claim.
+    let mut tx = ctx.pool.begin().await?;
+    let limited = decide::limited_agents(&routing, &candidates);
+    claim::lock(&mut tx, &limited).await?;
+    let (mut agents, clock) = claim::agents_now(&mut *tx, &routing, &limited).await?;
+    let buckets = agents.buckets.clone();
+    let decided = decide::decide(&candidates, &routing, &mut agents, gate);
+    claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
+    let claimed = claim::claim(&mut tx, &decided.claims, &routing.config_version).await?;
+    claim::take_tokens(&mut tx, &buckets, &claimed, clock).await?;
+    tx.commit().await?;
+    // Lost if a round fails before this point; the scheduler's sweep still finds them.
+    ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(decided.gated);
+
+    // 4. Publication.
+    let outgoing = claimed.iter().map(|r| publish::trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
+    let observed: Vec<(String, String, f64)> = claimed
+        .iter()
+        .filter_map(|r| {
+            let wp: String = r.try_get("wp_id").ok()?;
+            Some((r.try_get("agent_id").ok()?, r.try_get("route").ok()?, since.get(wp.as_str()).copied()?))
+        })
+        .collect();
+    let n = outgoing.len();
+    publish::publish(ctx, outgoing).await?;
+    Stats::add(&ctx.stats.routed, n as u64);
+    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    for (agent, kind, since) in observed {
+        ctx.metrics.routed(&agent, &kind);
+        ctx.metrics.dispatch_latency(&agent, &kind, now - since);
+    }
+    Ok(n)
+}
+
+/// Folds the in-flight deltas of every agent no round holds, so the rows read for agents
+/// without a cap stay few. An agent whose lock is held is left for the round that holds it,
+/// which folds it itself: a concurrent fold would hide deltas from its count.
+pub(crate) async fn fold_in_flight(ctx: &Ctx) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH free AS (SELECT a FROM (SELECT DISTINCT agent_id AS a FROM agent_in_flight ORDER BY 1) s
+                       WHERE pg_try_advisory_xact_lock($1, hashtext(s.a))),
+              folded AS (DELETE FROM agent_in_flight WHERE agent_id IN (SELECT a FROM free) RETURNING agent_id, n),
+              sums AS (SELECT agent_id, sum(n)::int4 AS n FROM folded GROUP BY agent_id)
+         INSERT INTO agent_in_flight (agent_id, n) SELECT agent_id, n FROM sums WHERE n <> 0",
+    )
+    .bind(claim::AGENT_LOCKS)
+    .execute(&ctx.pool)
+    .await?;
+    Ok(())
+}

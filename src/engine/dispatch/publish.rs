@@ -1,0 +1,157 @@
+//! Publication: the triggers of claimed dispatches go to Redis, and their outbox rows go once
+//! Redis holds them. A claim whose publication was not confirmed (a crash, a stall, a trigger
+//! Redis refused) keeps its outbox row and is published again by the scheduler: idempotently,
+//! since the publication script adds a trigger only once per dispatch_id.
+
+use anyhow::Context;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use crate::engine::context::Ctx;
+use crate::engine::streams::{self, Published, Trigger};
+
+/// A trigger to publish, with what it is for.
+pub(super) struct Outgoing {
+    pub dispatch_id: String,
+    pub wp_id: String,
+    pub agent: String,
+    pub trigger: Trigger,
+}
+
+/// Builds the trigger entry of a claimed row: every incoming field, then the orchestrator's
+/// own fields, which win over incoming fields of the same name.
+pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::Error> {
+    let wp_id: String = r.try_get("wp_id")?;
+    let agent: String = r.try_get("agent_id")?;
+    let route: String = r.try_get("route")?;
+    let attempts: i32 = r.try_get("attempts")?;
+    let dispatch_id: String = r.try_get("dispatch_id")?;
+    let source_id: String = r.try_get("source_id")?;
+    let fields: serde_json::Value = r.try_get("fields")?;
+    let own = [
+        ("wp_id", wp_id.clone()),
+        ("agent_id", agent.clone()),
+        ("route", route),
+        ("attempt", attempts.to_string()),
+        ("dispatch_id", dispatch_id.clone()),
+        ("source_id", source_id),
+    ];
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(obj) = fields.as_object() {
+        for (k, v) in obj {
+            if own.iter().any(|(o, _)| o == k) {
+                continue;
+            }
+            out.push((k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())));
+        }
+    }
+    out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
+    tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
+    Ok(Outgoing {
+        trigger: Trigger {
+            stream: ctx.settings.names.trigger_stream(&agent),
+            dispatch_key: ctx.settings.names.dispatch_key(&dispatch_id),
+            fields: out,
+        },
+        dispatch_id,
+        wp_id,
+        agent,
+    })
+}
+
+/// Publishes the triggers and forgets the outbox rows of those Redis now holds. Those Redis
+/// refused stay in the outbox; their work packages say why, the log and a metric count them.
+/// Returns how many Redis holds.
+pub(super) async fn publish(ctx: &Ctx, outgoing: Vec<Outgoing>) -> anyhow::Result<usize> {
+    if outgoing.is_empty() {
+        return Ok(0);
+    }
+    let triggers: Vec<Trigger> = outgoing.iter().map(|o| o.trigger.clone()).collect();
+    let mut redis = ctx.redis.clone();
+    let outcomes =
+        streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_lifetime()).await.context("publishing triggers")?;
+    let mut held = Vec::new();
+    let (mut refused, mut refused_wp, mut refused_why) = (Vec::new(), Vec::new(), Vec::new());
+    for (o, outcome) in outgoing.iter().zip(outcomes) {
+        match outcome {
+            Published::New | Published::Already => held.push(o.dispatch_id.clone()),
+            Published::Refused(e) => {
+                tracing::warn!(wp_id = %o.wp_id, dispatch_id = %o.dispatch_id, stream = %o.trigger.stream, error = %e,
+                    "Redis refused the trigger; it is published again later");
+                ctx.metrics.publish_refused(&o.agent);
+                ctx.stats.note_error();
+                refused.push(o.dispatch_id.clone());
+                refused_wp.push(o.wp_id.clone());
+                refused_why.push(format!(
+                    "dispatched, but Redis refused its trigger on {}: {}; published again every {}s until Redis takes it",
+                    o.trigger.stream,
+                    crate::core::entry::excerpt(&e),
+                    ctx.settings.republish_after.as_secs()
+                ));
+            }
+        }
+    }
+    forget_claims(ctx, &held).await.context("recording published triggers")?;
+    if !refused.is_empty() {
+        // To the back of the republication queue, so that refused triggers never crowd out
+        // the claims of other agents.
+        sqlx::query("UPDATE dispatch_outbox SET claimed_at = now() WHERE dispatch_id = ANY($1)")
+            .bind(&refused)
+            .execute(&ctx.pool)
+            .await
+            .context("recording refused triggers")?;
+        sqlx::query(
+            "UPDATE work_packages w SET wait_reason = r.why FROM unnest($1::text[], $2::text[]) AS r(wp_id, why)
+             WHERE w.wp_id = r.wp_id AND w.status COLLATE \"C\" = 'dispatched' AND w.wait_reason IS DISTINCT FROM r.why",
+        )
+        .bind(&refused_wp)
+        .bind(&refused_why)
+        .execute(&ctx.pool)
+        .await
+        .context("recording refused triggers")?;
+    }
+    Ok(held.len())
+}
+
+/// Removes claims from the outbox: their triggers are published, or no longer needed.
+async fn forget_claims(ctx: &Ctx, dispatch_ids: &[String]) -> Result<(), sqlx::Error> {
+    if dispatch_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM dispatch_outbox WHERE dispatch_id = ANY($1)").bind(dispatch_ids).execute(&ctx.pool).await?;
+    Ok(())
+}
+
+/// Publishes claims that no replica confirmed (it crashed or stalled between the claim and the
+/// publication, or Redis refused the trigger). Idempotent: a trigger already in Redis is not
+/// added again.
+pub(crate) async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
+    let rows = sqlx::query(
+        "SELECT o.dispatch_id AS claimed, w.status = 'dispatched' AND w.dispatch_id = o.dispatch_id AS current,
+                w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id
+         FROM dispatch_outbox o LEFT JOIN work_packages w ON w.wp_id = o.wp_id
+         WHERE o.claimed_at < now() - make_interval(secs => $1::float8)
+         ORDER BY o.claimed_at LIMIT 500",
+    )
+    .bind(ctx.settings.republish_after.as_secs_f64())
+    .fetch_all(&ctx.pool)
+    .await?;
+    // A claim whose work package has moved on (reported on, retried, cancelled) needs no
+    // trigger any more; its outbox row goes.
+    let mut gone = Vec::new();
+    let mut outgoing = Vec::new();
+    for r in &rows {
+        if r.try_get::<Option<bool>, _>("current")? == Some(true) {
+            outgoing.push(trigger_from_row(ctx, r)?);
+        } else {
+            gone.push(r.try_get::<String, _>("claimed")?);
+        }
+    }
+    forget_claims(ctx, &gone).await?;
+    let n = outgoing.len();
+    if n > 0 {
+        tracing::warn!(count = n, "publishing dispatches whose publication was not confirmed");
+    }
+    publish(ctx, outgoing).await?;
+    Ok(n)
+}
