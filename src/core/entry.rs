@@ -60,6 +60,7 @@ pub struct WorkPackageSpec {
     /// Every field as received; passed through to the trigger.
     pub fields: BTreeMap<String, String>,
     pub source_id: String,
+    /// The stream id's place in the incoming order, the lane order (`order_key`).
     pub source_ms: i64,
     pub source_seq: i64,
 }
@@ -70,10 +71,33 @@ pub(crate) fn is_valid_wp_id(s: &str) -> bool {
     WP_ID.is_match(s)
 }
 
-/// Parses a stream id `ms-seq` into its two numbers, the order of `ge:work:incoming`.
-pub(crate) fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+/// A stream id `ms-seq` as Redis has it: two unsigned 64-bit numbers. A producer may set any
+/// id above the stream's last one by hand (`XADD s 18446744073709551615-0 ...`), and Redis then
+/// gives every later entry that millisecond part; so the whole range must be read.
+pub(crate) fn stream_id_parts(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The place of a stream id in the incoming order, as `work_packages (source_ms, source_seq)`
+/// store it (BIGINT) and every lane comparison reads it: each part as itself up to `i64::MAX`,
+/// and `i64::MAX` beyond. Ordered like the ids wherever a part stays below 2^63, which every
+/// id a clock gives does, and so is every entry after a hand-set id past it: they share its
+/// millisecond part and count up their sequence. Only two hand-set ids that both pass 2^63 in
+/// the same part, and differ there, may be ordered by the rest of the id instead.
+///
+/// Why not an exact map of both u64 parts into the i64 range (each part minus 2^63): it moves
+/// every id below the point `(-1, -1)` the dispatch sweep starts from, so it needs that start
+/// changed with it (see `dispatch::SWEEP_START`).
+pub(crate) fn order_key(ms: u64, seq: u64) -> (i64, i64) {
+    (i64::try_from(ms).unwrap_or(i64::MAX), i64::try_from(seq).unwrap_or(i64::MAX))
+}
+
+/// Parses a stream id into its place in the incoming order (`order_key`), as it is compared
+/// with `source_ms, source_seq`. For the id's time, use `stream_id_parts`.
+pub(crate) fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+    let (ms, seq) = stream_id_parts(id)?;
+    Some(order_key(ms, seq))
 }
 
 /// A printable, bounded rendering of untrusted text for error messages.
@@ -179,8 +203,9 @@ fn parse_not_before(fields: &BTreeMap<String, String>, source_ms: i64) -> Result
 pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
     let raw =
         entry.fields.as_ref().ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
-    let (source_ms, source_seq) = parse_stream_id(&entry.id)
+    let (id_ms, id_seq) = stream_id_parts(&entry.id)
         .ok_or_else(|| Rejection::new("invalid", format!("stream id {} is not of the form ms-seq", excerpt(&entry.id))))?;
+    let (source_ms, source_seq) = order_key(id_ms, id_seq);
     let fields = decode_fields(raw, limits)?;
     // Every field is stored (in JSONB), and PostgreSQL stores no NUL character in text or
     // JSON. Refusing it here gives the producer a reason it can act on.
@@ -337,6 +362,36 @@ mod tests {
         }
         let long = "p".repeat(129);
         assert!(parse_incoming(&entry(&[("plan", &long)]), &l).unwrap_err().detail.contains("plan"));
+    }
+
+    /// Stream ids are two unsigned 64-bit numbers. A producer may set the largest by hand, and
+    /// Redis then gives every later entry its millisecond part: each must still be taken, after
+    /// every entry before it in the incoming order.
+    #[test]
+    fn takes_every_stream_id_redis_can_give_in_order() {
+        let l = Limits::default();
+        let at = |id: &str| {
+            let e = StreamEntry { id: id.into(), fields: Some(vec![(b"lane".to_vec(), b"L".to_vec())]) };
+            let spec = parse_incoming(&e, &l).unwrap_or_else(|r| panic!("{id}: {}", r.detail));
+            (spec.source_ms, spec.source_seq)
+        };
+        let ids = [
+            "1700000000000-3",
+            "1700000000000-18446744073709551615",
+            "9223372036854775806-5",
+            "18446744073709551615-0",
+            "18446744073709551615-1",
+            "18446744073709551615-2",
+        ];
+        for w in ids.windows(2) {
+            assert!(at(w[0]) < at(w[1]), "{} before {}", w[0], w[1]);
+        }
+        let no_id = StreamEntry { id: "18446744073709551615-7".into(), fields: Some(vec![]) };
+        assert_eq!(parse_incoming(&no_id, &l).unwrap().wp_id, "auto-18446744073709551615-7");
+        for bad in ["18446744073709551616-0", "1-18446744073709551616", "-1-0", "1"] {
+            let e = StreamEntry { id: bad.into(), fields: Some(vec![]) };
+            assert_eq!(parse_incoming(&e, &l).unwrap_err().reason, "invalid", "{bad}");
+        }
     }
 
     #[test]

@@ -294,7 +294,7 @@ async fn list_deadletters(State(ctx): State<Arc<Ctx>>, Q(q): Q<DeadLetterQuery>)
 
 /// `ms-seq`, digits only: anything else Redis would refuse, and that is the caller's error.
 fn valid_stream_id(id: &str) -> Result<(), ApiError> {
-    let digits = |s: &str| (1..=19).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    let digits = |s: &str| (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
     match id.split_once('-') {
         Some((ms, seq)) if digits(ms) && digits(seq) => Ok(()),
         _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a stream entry id (like 1700000000000-0)", entry::excerpt(id)))),
