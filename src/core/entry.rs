@@ -179,15 +179,48 @@ fn parse_priority(fields: &BTreeMap<String, String>) -> Result<i16, Rejection> {
     }
 }
 
+/// The furthest `not_before` may lie after the entry's stream id (v1.4: "at most a year"): a
+/// delay or an RFC 3339 time alike, since either holds the work package, and its lane, as long.
+const MAX_HOLD_MS: u64 = 366 * 86_400_000;
+
+/// The last millisecond of the year 9999, the last an RFC 3339 time can name.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
 /// `not_before`: an RFC 3339 time, or a delay (`30s`, `5m`) counted from the entry's stream id,
-/// so that a redelivery of the entry means the same time.
-fn parse_not_before(fields: &BTreeMap<String, String>, source_ms: i64) -> Result<Option<i64>, Rejection> {
+/// so that a redelivery of the entry means the same time. Either is at most a year after the
+/// stream id's time.
+fn parse_not_before(fields: &BTreeMap<String, String>, id_ms: u64) -> Result<Option<i64>, Rejection> {
     let Some(v) = non_empty(fields, "not_before") else { return Ok(None) };
+    let added = || {
+        chrono::DateTime::from_timestamp_millis(id_ms as i64)
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| format!("{id_ms} ms"))
+    };
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v.trim()) {
-        return Ok(Some(t.timestamp_millis()));
+        let at = t.timestamp_millis();
+        if at > 0 && at as u64 > id_ms.saturating_add(MAX_HOLD_MS) {
+            return Err(Rejection::new(
+                "invalid",
+                format!(
+                    "not_before {} is more than a year after the entry was added ({}); work may be held back at most a year \
+                     (the same bound as a delay): send a nearer time, or send the entry later",
+                    excerpt(&v),
+                    added()
+                ),
+            ));
+        }
+        return Ok(Some(at));
     }
     match humantime::parse_duration(v.trim()) {
-        Ok(d) if d.as_millis() <= 366 * 86_400_000 => Ok(Some(source_ms.saturating_add(d.as_millis() as i64))),
+        Ok(_) if id_ms > LAST_RFC3339_MS => Err(Rejection::new(
+            "invalid",
+            format!(
+                "not_before {} is a delay counted from the entry's stream id, whose time ({id_ms} ms) is past the year \
+                 9999 (the id was set by hand); send not_before as an RFC 3339 time (2026-11-29T08:00:00Z)",
+                excerpt(&v)
+            ),
+        )),
+        Ok(d) if d.as_millis() <= u128::from(MAX_HOLD_MS) => Ok(Some((id_ms + d.as_millis() as u64) as i64)),
         _ => Err(Rejection::new(
             "invalid",
             format!(
@@ -228,7 +261,7 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
 
     let lane = bounded_name(&fields, "lane")?;
     let priority = parse_priority(&fields)?;
-    let not_before_ms = parse_not_before(&fields, source_ms)?;
+    let not_before_ms = parse_not_before(&fields, id_ms)?;
     let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
     let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
 
@@ -354,8 +387,8 @@ mod tests {
         .unwrap();
         assert_eq!((given.priority, given.plan.as_deref(), given.fairness_key.as_str()), (-7, Some("p"), "tenant-3"));
         assert_eq!(given.not_before_ms, Some(1700000000000 + 90_000));
-        let at = parse_incoming(&entry(&[("not_before", "2026-11-29T08:00:00+01:00")]), &l).unwrap();
-        assert_eq!(at.not_before_ms, Some(chrono::DateTime::parse_from_rfc3339("2026-11-29T07:00:00Z").unwrap().timestamp_millis()));
+        let at = parse_incoming(&entry(&[("not_before", "2024-05-29T08:00:00+01:00")]), &l).unwrap();
+        assert_eq!(at.not_before_ms, Some(chrono::DateTime::parse_from_rfc3339("2024-05-29T07:00:00Z").unwrap().timestamp_millis()));
         for (k, v, says) in [("priority", "101", "-100 to 100"), ("priority", "high", "integer"), ("not_before", "tomorrow", "RFC 3339")] {
             let rej = parse_incoming(&entry(&[(k, v)]), &l).unwrap_err();
             assert!(rej.reason == "invalid" && rej.detail.contains(k) && rej.detail.contains(says), "{}", rej.detail);
@@ -392,6 +425,25 @@ mod tests {
             let e = StreamEntry { id: bad.into(), fields: Some(vec![]) };
             assert_eq!(parse_incoming(&e, &l).unwrap_err().reason, "invalid", "{bad}");
         }
+    }
+
+    /// `not_before` holds a work package, and its lane, until then: an RFC 3339 time is held to
+    /// the bound of a delay, a year after the entry's stream id.
+    #[test]
+    fn not_before_is_at_most_a_year_after_the_stream_id() {
+        let l = Limits::default();
+        // The stream id of `entry` is 2023-11-14T22:13:20Z.
+        for near in ["2024-11-13T00:00:00Z", "2020-01-01T00:00:00Z", "366days"] {
+            assert!(parse_incoming(&entry(&[("not_before", near)]), &l).is_ok(), "{near}");
+        }
+        for far in ["9999-12-31T23:59:59Z", "2024-11-15T00:00:00Z", "367days"] {
+            let rej = parse_incoming(&entry(&[("not_before", far)]), &l).unwrap_err();
+            assert!(rej.reason == "invalid" && rej.detail.contains("year"), "{far}: {}", rej.detail);
+        }
+        // A delay counts from the stream id; past the year 9999 no time can be named.
+        let late = StreamEntry { id: "18446744073709551615-0".into(), fields: Some(vec![(b"not_before".to_vec(), b"30s".to_vec())]) };
+        let rej = parse_incoming(&late, &l).unwrap_err();
+        assert!(rej.detail.contains("RFC 3339"), "{}", rej.detail);
     }
 
     #[test]
