@@ -337,6 +337,7 @@ impl RunSettings {
                 problems.push(format!("{} ({s}) must be shorter than {} ({l}), or {why}", flag(short_id), flag(long_id)));
             }
         }
+        problems.extend(check_database_url(&self.conn.database_url));
         if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
     }
 
@@ -363,6 +364,32 @@ impl RunSettings {
 
     pub(crate) fn consumer_name(&self) -> String {
         self.consumer.clone().unwrap_or_else(default_consumer_name)
+    }
+}
+
+/// What is wrong with `DATABASE_URL`, if anything, in words that never repeat it (it holds a
+/// password). sqlx takes a URL only; it logs the value of every query parameter it does not
+/// know, so one that looks like a password is refused too.
+fn check_database_url(url: &str) -> Option<String> {
+    const FORM: &str = "postgres://user:password@host:port/database?sslmode=...";
+    if !url.contains("://") {
+        return Some(format!("DATABASE_URL must be a URL ({FORM}); a key/value conninfo (host=... password=...) is not accepted"));
+    }
+    if let Some((key, _)) =
+        crate::core::redact::query_pairs(url).into_iter().find(|(k, _)| *k != "password" && k.to_ascii_lowercase().contains("pass"))
+    {
+        return Some(format!(
+            "DATABASE_URL has a parameter {} that PostgreSQL's client here does not read (it would log its value); \
+             the password goes in the userinfo or in password=",
+            crate::core::entry::excerpt(key)
+        ));
+    }
+    match url.parse::<sqlx::postgres::PgConnectOptions>() {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "DATABASE_URL cannot be read as a URL ({e}); write it as {FORM}, with special characters of the user \
+             and password percent-encoded (@ as %40, / as %2F, ? as %3F, # as %23, % as %25)"
+        )),
     }
 }
 
