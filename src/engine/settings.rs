@@ -179,13 +179,15 @@ pub struct RunSettings {
     #[arg(long, env = "GE_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
     pub http_max_connections: usize,
     /// Bearer token that admin API calls which change something must carry. Unset: such
-    /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
-    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
+    /// calls are refused (403). Only the environment is read, so it stays out of `ps`. As
+    /// read: surrounding whitespace is ignored where it is compared (`ops::admin`), and one
+    /// that is empty without it is refused by `validate`.
+    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok())]
     pub admin_token: Option<String>,
     /// Bearer token that every read of the admin API and /metrics must carry (the admin token
     /// does too). Unset: reads are open. The probes, the dashboard's page and the API document
-    /// stay open either way. Only the environment is read.
-    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok().filter(|t| !t.is_empty()))]
+    /// stay open either way. Only the environment is read; as read, like `admin_token`.
+    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok())]
     pub admin_read_token: Option<String>,
     /// PostgreSQL connections of this replica's engine.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
@@ -338,6 +340,19 @@ impl RunSettings {
             }
         }
         problems.extend(check_database_url(&self.conn.database_url));
+        for (var, token) in [("GE_ADMIN_TOKEN", &self.admin_token), ("GE_ADMIN_READ_TOKEN", &self.admin_read_token)] {
+            match token.as_deref() {
+                // An empty read token would leave the reads open, which whoever set it did not
+                // mean; an empty admin token is as surely a mistake.
+                Some(t) if t.trim().is_empty() => problems.push(format!("{var} is set but empty: give it a token, or unset it for none")),
+                // A token from a file or a secret often ends in a newline. It is compared
+                // trimmed, like the token a request presents.
+                Some(t) if t.trim() != t => {
+                    tracing::warn!("{var} has leading or trailing whitespace (a newline from a file?); it is ignored")
+                }
+                _ => {}
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
     }
 

@@ -122,3 +122,21 @@ async fn database_passwords_stay_out_of_the_log_in_every_form() {
     assert!(status.is_some_and(|s| !s.success()), "a key/value conninfo is refused at start:\n{stderr}");
     assert!(stderr.contains("DATABASE_URL") && !stderr.contains("S3cr3t"), "{stderr}");
 }
+
+/// An admin token from a file or a secret often ends in a newline: it is trimmed, with a
+/// warning; a token that is empty once trimmed is refused at start, naming the variable.
+#[tokio::test]
+async fn admin_tokens_are_trimmed_and_an_empty_one_is_refused() {
+    let env = TestEnv::start(ROUTING).await;
+    for var in ["GE_ADMIN_TOKEN", "GE_ADMIN_READ_TOKEN"] {
+        for empty in ["", " \n"] {
+            let (status, stderr) = run_for(&env, &[(var, empty)], 10).await;
+            assert!(status.is_some_and(|s| !s.success()), "{var}={empty:?} accepted:\n{stderr}");
+            assert!(stderr.contains(var), "the error names {var}:\n{stderr}");
+        }
+    }
+    let (status, stderr) = run_for(&env, &[("GE_ADMIN_TOKEN", "tok-1\n")], 4).await;
+    assert!(status.is_none(), "a token with a newline is taken: {stderr}");
+    assert!(stderr.contains("GE_ADMIN_TOKEN") && stderr.contains("whitespace"), "a warning names it:\n{stderr}");
+    assert!(!stderr.contains("tok-1"), "the warning does not show the token:\n{stderr}");
+}
