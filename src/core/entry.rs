@@ -60,6 +60,7 @@ pub struct WorkPackageSpec {
     /// Every field as received; passed through to the trigger.
     pub fields: BTreeMap<String, String>,
     pub source_id: String,
+    /// The stream id's place in the incoming order, the lane order (`order_key`).
     pub source_ms: i64,
     pub source_seq: i64,
 }
@@ -70,10 +71,33 @@ pub(crate) fn is_valid_wp_id(s: &str) -> bool {
     WP_ID.is_match(s)
 }
 
-/// Parses a stream id `ms-seq` into its two numbers, the order of `ge:work:incoming`.
-pub(crate) fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+/// A stream id `ms-seq` as Redis has it: two unsigned 64-bit numbers. A producer may set any
+/// id above the stream's last one by hand (`XADD s 18446744073709551615-0 ...`), and Redis then
+/// gives every later entry that millisecond part; so the whole range must be read.
+pub(crate) fn stream_id_parts(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The place of a stream id in the incoming order, as `work_packages (source_ms, source_seq)`
+/// store it (BIGINT) and every lane comparison reads it: each part as itself up to `i64::MAX`,
+/// and `i64::MAX` beyond. Ordered like the ids wherever a part stays below 2^63, which every
+/// id a clock gives does, and so is every entry after a hand-set id past it: they share its
+/// millisecond part and count up their sequence. Only two hand-set ids that both pass 2^63 in
+/// the same part, and differ there, may be ordered by the rest of the id instead.
+///
+/// Why not an exact map of both u64 parts into the i64 range (each part minus 2^63): it moves
+/// every id below the point `(-1, -1)` the dispatch sweep starts from, so it needs that start
+/// changed with it (see `dispatch::SWEEP_START`).
+pub(crate) fn order_key(ms: u64, seq: u64) -> (i64, i64) {
+    (i64::try_from(ms).unwrap_or(i64::MAX), i64::try_from(seq).unwrap_or(i64::MAX))
+}
+
+/// Parses a stream id into its place in the incoming order (`order_key`), as it is compared
+/// with `source_ms, source_seq`. For the id's time, use `stream_id_parts`.
+pub(crate) fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+    let (ms, seq) = stream_id_parts(id)?;
+    Some(order_key(ms, seq))
 }
 
 /// A printable, bounded rendering of untrusted text for error messages.
@@ -155,15 +179,48 @@ fn parse_priority(fields: &BTreeMap<String, String>) -> Result<i16, Rejection> {
     }
 }
 
+/// The furthest `not_before` may lie after the entry's stream id (v1.4: "at most a year"): a
+/// delay or an RFC 3339 time alike, since either holds the work package, and its lane, as long.
+const MAX_HOLD_MS: u64 = 366 * 86_400_000;
+
+/// The last millisecond of the year 9999, the last an RFC 3339 time can name.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
 /// `not_before`: an RFC 3339 time, or a delay (`30s`, `5m`) counted from the entry's stream id,
-/// so that a redelivery of the entry means the same time.
-fn parse_not_before(fields: &BTreeMap<String, String>, source_ms: i64) -> Result<Option<i64>, Rejection> {
+/// so that a redelivery of the entry means the same time. Either is at most a year after the
+/// stream id's time.
+fn parse_not_before(fields: &BTreeMap<String, String>, id_ms: u64) -> Result<Option<i64>, Rejection> {
     let Some(v) = non_empty(fields, "not_before") else { return Ok(None) };
+    let added = || {
+        chrono::DateTime::from_timestamp_millis(id_ms as i64)
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| format!("{id_ms} ms"))
+    };
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v.trim()) {
-        return Ok(Some(t.timestamp_millis()));
+        let at = t.timestamp_millis();
+        if at > 0 && at as u64 > id_ms.saturating_add(MAX_HOLD_MS) {
+            return Err(Rejection::new(
+                "invalid",
+                format!(
+                    "not_before {} is more than a year after the entry was added ({}); work may be held back at most a year \
+                     (the same bound as a delay): send a nearer time, or send the entry later",
+                    excerpt(&v),
+                    added()
+                ),
+            ));
+        }
+        return Ok(Some(at));
     }
     match humantime::parse_duration(v.trim()) {
-        Ok(d) if d.as_millis() <= 366 * 86_400_000 => Ok(Some(source_ms.saturating_add(d.as_millis() as i64))),
+        Ok(_) if id_ms > LAST_RFC3339_MS => Err(Rejection::new(
+            "invalid",
+            format!(
+                "not_before {} is a delay counted from the entry's stream id, whose time ({id_ms} ms) is past the year \
+                 9999 (the id was set by hand); send not_before as an RFC 3339 time (2026-11-29T08:00:00Z)",
+                excerpt(&v)
+            ),
+        )),
+        Ok(d) if d.as_millis() <= u128::from(MAX_HOLD_MS) => Ok(Some((id_ms + d.as_millis() as u64) as i64)),
         _ => Err(Rejection::new(
             "invalid",
             format!(
@@ -179,8 +236,9 @@ fn parse_not_before(fields: &BTreeMap<String, String>, source_ms: i64) -> Result
 pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<WorkPackageSpec, Rejection> {
     let raw =
         entry.fields.as_ref().ok_or_else(|| Rejection::new("deleted", "the entry was deleted from the stream before it was processed"))?;
-    let (source_ms, source_seq) = parse_stream_id(&entry.id)
+    let (id_ms, id_seq) = stream_id_parts(&entry.id)
         .ok_or_else(|| Rejection::new("invalid", format!("stream id {} is not of the form ms-seq", excerpt(&entry.id))))?;
+    let (source_ms, source_seq) = order_key(id_ms, id_seq);
     let fields = decode_fields(raw, limits)?;
     // Every field is stored (in JSONB), and PostgreSQL stores no NUL character in text or
     // JSON. Refusing it here gives the producer a reason it can act on.
@@ -203,7 +261,7 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
 
     let lane = bounded_name(&fields, "lane")?;
     let priority = parse_priority(&fields)?;
-    let not_before_ms = parse_not_before(&fields, source_ms)?;
+    let not_before_ms = parse_not_before(&fields, id_ms)?;
     let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
     let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
 
@@ -329,14 +387,63 @@ mod tests {
         .unwrap();
         assert_eq!((given.priority, given.plan.as_deref(), given.fairness_key.as_str()), (-7, Some("p"), "tenant-3"));
         assert_eq!(given.not_before_ms, Some(1700000000000 + 90_000));
-        let at = parse_incoming(&entry(&[("not_before", "2026-11-29T08:00:00+01:00")]), &l).unwrap();
-        assert_eq!(at.not_before_ms, Some(chrono::DateTime::parse_from_rfc3339("2026-11-29T07:00:00Z").unwrap().timestamp_millis()));
+        let at = parse_incoming(&entry(&[("not_before", "2024-05-29T08:00:00+01:00")]), &l).unwrap();
+        assert_eq!(at.not_before_ms, Some(chrono::DateTime::parse_from_rfc3339("2024-05-29T07:00:00Z").unwrap().timestamp_millis()));
         for (k, v, says) in [("priority", "101", "-100 to 100"), ("priority", "high", "integer"), ("not_before", "tomorrow", "RFC 3339")] {
             let rej = parse_incoming(&entry(&[(k, v)]), &l).unwrap_err();
             assert!(rej.reason == "invalid" && rej.detail.contains(k) && rej.detail.contains(says), "{}", rej.detail);
         }
         let long = "p".repeat(129);
         assert!(parse_incoming(&entry(&[("plan", &long)]), &l).unwrap_err().detail.contains("plan"));
+    }
+
+    /// Stream ids are two unsigned 64-bit numbers. A producer may set the largest by hand, and
+    /// Redis then gives every later entry its millisecond part: each must still be taken, after
+    /// every entry before it in the incoming order.
+    #[test]
+    fn takes_every_stream_id_redis_can_give_in_order() {
+        let l = Limits::default();
+        let at = |id: &str| {
+            let e = StreamEntry { id: id.into(), fields: Some(vec![(b"lane".to_vec(), b"L".to_vec())]) };
+            let spec = parse_incoming(&e, &l).unwrap_or_else(|r| panic!("{id}: {}", r.detail));
+            (spec.source_ms, spec.source_seq)
+        };
+        let ids = [
+            "1700000000000-3",
+            "1700000000000-18446744073709551615",
+            "9223372036854775806-5",
+            "18446744073709551615-0",
+            "18446744073709551615-1",
+            "18446744073709551615-2",
+        ];
+        for w in ids.windows(2) {
+            assert!(at(w[0]) < at(w[1]), "{} before {}", w[0], w[1]);
+        }
+        let no_id = StreamEntry { id: "18446744073709551615-7".into(), fields: Some(vec![]) };
+        assert_eq!(parse_incoming(&no_id, &l).unwrap().wp_id, "auto-18446744073709551615-7");
+        for bad in ["18446744073709551616-0", "1-18446744073709551616", "-1-0", "1"] {
+            let e = StreamEntry { id: bad.into(), fields: Some(vec![]) };
+            assert_eq!(parse_incoming(&e, &l).unwrap_err().reason, "invalid", "{bad}");
+        }
+    }
+
+    /// `not_before` holds a work package, and its lane, until then: an RFC 3339 time is held to
+    /// the bound of a delay, a year after the entry's stream id.
+    #[test]
+    fn not_before_is_at_most_a_year_after_the_stream_id() {
+        let l = Limits::default();
+        // The stream id of `entry` is 2023-11-14T22:13:20Z.
+        for near in ["2024-11-13T00:00:00Z", "2020-01-01T00:00:00Z", "366days"] {
+            assert!(parse_incoming(&entry(&[("not_before", near)]), &l).is_ok(), "{near}");
+        }
+        for far in ["9999-12-31T23:59:59Z", "2024-11-15T00:00:00Z", "367days"] {
+            let rej = parse_incoming(&entry(&[("not_before", far)]), &l).unwrap_err();
+            assert!(rej.reason == "invalid" && rej.detail.contains("year"), "{far}: {}", rej.detail);
+        }
+        // A delay counts from the stream id; past the year 9999 no time can be named.
+        let late = StreamEntry { id: "18446744073709551615-0".into(), fields: Some(vec![(b"not_before".to_vec(), b"30s".to_vec())]) };
+        let rej = parse_incoming(&late, &l).unwrap_err();
+        assert!(rej.detail.contains("RFC 3339"), "{}", rej.detail);
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! A work package is removed, with its edges, its history and any outbox row, once it has
 //! been finished (completed, failed, cancelled) for the retention period, unless something
 //! still needs it:
-//! - a dependent that is not completed or cancelled (waiting, running, or failed and so
-//!   retryable by an operator) still reads its status: without the row it would wait for ever;
-//! - a failed work package holds its lane: later members of the lane wait until an operator
-//!   retries or cancels it, so it stays while any of them is open.
+//! - a dependent that is not completed still reads its status: one that waits or runs, and one
+//!   that failed or was cancelled, which an operator may retry. Without the row it would wait
+//!   for ever on a dependency "not submitted yet". So a prerequisite stays as long as any such
+//!   dependent does (the dependent itself goes after its own retention, then the prerequisite);
+//! - a failed lane member is an unresolved failure, and holds its lane until an operator
+//!   retries, cancels or skips it: it is never removed, with work behind it or not yet (a
+//!   member sent later would otherwise run past it).
 //!
 //! Batches are small transactions that lock the rows they remove with `SKIP LOCKED`; the
 //! engine never updates a finished row except for an operator's retry, and no statement of
@@ -53,11 +56,8 @@ pub(crate) async fn remove_batch(ctx: &Ctx, period: std::time::Duration, limit: 
              WHERE w.status IN ('completed', 'failed', 'cancelled')
                AND w.updated_at < now() - make_interval(secs => $1::float8)
                AND NOT EXISTS (SELECT 1 FROM work_package_deps d JOIN work_packages o ON o.wp_id = d.wp_id
-                               WHERE d.depends_on = w.wp_id AND o.status NOT IN ('completed', 'cancelled'))
-               AND NOT (w.status = 'failed' AND w.lane IS NOT NULL AND EXISTS (
-                        SELECT 1 FROM work_packages e
-                        WHERE e.lane = w.lane AND e.status NOT IN ('completed', 'cancelled')
-                          AND (e.source_ms, e.source_seq) > (w.source_ms, w.source_seq)))
+                               WHERE d.depends_on = w.wp_id AND o.status <> 'completed')
+               AND NOT (w.status = 'failed' AND w.lane IS NOT NULL)
              ORDER BY w.updated_at
              LIMIT $2
              FOR UPDATE OF w SKIP LOCKED),

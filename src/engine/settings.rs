@@ -179,13 +179,15 @@ pub struct RunSettings {
     #[arg(long, env = "GE_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
     pub http_max_connections: usize,
     /// Bearer token that admin API calls which change something must carry. Unset: such
-    /// calls are refused (403). Only the environment is read, so it stays out of `ps`.
-    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))]
+    /// calls are refused (403). Only the environment is read, so it stays out of `ps`. As
+    /// read: surrounding whitespace is ignored where it is compared (`ops::admin`), and one
+    /// that is empty without it is refused by `validate`.
+    #[arg(skip = std::env::var("GE_ADMIN_TOKEN").ok())]
     pub admin_token: Option<String>,
     /// Bearer token that every read of the admin API and /metrics must carry (the admin token
     /// does too). Unset: reads are open. The probes, the dashboard's page and the API document
-    /// stay open either way. Only the environment is read.
-    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok().filter(|t| !t.is_empty()))]
+    /// stay open either way. Only the environment is read; as read, like `admin_token`.
+    #[arg(skip = std::env::var("GE_ADMIN_READ_TOKEN").ok())]
     pub admin_read_token: Option<String>,
     /// PostgreSQL connections of this replica's engine.
     #[arg(long, env = "GE_DB_POOL", default_value_t = 8)]
@@ -338,6 +340,20 @@ impl RunSettings {
                 problems.push(format!("{} ({s}) must be shorter than {} ({l}), or {why}", flag(short_id), flag(long_id)));
             }
         }
+        problems.extend(check_database_url(&self.conn.database_url));
+        for (var, token) in [("GE_ADMIN_TOKEN", &self.admin_token), ("GE_ADMIN_READ_TOKEN", &self.admin_read_token)] {
+            match token.as_deref() {
+                // An empty read token would leave the reads open, which whoever set it did not
+                // mean; an empty admin token is as surely a mistake.
+                Some(t) if t.trim().is_empty() => problems.push(format!("{var} is set but empty: give it a token, or unset it for none")),
+                // A token from a file or a secret often ends in a newline. It is compared
+                // trimmed, like the token a request presents.
+                Some(t) if t.trim() != t => {
+                    tracing::warn!("{var} has leading or trailing whitespace (a newline from a file?); it is ignored")
+                }
+                _ => {}
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(anyhow::anyhow!("invalid settings: {}", problems.join("; "))) }
     }
 
@@ -364,6 +380,32 @@ impl RunSettings {
 
     pub(crate) fn consumer_name(&self) -> String {
         self.consumer.clone().unwrap_or_else(default_consumer_name)
+    }
+}
+
+/// What is wrong with `DATABASE_URL`, if anything, in words that never repeat it (it holds a
+/// password). sqlx takes a URL only; it logs the value of every query parameter it does not
+/// know, so one that looks like a password is refused too.
+fn check_database_url(url: &str) -> Option<String> {
+    const FORM: &str = "postgres://user:password@host:port/database?sslmode=...";
+    if !url.contains("://") {
+        return Some(format!("DATABASE_URL must be a URL ({FORM}); a key/value conninfo (host=... password=...) is not accepted"));
+    }
+    if let Some((key, _)) =
+        crate::core::redact::query_pairs(url).into_iter().find(|(k, _)| *k != "password" && k.to_ascii_lowercase().contains("pass"))
+    {
+        return Some(format!(
+            "DATABASE_URL has a parameter {} that PostgreSQL's client here does not read (it would log its value); \
+             the password goes in the userinfo or in password=",
+            crate::core::entry::excerpt(key)
+        ));
+    }
+    match url.parse::<sqlx::postgres::PgConnectOptions>() {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "DATABASE_URL cannot be read as a URL ({e}); write it as {FORM}, with special characters of the user \
+             and password percent-encoded (@ as %40, / as %2F, ? as %3F, # as %23, % as %25)"
+        )),
     }
 }
 

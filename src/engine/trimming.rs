@@ -4,7 +4,7 @@
 //! The measure and the cut are one script (`streams::trim_stream`); this module decides which
 //! streams, under which policy, and warns when an agent falls behind towards its trim point.
 
-use crate::core::entry::parse_stream_id;
+use crate::core::entry::stream_id_parts;
 use crate::core::retention::TriggerPolicy;
 use crate::engine::context::Ctx;
 use crate::engine::input::Input;
@@ -42,8 +42,8 @@ pub(crate) fn targets(ctx: &Ctx) -> Vec<Target> {
 /// and the length ratios.
 pub(crate) fn used_ratio(r: &TrimReport, policy: &TriggerPolicy) -> f64 {
     let mut ratio: f64 = 0.0;
-    if let (Some(age), Some((ms, _))) = (policy.max_age.0, r.oldest_needed.as_deref().and_then(parse_stream_id)) {
-        let waited = r.now_ms.saturating_sub(ms.max(0) as u64) as f64 / 1000.0;
+    if let (Some(age), Some((ms, _))) = (policy.max_age.0, r.oldest_needed.as_deref().and_then(stream_id_parts)) {
+        let waited = r.now_ms.saturating_sub(ms) as f64 / 1000.0;
         ratio = ratio.max(waited / age.as_secs_f64());
     }
     if let Some(len) = policy.max_len {

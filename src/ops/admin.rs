@@ -115,16 +115,29 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-/// Compares without an early exit, so the time taken does not tell how much of a guess was
-/// right.
+/// Compares the SHA-256 digests of the two, without an early exit: the time taken tells
+/// neither how much of a guess was right nor how long the token is.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let digest = |x: &[u8]| ring::digest::digest(&ring::digest::SHA256, x);
+    let (a, b) = (digest(a), digest(b));
+    a.as_ref().iter().zip(b.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether the request carries one of `tokens` as its bearer token.
+/// The token of an `Authorization: Bearer <token>` header. RFC 9110: the scheme is
+/// case-insensitive and one or more spaces follow it.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether the request carries one of `tokens` as its bearer token. Both sides are compared
+/// trimmed: a configured token read from a file often ends in a newline (`settings` warns of
+/// it, and refuses one that is empty without it). Every configured token is compared, so the
+/// time taken does not tell which one matched.
 fn bearer_is(headers: &HeaderMap, tokens: &[Option<&str>]) -> bool {
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|t| tokens.iter().flatten().any(|expected| same(t.trim().as_bytes(), expected.as_bytes())))
+    let Some(given) = bearer_token(headers).filter(|t| !t.is_empty()) else { return false };
+    tokens.iter().flatten().map(|t| t.trim()).filter(|t| !t.is_empty()).fold(false, |hit, t| same(given.as_bytes(), t.as_bytes()) | hit)
 }
 
 /// A 401 that says which token to send.
@@ -294,7 +307,7 @@ async fn list_deadletters(State(ctx): State<Arc<Ctx>>, Q(q): Q<DeadLetterQuery>)
 
 /// `ms-seq`, digits only: anything else Redis would refuse, and that is the caller's error.
 fn valid_stream_id(id: &str) -> Result<(), ApiError> {
-    let digits = |s: &str| (1..=19).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    let digits = |s: &str| (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
     match id.split_once('-') {
         Some((ms, seq)) if digits(ms) && digits(seq) => Ok(()),
         _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("{} is not a stream entry id (like 1700000000000-0)", entry::excerpt(id)))),
@@ -436,4 +449,35 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/pauses/{scope}/{name}", delete(resume))
         .merge(reads)
         .with_state(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, header::HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    /// RFC 9110: the scheme is case-insensitive, and one or more spaces follow it.
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        for given in ["Bearer tok-1", "bearer tok-1", "BEARER tok-1", "bEaReR  tok-1"] {
+            assert!(bearer_is(&with_auth(given), &[Some("tok-1")]), "{given}");
+        }
+        for given in ["Basic tok-1", "Bearertok-1", "tok-1", "Bearer tok-2", "Bearer ", "Bearer tok-1x"] {
+            assert!(!bearer_is(&with_auth(given), &[Some("tok-1")]), "{given}");
+        }
+    }
+
+    /// A token read from a file or a secret often ends in a newline: the configured token is
+    /// trimmed like the presented one.
+    #[test]
+    fn a_configured_token_with_whitespace_still_matches() {
+        assert!(bearer_is(&with_auth("Bearer tok-1"), &[Some("tok-1\n")]));
+        assert!(bearer_is(&with_auth("Bearer tok-1"), &[None, Some(" tok-1 ")]));
+        assert!(!bearer_is(&with_auth("Bearer "), &[Some("\n")]), "an empty token matches nothing");
+    }
 }

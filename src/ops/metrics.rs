@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::core::entry::parse_stream_id;
+use crate::core::entry::stream_id_parts;
 use crate::core::status::STATUSES;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::input::Input;
@@ -54,7 +54,7 @@ async fn retention_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
     }
     out.family("ge_stream_trim_point_seconds", "gauge", "Unix time of a stream's trim point: entries older may be removed.");
     for (t, r) in &measured {
-        if let Some((ms, _)) = r.as_ref().ok().and_then(|r| r.trim_point.as_deref()).and_then(parse_stream_id) {
+        if let Some((ms, _)) = r.as_ref().ok().and_then(|r| r.trim_point.as_deref()).and_then(stream_id_parts) {
             out.sample("ge_stream_trim_point_seconds", &[("stream", &t.stream)], ms as f64 / 1000.0);
         }
     }

@@ -162,3 +162,50 @@ async fn oversized_entries_are_dead_lettered_cut_and_cannot_be_requeued() {
     let _ = small_id;
     replica.stop().await;
 }
+
+/// Stream ids are two unsigned 64-bit numbers, and a producer may set one by hand: after
+/// `18446744073709551615-0`, the largest millisecond part, Redis gives every later entry that
+/// part. Every such entry is still taken as work, and a lane keeps its order across the jump.
+#[tokio::test]
+async fn the_largest_stream_id_stops_no_ingest_and_keeps_lane_order() {
+    let env = TestEnv::start(ROUTING).await;
+    let replica = env.replica("r1");
+    env.submit(&[("wp_id", "before"), ("agent_id", "dolly"), ("lane", "L")]).await;
+    let before = trigger(&env, "before").await;
+    let mut con = env.con.clone();
+    let _: String = redis::cmd("XADD")
+        .arg("ge:work:incoming")
+        .arg("18446744073709551615-0")
+        .arg("wp_id")
+        .arg("evil")
+        .arg("agent_id")
+        .arg("dolly")
+        .query_async(&mut con)
+        .await
+        .expect("xadd with the largest id");
+    let after = env.submit(&[("wp_id", "after"), ("agent_id", "dolly"), ("lane", "L")]).await;
+    assert!(after.starts_with("18446744073709551615-"), "{after}");
+    env.submit(&[("wp_id", "free"), ("agent_id", "dolly")]).await;
+
+    for wp in ["evil", "after", "free"] {
+        let outcome = eventually(T, &format!("{wp} taken or dead-lettered"), || async {
+            if let Some(d) = env.deadletters().await.into_iter().find(|d| d.get("wp_id").map(String::as_str) == Some(wp)) {
+                return Some(format!("dead-lettered {}: {}", d["reason"], d["detail"]));
+            }
+            env.status(wp).await
+        })
+        .await;
+        assert!(!outcome.starts_with("dead-lettered"), "{wp}: {outcome}");
+    }
+    trigger(&env, "evil").await;
+    trigger(&env, "free").await;
+    assert_eq!(env.status("after").await.as_deref(), Some("blocked"), "after waits for before, earlier in its lane");
+    env.complete(&before).await;
+    trigger(&env, "after").await;
+    eventually(T, "nothing pending", || async { (env.pending().await == 0).then_some(()) }).await;
+    replica.stop().await;
+}
+
+async fn trigger(env: &TestEnv, wp: &str) -> HashMap<String, String> {
+    eventually(T, &format!("the trigger of {wp}"), || async { env.triggers("dolly").await.into_iter().find(|t| t["wp_id"] == wp) }).await
+}

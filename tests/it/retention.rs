@@ -63,11 +63,20 @@ async fn finished_work_is_removed_after_the_retention_but_not_what_open_work_sti
     assert_eq!(env.status("waiter").await.as_deref(), Some("blocked"));
     assert_eq!(env.status("next").await.as_deref(), Some("blocked"), "the lane still waits for its failed head");
 
-    // Once what needed them is gone (cancelled), they go too.
+    // Once an operator has resolved what needed them (cancelled, so retriable, until it is
+    // removed in turn), they go too.
     ge_orchestrator::engine::store::cancel(&env.pool, "waiter").await.unwrap();
     ge_orchestrator::engine::store::cancel(&env.pool, "next").await.unwrap();
-    eventually(T, "needed and head removed", || async {
-        (env.status("needed").await.is_none() && env.status("head").await.is_none()).then_some(())
+    ge_orchestrator::engine::store::cancel(&env.pool, "head").await.unwrap();
+    eventually(T, "needed, head and what waited on them removed", || async {
+        let gone = ["needed", "head", "waiter", "next"];
+        let mut left = Vec::new();
+        for wp in gone {
+            if env.status(wp).await.is_some() {
+                left.push(wp);
+            }
+        }
+        left.is_empty().then_some(())
     })
     .await;
 
@@ -85,6 +94,55 @@ async fn finished_work_is_removed_after_the_retention_but_not_what_open_work_sti
     .await;
     assert_eq!(dl["reason"], "unknown_wp");
     assert!(dl["detail"].contains("GE_RETENTION"), "{}", dl["detail"]);
+    replica.stop().await;
+}
+
+/// What retention may not remove, whatever the period: an unresolved failure holds its lane
+/// until an operator acts, even with nothing behind it yet; and what a cancelled work package
+/// depends on stays while it may be retried (until it is removed itself), so that the retry
+/// runs.
+#[tokio::test]
+async fn retention_keeps_an_unresolved_failure_and_what_a_retry_needs() {
+    let env = TestEnv::start(ROUTING).await;
+    let mut s = fast(env.settings("r1"));
+    s.retention.retention = Period(Some(Duration::from_secs(4)));
+    let replica = crate::harness::Replica::spawn(s);
+
+    // `lonely` fails for good in lane F, with nothing behind it.
+    env.submit(&[("wp_id", "lonely"), ("agent_id", "dolly"), ("lane", "F")]).await;
+    env.fail(&trigger_of(&env, "dolly", "lonely").await, false).await;
+    // `dep` waits for `pre`, which completes, and for `other`, which runs.
+    env.submit(&[("wp_id", "pre"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "other"), ("agent_id", "dolly")]).await;
+    env.complete(&trigger_of(&env, "dolly", "pre").await).await;
+    let other = trigger_of(&env, "dolly", "other").await;
+    env.submit(&[("wp_id", "dep"), ("agent_id", "dolly"), ("depends_on", "pre,other")]).await;
+    eventually(T, "lonely failed, pre completed, dep waiting", || async {
+        let s = [env.status("lonely").await, env.status("pre").await, env.status("dep").await];
+        (s == [Some("failed".into()), Some("completed".into()), Some("blocked".into())]).then_some(())
+    })
+    .await;
+    // Past the retention of `pre` and `lonely`, `dep` is cancelled: now retriable, not open.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!ge_orchestrator::engine::store::cancel(&env.pool, "dep").await.unwrap().is_empty());
+    // Several turns of retention later, well within the retention of `dep`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(env.status("pre").await.as_deref(), Some("completed"), "a prerequisite of retriable work stays");
+    assert_eq!(env.status("lonely").await.as_deref(), Some("failed"), "an unresolved failure stays");
+
+    // The lane still waits for its failure.
+    env.submit(&[("wp_id", "second"), ("agent_id", "dolly"), ("lane", "F")]).await;
+    eventually(T, "second held", || async { (env.status("second").await.as_deref() == Some("blocked")).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!env.triggers("dolly").await.iter().any(|t| t["wp_id"] == "second"), "second ran past the failure of lonely");
+
+    // The retry of `dep` finds `pre` completed, and runs once `other` completes.
+    assert!(ge_orchestrator::engine::store::retry(&env.pool, "dep").await.unwrap(), "dep is still there to retry");
+    env.complete(&other).await;
+    trigger_of(&env, "dolly", "dep").await;
+    // Once an operator resolves the failure (here: cancels it), the lane goes on.
+    ge_orchestrator::engine::store::cancel(&env.pool, "lonely").await.unwrap();
+    trigger_of(&env, "dolly", "second").await;
     replica.stop().await;
 }
 

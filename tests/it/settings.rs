@@ -83,3 +83,63 @@ async fn replica_run_returns_an_error_for_each_setting_that_cannot_work() {
         }
     }
 }
+
+/// Runs `ge-orchestrator run` against `env` with `vars` added for at most `secs` seconds:
+/// (exit status, or None when it was still running and was stopped, and its stderr).
+async fn run_for(env: &TestEnv, vars: &[(&str, &str)], secs: u64) -> (Option<std::process::ExitStatus>, String) {
+    use tokio::io::AsyncReadExt;
+    let mut cmd = env.run_command("settings-3", &["--http-addr", "off"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.envs(vars.iter().copied());
+    let mut child = cmd.spawn().expect("start ge-orchestrator run");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let status = match tokio::time::timeout(Duration::from_secs(secs), child.wait()).await {
+        Ok(s) => Some(s.expect("wait for the replica")),
+        Err(_) => {
+            child.kill().await.expect("stop the replica");
+            None
+        }
+    };
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).await.expect("read stderr");
+    (status, text)
+}
+
+/// A password in `DATABASE_URL` stays out of the log in every form sqlx takes; a form it does
+/// not take (libpq's key/value conninfo) is refused at start, naming the variable, instead of
+/// being logged verbatim and retried for ever.
+#[tokio::test]
+async fn database_passwords_stay_out_of_the_log_in_every_form() {
+    let env = TestEnv::start(ROUTING).await;
+    // Nothing listens on port 1: the replica retries, and logs each try (after sqlx's own
+    // retries of a refused connection, 10 s).
+    let urls = ["postgresql://postgres@127.0.0.1:1/db?password=S3cr3t", "postgresql://postgres:S3cr3t@127.0.0.1:1/db"];
+    let vars = urls.map(|u| [("DATABASE_URL", u)]);
+    let (a, b) = tokio::join!(run_for(&env, &vars[0], 14), run_for(&env, &vars[1], 14));
+    for (url, (status, stderr)) in urls.into_iter().zip([a, b]) {
+        assert!(status.is_none(), "{url}: it keeps trying: {stderr}");
+        assert!(stderr.contains("PostgreSQL not ready"), "{url}: the retries are logged:\n{stderr}");
+        assert!(!stderr.contains("S3cr3t"), "{url}: the password is in the log:\n{stderr}");
+    }
+    let (status, stderr) = run_for(&env, &[("DATABASE_URL", "host=127.0.0.1 port=1 user=postgres password=S3cr3t")], 10).await;
+    assert!(status.is_some_and(|s| !s.success()), "a key/value conninfo is refused at start:\n{stderr}");
+    assert!(stderr.contains("DATABASE_URL") && !stderr.contains("S3cr3t"), "{stderr}");
+}
+
+/// An admin token from a file or a secret often ends in a newline: it is trimmed, with a
+/// warning; a token that is empty once trimmed is refused at start, naming the variable.
+#[tokio::test]
+async fn admin_tokens_are_trimmed_and_an_empty_one_is_refused() {
+    let env = TestEnv::start(ROUTING).await;
+    for var in ["GE_ADMIN_TOKEN", "GE_ADMIN_READ_TOKEN"] {
+        for empty in ["", " \n"] {
+            let (status, stderr) = run_for(&env, &[(var, empty)], 10).await;
+            assert!(status.is_some_and(|s| !s.success()), "{var}={empty:?} accepted:\n{stderr}");
+            assert!(stderr.contains(var), "the error names {var}:\n{stderr}");
+        }
+    }
+    let (status, stderr) = run_for(&env, &[("GE_ADMIN_TOKEN", "tok-1\n")], 4).await;
+    assert!(status.is_none(), "a token with a newline is taken: {stderr}");
+    assert!(stderr.contains("GE_ADMIN_TOKEN") && stderr.contains("whitespace"), "a warning names it:\n{stderr}");
+    assert!(!stderr.contains("tok-1"), "the warning does not show the token:\n{stderr}");
+}

@@ -16,6 +16,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Value};
 
+/// How to write a user or password that URL parsers would split elsewhere than meant.
+const ENCODE: &str = "the user and password cannot be read as written: percent-encode their special characters \
+                      (/ as %2F, ? as %3F, # as %23, @ as %40, : in the user as %3A, % as %25), and any @ after the hosts as %40";
+
 /// Default port of a Sentinel.
 const SENTINEL_PORT: u16 = 26379;
 
@@ -123,10 +127,20 @@ impl Endpoint {
 impl Sentinels {
     fn parse(scheme: &'static str, rest: &str, shown: &str) -> anyhow::Result<Sentinels> {
         let bad = |why: &str| anyhow::anyhow!("invalid REDIS_URL {shown}: {why}");
-        let (userinfo, rest) = match rest.rsplit_once('@') {
-            Some((u, r)) => (format!("{u}@"), r),
-            None => (String::new(), rest),
+        // As every URL parser reads it (redis-rs's too, when it reads the master's URL made from
+        // this one): the Sentinels' part ends at the first `/`, `?` or `#`, and the user and
+        // password are what comes before its last `@`. An `@` after that point means a `/`, `?`
+        // or `#` in the password (or an `@` in the path or query) left unencoded: the URL would
+        // be split elsewhere than meant, and every connection to the master fail.
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if rest[end..].contains('@') {
+            return Err(bad(ENCODE));
+        }
+        let (userinfo, rest) = match rest[..end].rsplit_once('@') {
+            Some((u, r)) => (format!("{u}@"), format!("{r}{}", &rest[end..])),
+            None => (String::new(), rest.to_string()),
         };
+        let rest = rest.as_str();
         let (hosts, path) = rest.split_once('/').ok_or_else(|| bad("no master name (…/mymaster after the Sentinels)"))?;
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         let (master_name, db) = match path.split_once('/') {
@@ -139,6 +153,10 @@ impl Sentinels {
         };
         if master_name.is_empty() {
             return Err(bad("no master name (…/mymaster after the Sentinels)"));
+        }
+        // The master's URL is made from this one at every lookup: refused now, not there.
+        if Client::open(format!("{scheme}://{userinfo}127.0.0.1:6379{db}")).is_err() {
+            return Err(bad(ENCODE));
         }
         let sentinel_auth = match (std::env::var("GE_REDIS_SENTINEL_USERNAME").ok(), std::env::var("GE_REDIS_SENTINEL_PASSWORD").ok()) {
             (user, Some(pw)) if !pw.is_empty() => format!("{}:{}@", user.unwrap_or_default(), percent_encode(&pw)),
@@ -425,6 +443,25 @@ mod tests {
             assert!(!e.contains("secret"), "{e}");
             assert!(e.contains("invalid REDIS_URL"), "{e}");
         }
+    }
+
+    /// An unencoded `/`, `#` or `?` in the password, or an `@` after the Sentinels, splits the
+    /// URL elsewhere than meant: refused at start, saying how to encode it, without the password.
+    #[test]
+    fn refuses_unencoded_delimiters_saying_how_to_encode_them() {
+        for url in [
+            "redis+sentinel://:S3cr/et@h1:26379/ge",
+            "redis+sentinel://:S3cr#et@h1:26379/ge",
+            "redis+sentinel://:S3cr?et@h1:26379/ge",
+            "rediss+sentinel://app:S3cr?et@h1,h2/ge/0",
+            "redis+sentinel://:S3cret@h1:26379/ge?x=a@b",
+        ] {
+            let e = format!("{:#}", Endpoint::parse(url).err().unwrap_or_else(|| panic!("{url} accepted")));
+            assert!(e.contains("percent-encode") && e.contains("%2F") && e.contains("%40"), "{url}: {e}");
+            assert!(!e.contains("S3"), "{url}: the error shows the password: {e}");
+        }
+        let s = sentinels("redis+sentinel://:S3cr%2F%23%3F%40et@h1/ge?x=1");
+        assert_eq!((s.userinfo.as_str(), s.master_name.as_str()), (":S3cr%2F%23%3F%40et@", "ge"));
     }
 
     #[test]
