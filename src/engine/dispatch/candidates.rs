@@ -38,7 +38,9 @@ macro_rules! eligible_since {
 }
 
 /// The candidates among the wp_ids `$2` (and the rest of the scope), best first; `$1` is the
-/// limit. `$held` tests the status: through the open-work index for a sweep, as a filter after
+/// limit of each part the scope reads (a page of blocked work, the due work, each target's
+/// ready work). The wp_ids a round was given are never cut: they are what an event (a
+/// completion, an ingest) made runnable, and one left out would wait for a sweep to find it. `$held` tests the status: through the open-work index for a sweep, as a filter after
 /// the key for a scope of wp_ids (see `store` on `COLLATE "C"`).
 ///
 /// Best first (v1.4): higher `priority`; then fair share among equal priorities: each fairness
@@ -75,8 +77,7 @@ macro_rules! candidates_sql {
             eligible_since!(),
             ")::float8 AS eligible_since
              FROM c w LEFT JOIN busy b ON b.key = w.fairness_key
-             ORDER BY w.priority DESC, w.turn + coalesce(b.n, 0), w.source_ms, w.source_seq
-             LIMIT $1"
+             ORDER BY w.priority DESC, w.turn + coalesce(b.n, 0), w.source_ms, w.source_seq"
         )
     };
 }
