@@ -64,6 +64,8 @@ async function work(opts) {
     lastCompleted = nowUs();
   });
   worker.on('error', (e) => process.send({ type: 'error', message: String(e) }));
+  // The driver is gone (killed with the bench): nothing will ask for the report.
+  process.on('disconnect', () => process.exit(1));
   await worker.waitUntilReady();
   const tick = setInterval(() => process.send({ type: 'count', n: started.length }), 100);
   process.on('message', async (m) => {
@@ -84,6 +86,8 @@ function startWorkers(opts) {
   return Array.from({ length: Number(opts.workers) }, () => {
     const child = fork(script, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     const w = { child, count: 0, ready: null, done: null };
+    // A send to a worker that died fails here; its exit is handled below.
+    child.on('error', (e) => process.stderr.write(`peer worker: ${e}\n`));
     w.ready = new Promise((resolve, reject) => {
       child.on('exit', (code) => reject(new Error(`a worker process exited with ${code}`)));
       child.on('message', (m) => {
@@ -92,7 +96,11 @@ function startWorkers(opts) {
         else if (m.type === 'error') process.stderr.write(`peer worker: ${m.message}\n`);
       });
     });
-    w.done = new Promise((resolve) => child.on('message', (m) => m.type === 'done' && resolve(m)));
+    // A worker that died reports nothing: its jobs count as not started.
+    w.done = new Promise((resolve) => {
+      child.on('message', (m) => m.type === 'done' && resolve(m));
+      child.on('exit', () => resolve({ started: [], lastCompleted: 0 }));
+    });
     return w;
   });
 }
@@ -139,7 +147,7 @@ async function drive(shape, opts) {
   while (workers.reduce((s, w) => s + w.count, 0) < jobs && Date.now() < deadline) {
     await new Promise((r) => setTimeout(r, 20));
   }
-  for (const w of workers) w.child.send('stop');
+  for (const w of workers) if (w.child.connected) w.child.send('stop');
   const reports = await Promise.all(workers.map((w) => w.done));
   const started = new Map();
   let processed = 0;
