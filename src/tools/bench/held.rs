@@ -109,7 +109,7 @@ async fn phase(
     Ok(Phase { latency, completed, dispatched, first_sent, starved, waited_s })
 }
 
-/// Work packages of `prefix` by status and wait reason, most first: what the report shows of
+/// Work packages of `prefixes` by status and wait reason: what the report shows of
 /// the backlog, and of `free`'s work when it starved. A diagnosis, so a failing query (the
 /// engine may rename a column) leaves it empty instead of failing the run.
 async fn statuses(pool: &sqlx::PgPool, prefixes: &[&str]) -> BTreeMap<String, i64> {
@@ -171,7 +171,8 @@ pub(crate) async fn held_backlog(args: &BenchArgs, stack: &Stack, client: &redis
                 stack.dir.display()
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A count over the whole backlog each time: not so often that it slows the loading.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let backlog_statuses = statuses(&pool, &["held.", "full."]).await;
 
