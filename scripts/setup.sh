@@ -3,7 +3,8 @@
 # (checked, not installed) with rustfmt and clippy, redis-server, redis-sentinel (the failover
 # test's Sentinels), the PostgreSQL server
 # binaries, Chromium and Node.js (from Debian's packages), playwright-core (npm, into
-# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI).
+# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI);
+# with --peer also BullMQ (npm, into tools/peer/node_modules, for `bench --workloads peer`).
 # Idempotent. It never starts or enables the system services: the orchestrator starts its own
 # throwaway instances on free ports.
 set -euo pipefail
@@ -88,4 +89,15 @@ else
   say "installing schemathesis from PyPI"
   python3 -m pip install --quiet 'schemathesis>=4,<5'
   command -v schemathesis >/dev/null 2>&1 || python3 -c 'import schemathesis' >/dev/null 2>&1 || { say "schemathesis still missing after the install"; exit 1; }
+fi
+
+# The bench's peer workload (tools/peer): only when asked. The bench runs the same npm ci
+# itself when the workload is named and BullMQ is missing (tests/bench.rs relies on that).
+if [[ " $* " == *" --peer "* ]]; then
+  if [ -d "$root/tools/peer/node_modules/bullmq" ]; then
+    say "bullmq found"
+  else
+    say "installing bullmq into tools/peer (npm ci)"
+    (cd "$root/tools/peer" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
 fi

@@ -1,6 +1,9 @@
 //! A few seconds of every benchmark workload, so the benchmark keeps working. It checks what
 //! the benchmark counts — everything finished, nothing lost or doubled, every figure present —
 //! and never how fast: timing goals live in BENCHMARKS.md.
+//!
+//! The peer workload runs BullMQ under Node.js, which scripts/setup.sh installs (as for the
+//! browser test); the bench itself installs BullMQ from tools/peer's package-lock.json.
 
 use std::process::Command;
 
@@ -14,8 +17,8 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
         .args(["bench", "--route", "2000", "--dag-plans", "30", "--rate", "300", "--takeover-load", "6s", "--timeout", "60s", "--json"])
         .arg(&json)
-        // chains runs only when named.
-        .args(["--workloads", "route,ceiling,dag,dag-paced,takeover,chains,capped,capped-controls,fair-wait", "--chains", "30"])
+        // chains and peer run only when named.
+        .args(["--workloads", "route,ceiling,dag,dag-paced,takeover,chains,capped,capped-controls,fair-wait,peer", "--chains", "30"])
         .args(["--capped", "2000"])
         .output()
         .unwrap();
@@ -26,7 +29,22 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["route", "ceiling", "dag", "dag-paced", "takeover", "chains", "capped", "capped-controls", "fair-wait"]);
+    assert_eq!(
+        names,
+        [
+            "route",
+            "ceiling",
+            "dag",
+            "dag-paced",
+            "takeover",
+            "chains",
+            "capped",
+            "capped-controls",
+            "fair-wait",
+            "bullmq-route",
+            "bullmq-chains"
+        ]
+    );
     for r in runs {
         let w = r["workload"].as_str().unwrap();
         assert_eq!(r["finished"], r["work_packages"], "{w}: every work package accounted for");
@@ -48,5 +66,54 @@ fn every_workload_runs_and_accounts_for_all_work() {
     let fair = &get("fair-wait")["fair_wait"];
     assert!(fair["first_dispatch_s"].is_number() && fair["backlog_ready"].as_u64().unwrap() > 0, "a backlog and a wait: {fair}");
     assert_eq!(get("fair-wait")["work_packages"], 10, "the small plan");
-    assert_eq!(report["targets"].as_array().unwrap().len(), 8);
+    // The peer in the same shapes and sizes, compared in the same run.
+    assert_eq!(get("bullmq-route")["work_packages"], 2000);
+    assert_eq!(get("bullmq-route")["ingest_to_trigger"]["count"], 2000, "a latency for every job");
+    assert_eq!(get("bullmq-chains")["work_packages"], 30 * 10, "flows of 10");
+    assert_eq!(get("bullmq-chains")["completion_to_dispatch"]["count"], 30 * 9);
+    let peer = report["peer"].as_array().unwrap();
+    assert_eq!(peer.iter().map(|p| p["shape"].as_str().unwrap()).collect::<Vec<_>>(), ["route", "chains"]);
+    assert!(peer.iter().all(|p| p["ratio"].as_f64().unwrap() > 0.0), "{peer:?}");
+    assert!(stdout.contains("BullMQ") && stdout.contains("jobs/s"), "our figure over the peer's:\n{stdout}");
+    assert_eq!(report["targets"].as_array().unwrap().len(), 11);
+}
+
+/// held-backlog, small: its own run, since on an engine that starves the free agent it ends
+/// with a failing exit code by design. Either the free agent's work all went, or the run said
+/// it starved and stopped; the pause and the cap held and the baseline finished either way.
+#[test]
+fn held_backlog_measures_or_reports_starvation() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    // 1,500 per held agent: more than a round of today's engine reads (1,000 ready rows), so
+    // the starvation of issue 18 shows at this size too.
+    let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
+        .args(["bench", "--workloads", "held-backlog", "--held", "1500", "--free", "100", "--free-rate", "200", "--timeout", "60s"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    let report: serde_json::Value = match std::fs::read(&json) {
+        Ok(b) => serde_json::from_slice(&b).unwrap(),
+        Err(e) => panic!("no report ({e}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+    };
+    let run = &report["runs"][0];
+    let h = &run["held_backlog"];
+    assert_eq!(run["workload"], "held-backlog");
+    assert_eq!(h["backlog"], 3000, "1,500 for each held agent");
+    assert_eq!(h["held_dispatched"], 0, "the paused agent got nothing: {h}");
+    assert_eq!(h["full_dispatched"], 1, "the full agent got its one: {h}");
+    assert_eq!(h["baseline_finished"], 100, "with no backlog everything went: {h}");
+    assert_eq!(h["baseline"]["count"], 90, "nine steps of each chain of 10 wait for a completion");
+    assert_eq!(run["duplicates"], 0);
+    if h["starved"].as_bool().unwrap() {
+        assert!(!out.status.success(), "starvation fails the run");
+        assert!(stdout.contains("starved"), "and says so:\n{stdout}");
+    } else {
+        assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(run["finished"], 100, "{run}");
+        assert_eq!(run["completion_to_dispatch"]["count"], 90);
+    }
 }

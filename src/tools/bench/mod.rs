@@ -4,7 +4,9 @@
 
 mod ceiling;
 mod controls;
+mod held;
 pub(crate) mod load;
+mod peer;
 mod report;
 
 use std::path::PathBuf;
@@ -31,7 +33,7 @@ pub struct BenchArgs {
     /// Use this PostgreSQL database instead of starting one. Its work packages are wiped.
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Workloads to run, in this order; `chains` runs only when named.
+    /// Workloads to run, in this order; `chains`, `held-backlog` and `peer` run only when named.
     #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover,capped,capped-controls,fair-wait")]
     pub workloads: Vec<String>,
     #[arg(long, default_value_t = 2)]
@@ -60,6 +62,19 @@ pub struct BenchArgs {
     /// Longest wait for one workload to finish.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Work packages of each held agent in held-backlog: as many for the paused one and for
+    /// the full one.
+    #[arg(long, default_value_t = 100_000)]
+    pub held: usize,
+    /// Work packages of the free agent in each phase of held-backlog, in chains of 10.
+    #[arg(long, default_value_t = 2000)]
+    pub free: usize,
+    /// Work packages per second of the free agent in held-backlog.
+    #[arg(long, default_value_t = 100)]
+    pub free_rate: u32,
+    /// The peer workload's Node.js package (its script and package-lock.json).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/peer"))]
+    pub peer_dir: PathBuf,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -75,6 +90,9 @@ agents:
   c2: { roles: [capped], max_in_flight: 50 }
   c3: { roles: [capped], max_in_flight: 50 }
   c4: { roles: [capped], max_in_flight: 50 }
+  held: { roles: [held] }
+  full: { roles: [full], max_in_flight: 1 }
+  free: { roles: [free] }
 work_types:
   build: worker
   capped-build: capped
@@ -433,22 +451,27 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
         if token.is_cancelled() {
             break;
         }
-        let run = match w.as_str() {
-            "route" => route(&args, &stack, &client, false).await?,
-            "ceiling" => route(&args, &stack, &client, true).await?,
-            "dag" => dag(&args, &stack, &client, None).await?,
-            "dag-paced" => dag(&args, &stack, &client, Some(args.rate)).await?,
-            "takeover" => takeover(&args, &stack, &client).await?,
-            "chains" => chains(&args, &stack, &client).await?,
-            "capped" => controls::capped_run(&args, &stack, &client, false).await?,
-            "capped-controls" => controls::capped_run(&args, &stack, &client, true).await?,
-            "fair-wait" => controls::fair_wait(&args, &stack, &client).await?,
+        let done = match w.as_str() {
+            "route" => vec![route(&args, &stack, &client, false).await?],
+            "ceiling" => vec![route(&args, &stack, &client, true).await?],
+            "dag" => vec![dag(&args, &stack, &client, None).await?],
+            "dag-paced" => vec![dag(&args, &stack, &client, Some(args.rate)).await?],
+            "takeover" => vec![takeover(&args, &stack, &client).await?],
+            "chains" => vec![chains(&args, &stack, &client).await?],
+            "capped" => vec![controls::capped_run(&args, &stack, &client, false).await?],
+            "capped-controls" => vec![controls::capped_run(&args, &stack, &client, true).await?],
+            "fair-wait" => vec![controls::fair_wait(&args, &stack, &client).await?],
+            "held-backlog" => vec![held::held_backlog(&args, &stack, &client).await?],
+            "peer" => peer::peer(&args, &stack, &client).await?,
             other => anyhow::bail!(
-                "unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains, capped, capped-controls, fair-wait)"
+                "unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains, capped, capped-controls, fair-wait, \
+                 held-backlog, peer)"
             ),
         };
-        println!("  {}", report::line(&run));
-        runs.push(run);
+        for run in done {
+            println!("  {}", report::line(&run));
+            runs.push(run);
+        }
     }
     let report = report::Report::new(args.replicas, args.batch_size, runs);
     print!("{}", report.table());
