@@ -78,11 +78,11 @@ fn every_workload_runs_and_accounts_for_all_work() {
     assert_eq!(report["targets"].as_array().unwrap().len(), 11);
 }
 
-/// held-backlog, small: its own run, since on an engine that starves the free agent it ends
-/// with a failing exit code by design. Either the free agent's work all went, or the run said
-/// it starved and stopped; the pause and the cap held and the baseline finished either way.
+/// held-backlog, small: the free agent's work all goes behind a held backlog larger than a
+/// round (1,500 for each held agent; the engine before the dispatch rebuild starved it and
+/// the run said so), and the pause and the cap hold.
 #[test]
-fn held_backlog_measures_or_reports_starvation() {
+fn the_free_agent_is_never_held_back_by_a_held_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     // 1,500 per held agent: more than a round of today's engine reads (1,000 ready rows), so
@@ -108,12 +108,8 @@ fn held_backlog_measures_or_reports_starvation() {
     assert_eq!(h["baseline_finished"], 100, "with no backlog everything went: {h}");
     assert_eq!(h["baseline"]["count"], 90, "nine steps of each chain of 10 wait for a completion");
     assert_eq!(run["duplicates"], 0);
-    if h["starved"].as_bool().unwrap() {
-        assert!(!out.status.success(), "starvation fails the run");
-        assert!(stdout.contains("starved"), "and says so:\n{stdout}");
-    } else {
-        assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(run["finished"], 100, "{run}");
-        assert_eq!(run["completion_to_dispatch"]["count"], 90);
-    }
+    assert_eq!(h["starved"], false, "the free agent starved behind the backlog:\n{stdout}");
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run["finished"], 100, "{run}");
+    assert_eq!(run["completion_to_dispatch"]["count"], 90);
 }

@@ -153,7 +153,11 @@ async fn routes_of(
     }
     let ids: Vec<String> = reported.iter().map(|(w, _)| w.clone()).collect();
     let rows =
-        sqlx::query("SELECT wp_id, coalesce(agent_id, '') AS agent, coalesce(route, '') AS route FROM work_packages WHERE wp_id = ANY($1)")
+        // Key by key: a cached plan made while the table was small scanned all of it for `= ANY`.
+        sqlx::query(
+            "SELECT w.wp_id, coalesce(w.agent_id, '') AS agent, coalesce(w.route, '') AS route FROM unnest($1::text[]) AS k(id)
+             CROSS JOIN LATERAL (SELECT x.wp_id, x.agent_id, x.route FROM work_packages x WHERE x.wp_id = k.id OFFSET 0) w",
+        )
             .bind(&ids)
             .fetch_all(&mut **tx)
             .await?;

@@ -437,7 +437,7 @@ pub(crate) async fn complete_many(
     let done: Vec<(String, i64)> = sqlx::query_as(
         "WITH first AS MATERIALIZED (
              SELECT DISTINCT ON (r.wp_id) r.* FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(wp_id, dispatch_id, result, i)
-             JOIN work_packages w ON w.wp_id = r.wp_id
+             CROSS JOIN LATERAL (SELECT x.status, x.dispatch_id FROM work_packages x WHERE x.wp_id = r.wp_id OFFSET 0) w
              WHERE w.status COLLATE \"C\" = 'dispatched' AND (r.dispatch_id IS NULL OR w.dispatch_id = r.dispatch_id)
              ORDER BY r.wp_id, r.i)
          UPDATE work_packages w SET status = 'completed', completed_at = now(), updated_at = now(), result = first.result,

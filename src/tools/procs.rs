@@ -23,10 +23,16 @@ pub(crate) struct ReplicaProcs {
 
 impl ReplicaProcs {
     /// `args` come after `run --consumer NAME`; `env` carries REDIS_URL, DATABASE_URL and the
-    /// routing file. Logs go to `dir/NAME.log`.
+    /// routing file. Logs go to `dir/NAME.log`. The replicas run this binary, or the one
+    /// `GE_REPLICA_BIN` names: another build's engine, measured by this build's tools in one
+    /// sitting (BENCHMARKS.md, before and after).
     pub fn new(env: Vec<(String, String)>, args: &[&str], dir: PathBuf, prefix: &str) -> anyhow::Result<Self> {
+        let exe = match std::env::var_os("GE_REPLICA_BIN") {
+            Some(bin) => PathBuf::from(bin),
+            None => std::env::current_exe().context("finding this binary")?,
+        };
         Ok(ReplicaProcs {
-            exe: std::env::current_exe().context("finding this binary")?,
+            exe,
             env,
             args: args.iter().map(|s| s.to_string()).collect(),
             dir,

@@ -37,7 +37,10 @@ macro_rules! eligible_since {
     };
 }
 
-/// The candidates among the wp_ids `$2` (and the rest of the scope), best first; `$1` is the
+/// The candidates among the wp_ids `$ids` selects, best first: each looked up by its key (a
+/// LATERAL subquery that `OFFSET 0` keeps from being flattened), so that no plan made while the
+/// table was small, or under statistics that lag behind a backlog, scans the open work to
+/// find them (see `store` on `COLLATE "C"`). `$2` is the wp_ids the round was given; `$1` is the
 /// limit of each part the scope reads (a page of blocked work, the due work, each target's
 /// ready work). The wp_ids a round was given are never cut: they are what an event (a
 /// completion, an ingest) made runnable, and one left out would wait for a sweep to find it. `$held` tests the status: through the open-work index for a sweep, as a filter after
@@ -50,21 +53,21 @@ macro_rules! eligible_since {
 /// counted once per key, and not at all when the candidates share one key, where it cannot
 /// change the order.
 macro_rules! candidates_sql {
-    ($held:literal, $scope:expr) => {
+    ($ids:expr) => {
         concat!(
-            "WITH c AS MATERIALIZED (
+            "WITH ids AS MATERIALIZED (",
+            $ids,
+            "),
+             c AS MATERIALIZED (
                  SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.target, w.routed_by, w.lane,
                         w.source_ms, w.source_seq, w.plan, w.priority, w.fairness_key, w.created_at, w.next_attempt_at,
                         CASE WHEN w.not_before > now() THEN extract(epoch FROM w.not_before)::float8 END AS delayed_until,
                         row_number() OVER (PARTITION BY w.fairness_key, w.priority ORDER BY w.source_ms, w.source_seq) AS turn
-                 FROM work_packages w
-                 WHERE ",
-            $held,
-            "
+                 FROM (SELECT DISTINCT ids.wp_id FROM ids) k
+                 CROSS JOIN LATERAL (SELECT * FROM work_packages x WHERE x.wp_id = k.wp_id OFFSET 0) w
+                 WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')
                    AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now())
                    AND ",
-            $scope,
-            " AND ",
             may_run!(),
             "),
              busy AS MATERIALIZED (
@@ -117,38 +120,31 @@ pub(crate) async fn read(pool: &PgPool, scope: &Scope, open: &[(String, i64)]) -
     // One statement per kind of scope, so each gets its own plan: a round over a few wp_ids
     // looks them up by key instead of filtering the whole backlog.
     let query = match scope.sweep_from {
-        Some((ms, seq)) => sqlx::query(candidates_sql!(
-            "w.status IN ('blocked', 'ready', 'retry_wait')",
-            concat!(
-                "w.wp_id IN (
-                 (SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($5, $6)
-                  ORDER BY x.source_ms, x.source_seq LIMIT $1)
-                 UNION ALL ",
-                ready_of_targets!(),
-                "
-                 UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'retry_wait' AND x.next_attempt_at <= now()
-                            ORDER BY x.source_ms, x.source_seq LIMIT $1)
-                 UNION ALL SELECT unnest($2::text[]))"
-            )
-        ))
+        Some((ms, seq)) => sqlx::query(candidates_sql!(concat!(
+            "(SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($5, $6)
+              ORDER BY x.source_ms, x.source_seq LIMIT $1)
+             UNION ALL ",
+            ready_of_targets!(),
+            "
+             UNION ALL (SELECT x.wp_id FROM work_packages x WHERE x.status = 'retry_wait' AND x.next_attempt_at <= now()
+                        ORDER BY x.source_ms, x.source_seq LIMIT $1)
+             UNION ALL SELECT unnest($2::text[])"
+        )))
         .bind(ROUND_LIMIT)
         .bind(&scope.wp_ids)
         .bind(&targets)
         .bind(&free)
         .bind(ms)
         .bind(seq),
-        None if !open.is_empty() => sqlx::query(candidates_sql!(
-            "w.status IN ('blocked', 'ready', 'retry_wait')",
-            concat!("w.wp_id IN (SELECT unnest($2::text[]) UNION ALL ", ready_of_targets!(), ")")
-        ))
-        .bind(ROUND_LIMIT)
-        .bind(&scope.wp_ids)
-        .bind(&targets)
-        .bind(&free),
+        None if !open.is_empty() => {
+            sqlx::query(candidates_sql!(concat!("SELECT unnest($2::text[]) AS wp_id UNION ALL ", ready_of_targets!())))
+                .bind(ROUND_LIMIT)
+                .bind(&scope.wp_ids)
+                .bind(&targets)
+                .bind(&free)
+        }
         None if scope.wp_ids.is_empty() => return Ok(Vec::new()),
-        None => sqlx::query(candidates_sql!("w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')", "w.wp_id = ANY($2)"))
-            .bind(ROUND_LIMIT)
-            .bind(&scope.wp_ids),
+        None => sqlx::query(candidates_sql!("SELECT unnest($2::text[]) AS wp_id")).bind(ROUND_LIMIT).bind(&scope.wp_ids),
     };
     query
         .fetch_all(pool)

@@ -93,7 +93,8 @@ fn pause_of(r: &PgRow, name: String) -> Result<Pause, sqlx::Error> {
 }
 
 /// Records why each waiting work package waits, only where that changed: a work package that
-/// waits for the same reason as last round is not written again.
+/// waits for the same reason as last round is not written again. Rows are found key by key
+/// (see `candidates`).
 pub(super) async fn record_waits(tx: &mut Transaction<'_, Postgres>, waits: &[Wait], routed_by: &str) -> Result<(), sqlx::Error> {
     if waits.is_empty() {
         return Ok(());
@@ -104,7 +105,7 @@ pub(super) async fn record_waits(tx: &mut Transaction<'_, Postgres>, waits: &[Wa
              SELECT w.wp_id, c.reason, c.status, c.due, c.held_by, c.target
              FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[])
                   AS c(wp_id, reason, status, due, held_by, target)
-             JOIN work_packages w ON w.wp_id = c.wp_id
+             CROSS JOIN LATERAL (SELECT * FROM work_packages x WHERE x.wp_id = c.wp_id OFFSET 0) w
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')
                AND (w.status <> c.status OR w.wait_reason IS DISTINCT FROM c.reason OR w.held_by IS DISTINCT FROM c.held_by
                     OR (c.target IS NOT NULL AND w.target IS DISTINCT FROM c.target))
