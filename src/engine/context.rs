@@ -82,6 +82,9 @@ pub struct Ctx {
     pub sweep_from: std::sync::Mutex<(i64, i64)>,
     /// This replica's Prometheus counters and histograms.
     pub metrics: crate::engine::metrics::Metrics,
+    /// On duty, or standing down (PostgreSQL lost) with the reason; drives the reading loops,
+    /// the lease and `/readyz`.
+    pub duty: crate::engine::duty::Duty,
 }
 
 impl Ctx {

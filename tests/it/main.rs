@@ -27,6 +27,7 @@ mod logs;
 mod metrics;
 mod operator_pool;
 mod outages;
+mod partitions;
 mod random_bytes;
 mod recovery;
 mod retention;
