@@ -5,6 +5,7 @@
 //! and, at the end, the invariants of `chaos_check`. Bounded in time; prints a table,
 //! optionally JSON.
 
+mod aof;
 mod check;
 mod links;
 
@@ -52,6 +53,11 @@ pub struct ChaosArgs {
     /// kill -9 of Redis loses with the common production setting.
     #[arg(long, default_value = "always", value_parser = ["always", "everysec"])]
     pub appendfsync: String,
+    /// At each Redis kill -9, also drop what the AOF received in the last second (truncate it
+    /// to its size a second before), as a crash of the machine would with `everysec`; a kill
+    /// of the process alone loses nothing Redis acknowledged.
+    #[arg(long)]
+    pub lose_unsynced: bool,
     /// `single`: one Redis, one PostgreSQL, restarted in place. `ha`: a Redis master and
     /// replica with three Sentinels, a PostgreSQL primary and synchronous standby behind a
     /// proxy; producers wait for a Redis replica (WAIT) after each XADD.
@@ -323,7 +329,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         args.faults = ["kill", "stop", "redis", "postgres"].into_iter().chain(links::KINDS).map(str::to_string).collect();
     }
     let network = args.faults.iter().any(|f| links::KINDS.contains(&f.as_str()));
-    if (network || args.appendfsync != "always") && args.topology != "single" {
+    if (network || args.appendfsync != "always" || args.lose_unsynced) && args.topology != "single" {
         anyhow::bail!("network faults and --appendfsync go with --topology single only");
     }
     let mut stack = Stack::start(&args.topology).await?;
@@ -359,6 +365,13 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         false => None,
     };
     set_appendfsync(&endpoint, &args.appendfsync).await?;
+    let aof_sizes = aof::AofSizes::default();
+    let aof_watch = CancellationToken::new();
+    let _stop_watching = aof_watch.clone().drop_guard();
+    if let (true, Stack::Single { redis, .. }) = (args.lose_unsynced, &stack) {
+        aof_sizes.watch(redis.dir().to_path_buf(), aof_watch);
+    }
+    let mut aof_dropped: Vec<u64> = Vec::new();
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
@@ -423,6 +436,9 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             "redis" | "postgres" | "redis-failover" | "postgres-failover" => match (&mut stack, kind.as_str()) {
                 (Stack::Single { redis, .. }, "redis") => {
                     redis.kill();
+                    if args.lose_unsynced {
+                        aof_dropped.push(aof_sizes.lose_unsynced(redis.dir())?);
+                    }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     redis.restart().await?;
                     set_appendfsync(&endpoint, &args.appendfsync).await?;
@@ -590,6 +606,16 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     if args.appendfsync != "always" {
         println!("  Redis appendfsync: {}", args.appendfsync);
     }
+    if args.lose_unsynced {
+        aof_dropped.sort();
+        println!(
+            "  AOF bytes dropped at the Redis kills (its last second): {} kills, total {}, p50 {}, max {}",
+            aof_dropped.len(),
+            aof_dropped.iter().sum::<u64>(),
+            aof_dropped.get(aof_dropped.len().saturating_sub(1) / 2).copied().unwrap_or(0),
+            aof_dropped.last().copied().unwrap_or(0)
+        );
+    }
 
     if let Some(path) = &args.json {
         let json = serde_json::json!({
@@ -602,6 +628,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             "takeover_s": { "count": times.len(), "p50": times.get(times.len() / 2).map(Duration::as_secs_f64), "max": times.last().map(Duration::as_secs_f64) },
             "topology": args.topology,
             "appendfsync": args.appendfsync,
+            "aof_bytes_dropped": aof_dropped,
             "resume_s": resume_times.iter().map(|(k, t, missed)| (k.to_string(), serde_json::json!({
                 "count": t.len(), "not_resumed": missed,
                 "p50": t.get(t.len().saturating_sub(1) / 2).map(Duration::as_secs_f64), "max": t.last().map(Duration::as_secs_f64),
