@@ -114,3 +114,50 @@ async fn a_replica_cut_from_postgres_hands_its_work_over_and_comes_back() {
     agent.await.unwrap();
     cut.stop().await;
 }
+
+/// The other way round: `cut` reaches PostgreSQL but not Redis. Its lease lapses, the other
+/// replica takes its entries over, and what it had claimed in PostgreSQL but could not publish
+/// is published by the other (republication) or by itself after the heal, once: no trigger
+/// twice, nothing left behind.
+#[tokio::test]
+async fn a_replica_cut_from_redis_is_taken_over_and_sends_no_trigger_twice() {
+    let env = Arc::new(TestEnv::start(ROUTING).await);
+    let proxy = TcpProxy::start(env.redis.port()).await.unwrap();
+    let mut s = env.settings("whole");
+    s.republish_after = Duration::from_secs(1);
+    let whole = Replica::spawn(s);
+    let mut s = env.settings("cut");
+    s.conn.redis_url = format!("redis://127.0.0.1:{}", proxy.port());
+    s.republish_after = Duration::from_secs(1);
+    let cut = Replica::spawn(s);
+    let stop = CancellationToken::new();
+    let agent = agent(env.clone(), stop.clone());
+
+    let before = submit(&env, "before", 10).await;
+    eventually(T, "the work sent before the cut completed", || async { all_completed(&env, &before).await.then_some(()) }).await;
+    eventually(T, "both replicas hold a lease", || async {
+        (lease_exists(&env, "cut").await && lease_exists(&env, "whole").await).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    let during = submit(&env, "during", 40).await;
+    eventually(Duration::from_secs(20), "every work package sent during the cut completed", || async {
+        all_completed(&env, &during).await.then_some(())
+    })
+    .await;
+    proxy.heal();
+    // The healed replica publishes whatever it still holds: a no-op for what went out already.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = submit(&env, "after", 10).await;
+    eventually(T, "the work sent after the heal completed", || async { all_completed(&env, &after).await.then_some(()) }).await;
+
+    let triggers = env.triggers("dolly").await;
+    let ids: HashSet<&str> = triggers.iter().map(|t| t["dispatch_id"].as_str()).collect();
+    assert_eq!(ids.len(), triggers.len(), "no dispatch_id published twice");
+    assert_eq!(ids.len(), 60);
+    stop.cancel();
+    agent.await.unwrap();
+    cut.stop().await;
+    whole.stop().await;
+}
