@@ -83,6 +83,9 @@ pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
                 break;
             }
         }
+        // Stood down: what was given up is read again first when back on duty, unless another
+        // replica took it over meanwhile (with none, nobody else would before the sweep).
+        reader.abandon();
     }
 }
 

@@ -161,3 +161,34 @@ async fn a_replica_cut_from_redis_is_taken_over_and_sends_no_trigger_twice() {
     cut.stop().await;
     whole.stop().await;
 }
+
+/// A replica alone, cut from PostgreSQL: nobody can take over what it gave up when it stood
+/// down, so it reads its own pending entries first when the link heals, instead of leaving
+/// them to the 60 s recovery sweep.
+#[tokio::test]
+async fn a_lone_replica_takes_up_again_what_it_gave_up_when_the_link_heals() {
+    let env = Arc::new(TestEnv::start(ROUTING).await);
+    let (pg_port, _) = through(&env.database_url, 0);
+    let proxy = TcpProxy::start(pg_port).await.unwrap();
+    let (_, proxied) = through(&env.database_url, proxy.port());
+    let mut s = env.settings("alone");
+    s.conn.database_url = proxied;
+    let alone = Replica::spawn(s);
+    let stop = CancellationToken::new();
+    let agent = agent(env.clone(), stop.clone());
+    let before = submit(&env, "before", 3).await;
+    eventually(T, "the work sent before the cut completed", || async { all_completed(&env, &before).await.then_some(()) }).await;
+
+    proxy.cut();
+    let during = submit(&env, "during", 10).await;
+    // Long enough to stand down (2 s) with the entries read and given up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.heal();
+    eventually(Duration::from_secs(20), "the work sent during the cut completed after the heal", || async {
+        all_completed(&env, &during).await.then_some(())
+    })
+    .await;
+    stop.cancel();
+    agent.await.unwrap();
+    alone.stop().await;
+}

@@ -104,11 +104,18 @@ impl Reader {
         match read {
             Some(entries) => entries,
             None => {
-                self.conn = None;
-                self.cursor = "0";
+                self.abandon();
                 None
             }
         }
+    }
+
+    /// Drops the connection (and with it a read in flight), and starts the next read with this
+    /// consumer's own pending entries: for a batch given up, which is still pending with this
+    /// consumer unless another replica has taken it over meanwhile.
+    pub(crate) fn abandon(&mut self) {
+        self.conn = None;
+        self.cursor = "0";
     }
 
     /// The next non-empty batch, or None once `token` is cancelled. Errors are reported to
