@@ -15,8 +15,8 @@ use crate::engine::context::{Ctx, SharedRouting, Stats};
 use crate::engine::input::Input;
 use crate::engine::settings::RunSettings;
 use crate::{
-    core::redact, engine::config_watch, engine::health, engine::recover, engine::retention, engine::scheduler, engine::store,
-    engine::streams, engine::takeover, ops::http, ops::reads,
+    core::redact, engine::config_watch, engine::health, engine::postgres_probe, engine::recover, engine::retention, engine::scheduler,
+    engine::store, engine::streams, engine::takeover, ops::http, ops::reads,
 };
 
 /// Connects to PostgreSQL and Redis, retrying until they answer or shutdown is asked.
@@ -82,6 +82,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         sweep_from: std::sync::Mutex::new(crate::engine::dispatch::SWEEP_START),
         rerouted_for: std::sync::Mutex::new(None),
         metrics: crate::engine::metrics::Metrics::new(),
+        duty: Default::default(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
@@ -93,6 +94,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     for input in Input::ALL {
         tracker.spawn(consume::run(ctx.clone(), input, token.clone()));
     }
+    tracker.spawn(postgres_probe::run(ctx.clone(), token.clone()));
     tracker.spawn(health::run(ctx.clone(), token.clone()));
     tracker.spawn(recover::run(ctx.clone(), token.clone()));
     tracker.spawn(config_watch::run(ctx.clone(), token.clone()));

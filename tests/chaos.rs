@@ -33,3 +33,22 @@ fn short_failover_run_keeps_every_invariant() {
     }
     assert!(stdout.contains("all invariants held") && !stdout.contains("BROKEN") && !stdout.contains("NOT RESUMED"), "{stdout}");
 }
+
+/// The network faults (issue 19): every replica reaches Redis and PostgreSQL through proxies of
+/// its own, which cut it from Redis briefly and past its lease, cut it from PostgreSQL, slow
+/// both links and reset its connections mid-reply; every invariant must hold, by the agents'
+/// history and by the orchestrator's tables.
+#[test]
+fn short_network_chaos_run_keeps_every_invariant() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
+        .args(["chaos", "--faults", "redis-cut,postgres-cut,redis-partition,slow,reset", "--duration", "20s", "--fault-interval", "1s"])
+        .args(["--rate", "40", "--replicas", "3"])
+        .output()
+        .expect("run chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "chaos failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for fault in ["cut from Redis 1 s", "cut from Redis 5 s", "cut from PostgreSQL", "slow", "reset mid-reply"] {
+        assert!(stdout.contains(fault), "{fault} was injected:\n{stdout}");
+    }
+    assert!(stdout.contains("by the agents' history") && stdout.contains("all invariants held") && !stdout.contains("BROKEN"), "{stdout}");
+}

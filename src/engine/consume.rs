@@ -1,6 +1,7 @@
 //! The replica's input loops: each reads one input stream through a `streams::Reader` and
 //! hands every batch to ingest or completions, which acknowledge it. A batch that fails is
-//! retried until it succeeds or shutdown is asked.
+//! retried until it succeeds or shutdown is asked; while the replica stands down (`duty`:
+//! PostgreSQL lost) nothing is read and the batch in hand is left for another replica.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -63,7 +64,9 @@ async fn dead_letter_refused(ctx: &Ctx, input: Input, entry: &StreamEntry, refus
 }
 
 /// Reads one input stream until shutdown. It first drains this consumer's own pending
-/// entries (a restart under the same name), then reads new ones.
+/// entries (a restart under the same name), then reads new ones. While the replica stands down
+/// (`duty`) it reads nothing, and what it was reading or handling is left pending for the
+/// takeover of another replica.
 pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
     let stream = input.stream(&ctx).to_string();
     let s = &ctx.settings;
@@ -73,22 +76,56 @@ pub async fn run(ctx: Arc<Ctx>, input: Input, token: CancellationToken) {
     let mut reader = Reader::new(ctx.endpoint.clone(), &stream, &s.names.group, &ctx.consumer, s.batch_size, s.block)
         .own_first_after_reconnect()
         .on_trouble(report_trouble(ctx.clone(), input, stream.clone()));
-    while let Some(entries) = reader.next(&token).await {
-        // The batch in hand is finished even when shutdown was asked meanwhile; only an error
-        // that persists through shutdown leaves it pending, for another replica to claim.
-        loop {
-            match handle_batch(&ctx, input, &entries).await {
-                Ok(()) => {
-                    reader.backoff.reset();
-                    break;
+    while let Some(period) = ctx.duty.on_duty(&token).await {
+        let _busy = ctx.duty.busy();
+        while let Some(entries) = reader.next_unless(&token, &period).await {
+            if !finish(&ctx, input, &entries, &mut reader, &token, &period).await {
+                break;
+            }
+        }
+        // Stood down: what was given up is read again first when back on duty, unless another
+        // replica took it over meanwhile (with none, nobody else would before the sweep).
+        reader.abandon();
+    }
+}
+
+/// Handles a batch until it succeeds. The batch in hand is finished even when shutdown was
+/// asked meanwhile; only an error that persists through shutdown leaves it pending, for
+/// another replica to claim, or the replica standing down (`period` cancelled), which gives
+/// it up at once, in the middle of an attempt if need be: each step is idempotent, so the
+/// replica that takes it over may do again what this one did. False when left pending.
+async fn finish(
+    ctx: &Ctx,
+    input: Input,
+    entries: &[StreamEntry],
+    reader: &mut Reader,
+    token: &CancellationToken,
+    period: &CancellationToken,
+) -> bool {
+    loop {
+        let attempt = tokio::select! {
+            biased;
+            _ = period.cancelled() => None,
+            r = handle_batch(ctx, input, entries) => Some(r),
+        };
+        match attempt {
+            Some(Ok(())) => {
+                reader.backoff.reset();
+                return true;
+            }
+            None => {
+                tracing::warn!(stream = %input.stream(ctx), entries = entries.len(), "standing down: the batch in hand is left pending for another replica");
+                return false;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(loop_name = input.loop_name(), stream = %input.stream(ctx), entries = entries.len(), error = format!("{e:#}"), "batch failed; retrying");
+                ctx.stats.note_error();
+                if token.is_cancelled() {
+                    return false;
                 }
-                Err(e) => {
-                    tracing::warn!(loop_name = input.loop_name(), stream = %stream, entries = entries.len(), error = format!("{e:#}"), "batch failed; retrying");
-                    ctx.stats.note_error();
-                    if token.is_cancelled() {
-                        break;
-                    }
-                    reader.backoff.wait(&token).await;
+                tokio::select! {
+                    _ = reader.backoff.wait(token) => {}
+                    _ = period.cancelled() => {}
                 }
             }
         }

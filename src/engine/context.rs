@@ -85,6 +85,9 @@ pub struct Ctx {
     pub rerouted_for: std::sync::Mutex<Option<String>>,
     /// This replica's Prometheus counters and histograms.
     pub metrics: crate::engine::metrics::Metrics,
+    /// On duty, or standing down (PostgreSQL lost) with the reason; drives the reading loops,
+    /// the lease and `/readyz`.
+    pub duty: crate::engine::duty::Duty,
 }
 
 impl Ctx {

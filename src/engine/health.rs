@@ -42,8 +42,12 @@ pub async fn report(ctx: &Ctx, status: &str) -> redis::RedisResult<String> {
     streams::xadd(&mut redis, &ctx.settings.names.health, Some(ctx.settings.health_maxlen), &fields).await
 }
 
-/// `degraded` when a loop reported an error within the last two intervals.
+/// `degraded` while standing down (`duty`) or when a loop reported an error within the last
+/// two intervals.
 fn current_status(ctx: &Ctx) -> &'static str {
+    if ctx.duty.standing_down().is_some() {
+        return "degraded";
+    }
     let last = Stats::get(&ctx.stats.last_error_at);
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     if last > 0 && now.saturating_sub(last) < 2 * ctx.settings.health_interval.as_secs().max(1) { "degraded" } else { "ok" }

@@ -98,10 +98,11 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
             _ = tick.tick() => {}
             _ = token.cancelled() => return,
         }
-        match sweep(&ctx, ctx.settings.claim_min_idle).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(entries = n, "took over pending entries"),
-            Err(e) => {
+        // Not while standing down: what it claimed, this replica could not handle.
+        match ctx.duty.while_on_duty(sweep(&ctx, ctx.settings.claim_min_idle)).await {
+            None | Some(Ok(0)) => {}
+            Some(Ok(n)) => tracing::info!(entries = n, "took over pending entries"),
+            Some(Err(e)) => {
                 tracing::warn!(error = format!("{e:#}"), "pending-entry sweep failed");
                 ctx.stats.note_error();
             }

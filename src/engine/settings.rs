@@ -131,6 +131,11 @@ pub struct RunSettings {
     pub lease_refresh: Duration,
     #[arg(long, env = "GE_LEASE_PREFIX", default_value = "ge:lease:")]
     pub lease_prefix: String,
+    /// A replica that reaches Redis but has had no answer from PostgreSQL for this long stands
+    /// down: it stops reading, gives up its lease so that others take its entries over, and
+    /// reports not ready until PostgreSQL answers again.
+    #[arg(long, env = "GE_POSTGRES_LOST_AFTER", default_value = "2s", value_parser = duration)]
+    pub postgres_lost_after: Duration,
     /// An entry delivered more often than this is dead-lettered as `poison`.
     #[arg(long, env = "GE_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
@@ -219,6 +224,7 @@ impl RunSettings {
             lease_ttl: Duration::from_secs(2),
             lease_refresh: Duration::from_millis(500),
             lease_prefix: "ge:lease:".into(),
+            postgres_lost_after: Duration::from_secs(2),
             scheduler_interval: Duration::from_millis(500),
             republish_after: Duration::from_secs(5),
             dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -253,6 +259,7 @@ impl RunSettings {
             ("claim_min_idle", self.claim_min_idle),
             ("lease_ttl", self.lease_ttl),
             ("lease_refresh", self.lease_refresh),
+            ("postgres_lost_after", self.postgres_lost_after),
             ("scheduler_interval", self.scheduler_interval),
             ("republish_after", self.republish_after),
             ("dispatch_key_ttl", self.dispatch_key_ttl),

@@ -106,6 +106,12 @@ pub async fn sweep(ctx: &Ctx, started: &mut std::collections::HashMap<String, In
         if taken > 0 {
             tracing::warn!(consumer = %name, entries = taken, took_ms = since.elapsed().as_millis() as u64, "took over the pending entries of a consumer whose lease lapsed");
         }
+        // A consumer that took its lease back meanwhile (a replica back on duty, or back from a
+        // pause) reads again, and removing it could drop what it has just read: leave it.
+        if streams::key_exists(&mut redis, &lease_key(ctx, &name)).await? {
+            started.remove(&name);
+            continue;
+        }
         // A consumer that is only paused re-creates itself on its next read.
         remove_consumer(ctx, &name).await;
         started.remove(&name);
@@ -137,9 +143,22 @@ impl Ticker {
 /// Refreshes this replica's lease every `lease_refresh`. It is a task of its own: a takeover
 /// can take as long as the dead consumer's backlog and PostgreSQL make it, and a refresh
 /// waiting behind it would let this replica's lease lapse, so that it is taken over in turn.
+/// While the replica stands down (`duty`) the lease is not refreshed, and is given up as soon
+/// as no loop reads or handles entries, so that survivors take this replica over at their next
+/// check instead of after the lease's TTL; `duty` takes it back before the loops read again.
 pub async fn refresh_lease(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut ticker = Ticker::new(&ctx);
+    let mut released = false;
     while ticker.next(&token).await {
+        if ctx.duty.standing_down().is_some() {
+            if !released && ctx.duty.idle() {
+                release(&ctx).await;
+                released = true;
+                tracing::warn!(consumer = %ctx.consumer, "lease given up while standing down; other replicas take over this one's entries");
+            }
+            continue;
+        }
+        released = false;
         if let Err(e) = refresh(&ctx).await {
             tracing::warn!(error = %e, "cannot refresh the lease");
             ctx.stats.note_error();
@@ -147,14 +166,18 @@ pub async fn refresh_lease(ctx: Arc<Ctx>, token: CancellationToken) {
     }
 }
 
-/// Looks for consumers without a lease every `lease_refresh` and takes them over.
+/// Looks for consumers without a lease every `lease_refresh` and takes them over; not while
+/// this replica stands down, since it could not handle what it claimed.
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut ticker = Ticker::new(&ctx);
     let mut started = std::collections::HashMap::new();
     while ticker.next(&token).await {
-        if let Err(e) = sweep(&ctx, &mut started).await {
-            tracing::warn!(error = format!("{e:#}"), "takeover sweep failed");
-            ctx.stats.note_error();
+        match ctx.duty.while_on_duty(sweep(&ctx, &mut started)).await {
+            None | Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = format!("{e:#}"), "takeover sweep failed");
+                ctx.stats.note_error();
+            }
         }
     }
 }

@@ -41,7 +41,8 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Va
     let redis_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, streams::ping(&mut redis)).await, Ok(Ok(())));
     let pg_ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, reads::ping(&ctx.ops_pool)).await, Ok(true));
     let joined = ctx.group_joined.load(Ordering::Relaxed);
-    let ready = redis_ok && pg_ok && joined;
+    let standing_down = ctx.duty.standing_down();
+    let ready = redis_ok && pg_ok && joined && standing_down.is_none();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     (
@@ -51,6 +52,8 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> (StatusCode, Json<serde_json::Va
             "redis": word(redis_ok),
             "postgres": word(pg_ok),
             "group": if joined { "joined" } else { "not joined" },
+            "duty": if standing_down.is_some() { "standing down" } else { "on duty" },
+            "reason": standing_down,
             "consumer": ctx.consumer,
         })),
     )

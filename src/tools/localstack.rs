@@ -256,6 +256,10 @@ impl LocalRedis {
     pub fn port(&self) -> u16 {
         self.port
     }
+    /// The directory Redis keeps its AOF in (`appendonlydir/` under it).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

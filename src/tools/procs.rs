@@ -19,6 +19,8 @@ pub(crate) struct ReplicaProcs {
     prefix: String,
     procs: Vec<(String, Child)>,
     generation: usize,
+    /// Variables of one slot only, over `env` (a replica's own proxies).
+    slot_env: std::collections::HashMap<usize, Vec<(String, String)>>,
 }
 
 impl ReplicaProcs {
@@ -39,7 +41,13 @@ impl ReplicaProcs {
             prefix: prefix.to_string(),
             procs: Vec::new(),
             generation: 0,
+            slot_env: Default::default(),
         })
+    }
+
+    /// Sets `vars` for every replica started in `slot` from now on, over the common ones.
+    pub fn set_slot_env(&mut self, slot: usize, vars: Vec<(String, String)>) {
+        self.slot_env.insert(slot, vars);
     }
 
     pub fn len(&self) -> usize {
@@ -56,6 +64,7 @@ impl ReplicaProcs {
         cmd.args(["run", "--consumer", &name])
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.slot_env.get(&slot).into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);

@@ -28,6 +28,7 @@ mod logs;
 mod metrics;
 mod operator_pool;
 mod outages;
+mod partitions;
 mod publication;
 mod random_bytes;
 mod recovery;

@@ -88,6 +88,36 @@ impl Reader {
         super::blocking(&self.endpoint.client().await?).await
     }
 
+    /// Like [`Reader::next`], but gives up when `abandon` is cancelled, even a read in flight:
+    /// its connection is dropped, so that Redis forgets the blocked read instead of delivering
+    /// entries to a consumer that is handing its work over; the next read starts with this
+    /// consumer's own pending entries. None at shutdown (`token`) or when abandoned.
+    pub(crate) async fn next_unless(&mut self, token: &CancellationToken, abandon: &CancellationToken) -> Option<Vec<StreamEntry>> {
+        let read = {
+            let next = self.next(token);
+            tokio::select! {
+                biased;
+                _ = abandon.cancelled() => None,
+                entries = next => Some(entries),
+            }
+        };
+        match read {
+            Some(entries) => entries,
+            None => {
+                self.abandon();
+                None
+            }
+        }
+    }
+
+    /// Drops the connection (and with it a read in flight), and starts the next read with this
+    /// consumer's own pending entries: for a batch given up, which is still pending with this
+    /// consumer unless another replica has taken it over meanwhile.
+    pub(crate) fn abandon(&mut self) {
+        self.conn = None;
+        self.cursor = "0";
+    }
+
     /// The next non-empty batch, or None once `token` is cancelled. Errors are reported to
     /// the trouble hook and waited out with the backoff.
     pub(crate) async fn next(&mut self, token: &CancellationToken) -> Option<Vec<StreamEntry>> {

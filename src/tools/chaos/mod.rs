@@ -5,7 +5,9 @@
 //! and, at the end, the invariants of `chaos_check`. Bounded in time; prints a table,
 //! optionally JSON.
 
+mod aof;
 mod check;
+mod links;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, Redis
 use crate::tools::procs::{self, ReplicaProcs};
 use crate::tools::topology::{self, PostgresHa, RedisHa};
 use check::{AgentLog, Observed, Submitted};
+use links::Links;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
@@ -39,9 +42,22 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub fault_interval: Duration,
     /// Fault kinds to inject: kill, stop, redis, postgres (the default) with the single
-    /// topology; redis-failover, postgres-failover (the default), kill, stop with `ha`.
+    /// topology; redis-failover, postgres-failover (the default), kill, stop with `ha`. The
+    /// network faults, single topology only (each replica then reaches Redis and PostgreSQL
+    /// through proxies of its own): redis-cut (1 s), redis-partition (Redis cut 5 s, PostgreSQL
+    /// kept), postgres-cut (5 s), slow (200 ms each way, 5 s), reset (connections reset in the
+    /// middle of a reply). `all`: the four of the default and the five network faults.
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// The Redis's `appendfsync` (single topology): `always`, or `everysec` to see what a
+    /// kill -9 of Redis loses with the common production setting.
+    #[arg(long, default_value = "always", value_parser = ["always", "everysec"])]
+    pub appendfsync: String,
+    /// At each Redis kill -9, also drop what the AOF received in the last second (truncate it
+    /// to its size a second before), as a crash of the machine would with `everysec`; a kill
+    /// of the process alone loses nothing Redis acknowledged.
+    #[arg(long)]
+    pub lose_unsynced: bool,
     /// `single`: one Redis, one PostgreSQL, restarted in place. `ha`: a Redis master and
     /// replica with three Sentinels, a PostgreSQL primary and synchronous standby behind a
     /// proxy; producers wait for a Redis replica (WAIT) after each XADD.
@@ -94,7 +110,10 @@ default_agent: w1
 retry: { max_attempts: 5, backoff: { initial: 200ms, factor: 2, max: 2s } }
 ";
 
-/// A fake agent: completes every trigger at once and records what it saw.
+/// A fake agent: runs every trigger at once, completes it, and logs each run and each report
+/// in the client history. Each run's outcome (its `result`) is drawn at random, so that a
+/// dispatch run twice would most likely be reported with two outcomes; an entry delivered
+/// again (its own pending entries after a Redis restart) is reported as it was run.
 async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<AgentLog>>, token: CancellationToken) {
     let names = Names::default();
     let stream = names.trigger_stream(agent);
@@ -104,34 +123,31 @@ async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<Agen
     // A Redis restart can lose the reply of a read it has already made pending, and a failover
     // the report and acknowledgement the old master had not replicated.
     let mut reader = Reader::new(endpoint, &stream, &group, "chaos", 64, Duration::from_millis(500)).own_first_after_reconnect();
+    let mut outcomes: HashMap<String, &'static str> = HashMap::new();
     while let Some(entries) = reader.next(&token).await {
         for e in entries {
-            let fields: HashMap<String, String> = e
-                .fields
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
-                .collect();
-            let (Some(wp), Some(dispatch)) = (fields.get("wp_id"), fields.get("dispatch_id")) else { continue };
-            {
-                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                l.trigger_entries.entry(dispatch.clone()).or_default().insert(e.id.clone());
-                if l.received.contains_key(dispatch) {
-                    l.redelivered += 1;
-                } else {
-                    l.received.insert(dispatch.clone(), (wp.clone(), Instant::now()));
+            let (Some(wp), Some(dispatch)) = (e.field("wp_id"), e.field("dispatch_id")) else { continue };
+            let outcome = match outcomes.get(&e.id) {
+                Some(o) => {
+                    log.lock().unwrap_or_else(|p| p.into_inner()).redelivered += 1;
+                    *o
                 }
-            }
+                None => {
+                    // Some results carry a NUL byte, which PostgreSQL cannot store: the report
+                    // must still complete its work package.
+                    let o = if rand::random_ratio(1, 10) { "done\0with a NUL" } else { "done" };
+                    outcomes.insert(e.id.clone(), o);
+                    log.lock().unwrap_or_else(|p| p.into_inner()).run(&dispatch, &wp, &e.id);
+                    o
+                }
+            };
             loop {
                 // Stamped before sending: the orchestrator may act on the completion (and the
                 // next trigger reach another agent) before this call returns.
                 let sending = Instant::now();
-                // Some results carry a NUL byte, which PostgreSQL cannot store: the report must
-                // still complete its work package.
-                let result = if e.id.ends_with('7') { "done\0with a NUL" } else { "done" };
-                let report = [("wp_id", wp.as_str()), ("dispatch_id", dispatch), ("agent_id", agent), ("result", result)];
+                let report = [("wp_id", wp.as_str()), ("dispatch_id", &dispatch), ("agent_id", agent), ("result", outcome)];
                 if streams::report_and_ack(&mut manager, &names.completed, &[report], &stream, &group, &[&e.id]).await.is_ok() {
-                    log.lock().unwrap_or_else(|p| p.into_inner()).completed.entry(dispatch.clone()).or_insert(sending);
+                    log.lock().unwrap_or_else(|p| p.into_inner()).report(sending, &dispatch, &wp, outcome);
                     break;
                 }
                 if token.is_cancelled() {
@@ -309,6 +325,13 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             if args.topology == "ha" { &["redis-failover", "postgres-failover"] } else { &["kill", "stop", "redis", "postgres"] };
         args.faults = kinds.iter().map(|k| k.to_string()).collect();
     }
+    if args.faults.iter().any(|f| f == "all") {
+        args.faults = ["kill", "stop", "redis", "postgres"].into_iter().chain(links::KINDS).map(str::to_string).collect();
+    }
+    let network = args.faults.iter().any(|f| links::KINDS.contains(&f.as_str()));
+    if (network || args.appendfsync != "always" || args.lose_unsynced) && args.topology != "single" {
+        anyhow::bail!("network faults and --appendfsync go with --topology single only");
+    }
     let mut stack = Stack::start(&args.topology).await?;
     let database_url = stack.create_database("chaos").await?;
     let dir = tempfile_dir()?;
@@ -337,6 +360,18 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         replica_args[i + 1] = republish.as_str();
     }
     let mut replicas = ReplicaProcs::new(env, &replica_args, dir.clone(), "chaos")?;
+    let links = match network {
+        true => Some(Links::start(&mut replicas, args.replicas, &stack.redis_url(), &database_url).await?),
+        false => None,
+    };
+    set_appendfsync(&endpoint, &args.appendfsync).await?;
+    let aof_sizes = aof::AofSizes::default();
+    let aof_watch = CancellationToken::new();
+    let _stop_watching = aof_watch.clone().drop_guard();
+    if let (true, Stack::Single { redis, .. }) = (args.lose_unsynced, &stack) {
+        aof_sizes.watch(redis.dir().to_path_buf(), aof_watch);
+    }
+    let mut aof_dropped: Vec<u64> = Vec::new();
     for slot in 0..args.replicas {
         replicas.spawn(slot)?;
     }
@@ -364,6 +399,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let mut takeovers = Vec::new();
     let mut resumes: HashMap<&'static str, Vec<tokio::task::JoinHandle<Option<Duration>>>> = HashMap::new();
     let mut promotions = Vec::new();
+    let mut handovers: HashMap<&'static str, Vec<tokio::task::JoinHandle<Option<Duration>>>> = HashMap::new();
     let probe = |kind: &'static str, fault: Instant, resumes: &mut HashMap<_, Vec<_>>| {
         let wp = format!("probe-{}", submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len());
         submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.push(wp.clone());
@@ -400,8 +436,12 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             "redis" | "postgres" | "redis-failover" | "postgres-failover" => match (&mut stack, kind.as_str()) {
                 (Stack::Single { redis, .. }, "redis") => {
                     redis.kill();
+                    if args.lose_unsynced {
+                        aof_dropped.push(aof_sizes.lose_unsynced(redis.dir())?);
+                    }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     redis.restart().await?;
+                    set_appendfsync(&endpoint, &args.appendfsync).await?;
                     *faults.entry("Redis kill -9 + restart").or_default() += 1;
                 }
                 (Stack::Single { postgres, .. }, "postgres") => {
@@ -429,7 +469,19 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
                 }
                 (_, other) => anyhow::bail!("fault kind {other:?} does not go with --topology {}", args.topology),
             },
-            other => anyhow::bail!("unknown fault kind {other:?} (kill, stop, redis, postgres, redis-failover, postgres-failover)"),
+            net if links::KINDS.contains(&net) => {
+                let Some(links) = links.as_ref() else { anyhow::bail!("no proxies for {net}") };
+                let net: &'static str = links::KINDS.iter().copied().find(|k| *k == net).unwrap_or("network");
+                let (name, at) = (replicas.name(slot).to_string(), Instant::now());
+                if matches!(net, "postgres-cut" | "redis-partition") {
+                    handovers.entry(net).or_default().push(tokio::spawn(procs::left_group(endpoint.clone(), name, at)));
+                }
+                *faults.entry(links.inject(net, slot).await?).or_default() += 1;
+            }
+            other => anyhow::bail!(
+                "unknown fault kind {other:?} (kill, stop, redis, postgres, redis-failover, postgres-failover, {}, all)",
+                links::KINDS.join(", ")
+            ),
         }
     }
     load_token.cancel();
@@ -451,10 +503,8 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
                     .fetch_one(&pool)
                     .await
                     .unwrap_or(1);
-            let l = log.lock().unwrap_or_else(|p| p.into_inner());
-            let completed: HashSet<&str> =
-                l.received.iter().filter(|(d, _)| l.completed.contains_key(*d)).map(|(_, (w, _))| w.as_str()).collect();
-            done = if open == 0 { completed.len() as i64 } else { 0 };
+            let completed = log.lock().unwrap_or_else(|p| p.into_inner()).completed_wps().len();
+            done = if open == 0 { completed as i64 } else { 0 };
         }
         if done >= total || settle_start.elapsed() > args.settle || token.is_cancelled() {
             break;
@@ -470,7 +520,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     replicas.stop_all(Duration::from_secs(15)).await;
 
-    let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries.clone();
+    let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries();
     let mut observed = observe(&pool, &endpoint, &received).await?;
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,7 +529,9 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         if args.retention.is_some() {
             println!("  removed by retention (completed, per the agents): {removed}");
         }
-        (check::check(&sub, &log, &observed), sub.wp_ids.len(), sub.bad.len(), log.redelivered)
+        let mut invariants = check::check_history(&sub, &log);
+        invariants.extend(check::check(&sub, &log, &observed));
+        (invariants, sub.wp_ids.len(), sub.bad.len(), log.redelivered)
     };
     let (times, unmeasured) = joined(takeovers).await;
     let mut resume_times = Vec::new();
@@ -500,8 +552,11 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         "\ninvariants ({submitted_count} work packages, {bad_count} bad inputs, drained {:.1} s after the faults stopped):",
         drained.as_secs_f64()
     );
-    for i in &invariants {
-        println!("  {:<46} {:<6}  {}", i.name, if i.held { "held" } else { "BROKEN" }, i.detail);
+    for by in ["agents", "orchestrator"] {
+        println!("  by {}:", if by == "agents" { "the agents' history" } else { "the orchestrator's tables and streams" });
+        for i in invariants.iter().filter(|i| i.by == by) {
+            println!("    {:<50} {:<6}  {}", i.name, if i.held { "held" } else { "BROKEN" }, i.detail);
+        }
     }
     let (p50, max) = p50_max(&times);
     println!("\ntakeover after kill -9 (until the dead consumer's entries are taken over and it left the group):");
@@ -510,6 +565,17 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         times.len(),
         if unmeasured > 0 { format!("  ({unmeasured} not measured)") } else { String::new() }
     );
+    if !handovers.is_empty() {
+        println!("\nhandover after a cut (from the cut until survivors took over its entries and removed it from the group):");
+        let mut kinds: Vec<_> = handovers.into_iter().collect();
+        kinds.sort_by_key(|(k, _)| *k);
+        for (kind, handles) in kinds {
+            let (t, missed) = joined(handles).await;
+            let (p50, max) = p50_max(&t);
+            let missed = if missed > 0 { format!("  ({missed} not measured)") } else { String::new() };
+            println!("  {kind:<22} {}  p50 {p50}  max {max}{missed}", t.len());
+        }
+    }
     if !resume_times.is_empty() {
         println!("\ntime to resume (from the kill -9 until a work package submitted then has completed):");
         for (kind, t, missed) in &resume_times {
@@ -537,6 +603,19 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         );
     }
     println!("  agent redeliveries after Redis restarts: {redelivered}");
+    if args.appendfsync != "always" {
+        println!("  Redis appendfsync: {}", args.appendfsync);
+    }
+    if args.lose_unsynced {
+        aof_dropped.sort();
+        println!(
+            "  AOF bytes dropped at the Redis kills (its last second): {} kills, total {}, p50 {}, max {}",
+            aof_dropped.len(),
+            aof_dropped.iter().sum::<u64>(),
+            aof_dropped.get(aof_dropped.len().saturating_sub(1) / 2).copied().unwrap_or(0),
+            aof_dropped.last().copied().unwrap_or(0)
+        );
+    }
 
     if let Some(path) = &args.json {
         let json = serde_json::json!({
@@ -548,6 +627,8 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             "invariants": invariants,
             "takeover_s": { "count": times.len(), "p50": times.get(times.len() / 2).map(Duration::as_secs_f64), "max": times.last().map(Duration::as_secs_f64) },
             "topology": args.topology,
+            "appendfsync": args.appendfsync,
+            "aof_bytes_dropped": aof_dropped,
             "resume_s": resume_times.iter().map(|(k, t, missed)| (k.to_string(), serde_json::json!({
                 "count": t.len(), "not_resumed": missed,
                 "p50": t.get(t.len().saturating_sub(1) / 2).map(Duration::as_secs_f64), "max": t.last().map(Duration::as_secs_f64),
@@ -558,6 +639,17 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let ok = invariants.iter().all(|i| i.held) && resume_times.iter().all(|(_, _, missed)| *missed == 0);
     println!("\n{}", if ok { "chaos: all invariants held" } else { "chaos: INVARIANTS BROKEN" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `CONFIG SET appendfsync` on the Redis of the single topology (after each restart too, which
+/// starts it with `always`).
+async fn set_appendfsync(endpoint: &Endpoint, mode: &str) -> anyhow::Result<()> {
+    if mode == "always" {
+        return Ok(());
+    }
+    let mut con = MasterConnection::connect(endpoint).await?;
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(mode).query_async(&mut con).await?;
+    Ok(())
 }
 
 fn settings_text(settings: &[(&str, &str)]) -> String {
@@ -575,6 +667,21 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String
         .iter()
         .map(|r| Ok((r.try_get("wp_id")?, (r.try_get("status")?, r.try_get("attempts")?))))
         .collect::<Result<HashMap<String, (String, i32)>, sqlx::Error>>()?;
+    let mut first_dispatched = HashMap::new();
+    let mut first_completed = HashMap::new();
+    let events = sqlx::query(
+        "SELECT wp_id, status, (extract(epoch FROM min(at)) * 1000000)::int8 AS at FROM work_package_events
+          WHERE status IN ('dispatched', 'completed') GROUP BY wp_id, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in events {
+        let (wp, status, at): (String, String, i64) = (r.try_get("wp_id")?, r.try_get("status")?, r.try_get("at")?);
+        match status.as_str() {
+            "dispatched" => first_dispatched.insert(wp, at),
+            _ => first_completed.insert(wp, at),
+        };
+    }
     let names = Names::default();
     let mut con = MasterConnection::connect(endpoint).await?;
     let mut entries: HashMap<String, HashSet<String>> = seen.clone();
@@ -604,7 +711,7 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String
             (get("reason"), get("wp_id"))
         })
         .collect();
-    Ok(Observed { states, trigger_counts, deadletters })
+    Ok(Observed { states, trigger_counts, deadletters, first_dispatched, first_completed })
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
