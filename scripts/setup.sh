@@ -3,7 +3,8 @@
 # (checked, not installed) with rustfmt and clippy, redis-server, redis-sentinel (the failover
 # test's Sentinels), the PostgreSQL server
 # binaries, Chromium and Node.js (from Debian's packages), playwright-core (npm, into
-# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI).
+# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI);
+# python3-venv (Debian's) for the Python package's tests, which make a virtualenv.
 # Idempotent. It never starts or enables the system services: the orchestrator starts its own
 # throwaway instances on free ports.
 set -euo pipefail
@@ -43,6 +44,8 @@ if have_postgres; then say "postgres server binaries found"; else missing+=(post
 # The dashboard's browser test: Debian's Chromium, driven by playwright-core under Node.js.
 if [ -x /usr/bin/chromium ]; then say "chromium found"; else missing+=(chromium); fi
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then say "node found ($(node --version))"; else missing+=(nodejs npm); fi
+# The Python package's tests (sdk/python/test.sh) make a virtualenv: Debian's python3-venv.
+if python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then say "python3 with venv found"; else missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -25,12 +25,14 @@ place of a command:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import json
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -150,6 +152,36 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
+
+
+def _in_thread(fn: Callable[[Trigger], Any], trigger: Trigger) -> "asyncio.Future[Any]":
+    """``fn(trigger)`` in a daemon thread of its own, with the caller's context variables (the
+    trace). Unlike the default executor's threads, one that hangs after the agent gave up on
+    it does not keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: "asyncio.Future[Any]" = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def target() -> None:
+        try:
+            ok, value = True, ctx.run(fn, trigger)
+        except BaseException as e:  # noqa: BLE001 - handed to the agent's task
+            ok, value = False, e
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody waits for it any more
+
+    threading.Thread(target=target, name=f"ge-handler-{trigger.dispatch_id}", daemon=True).start()
+    return future
 
 
 def _env_duration(name: str, default: str) -> Optional[float]:
@@ -517,7 +549,7 @@ class Agent:
             return await handler(trigger)  # type: ignore[misc]
         # A plain function runs in a thread, so that a blocking call (a model's HTTP client)
         # does not hold up heartbeats and the other triggers.
-        value = await asyncio.to_thread(handler, trigger)
+        value = await _in_thread(handler, trigger)
         if inspect.isawaitable(value):
             value = await value
         return value
