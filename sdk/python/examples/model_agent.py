@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict
 
-from ge_orchestrator import Agent, Fatal, Retryable, Trigger
+from ge_orchestrator import Agent, Fatal, Retryable, Trigger, run_agents
 
 log = logging.getLogger("model_agent")
 
@@ -56,11 +56,8 @@ def main() -> None:
         reply = chat(model_url, "You review drafts.", f"Review the draft of work package {t.wp_id} in a {t.get('tone', 'neutral')} tone")
         return {"review": reply["choices"][0]["message"]["content"], "usage": reply["usage"]}
 
-    async def run() -> None:
-        agents = [Agent("writer", write, concurrency=4), Agent("reviewer", review)]
-        await asyncio.gather(*(a.run() for a in agents))
-
-    asyncio.run(run())
+    # Both in one process; SIGTERM or Ctrl-C stops both, letting running calls report.
+    asyncio.run(run_agents(Agent("writer", write, concurrency=4), Agent("reviewer", review)))
 
 
 if __name__ == "__main__":

@@ -161,20 +161,32 @@ class Postgres:
 
 
 class Redis:
-    def __init__(self, base: Path) -> None:
+    """redis-server on a free port; ``replica_of`` a master's port makes it a replica,
+    ``sentinel_of`` a master's port makes it a Sentinel (``redis-server --sentinel``, what
+    Debian's redis-sentinel is) watching that master as ``mymaster``."""
+
+    def __init__(self, base: Path, replica_of: Optional[int] = None, sentinel_of: Optional[int] = None) -> None:
         bin_ = find_redis_server()
         if bin_ is None:
             need("redis-server is not installed; run scripts/setup.sh")
         self.dir = Path(tempfile.mkdtemp(dir=base, prefix="redis-"))
         self.port = free_port()
         self.log = self.dir / "redis.log"
-        self.proc = subprocess.Popen(
-            [bin_, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.log)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        conf = self.dir / "redis.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", f"logfile {self.log}"]
+        if sentinel_of is None:
+            lines += ['save ""', "appendonly no"]
+        if replica_of is not None:
+            lines.append(f"replicaof 127.0.0.1 {replica_of}")
+        if sentinel_of is not None:
+            lines += [
+                f"sentinel monitor mymaster 127.0.0.1 {sentinel_of} 1",
+                "sentinel down-after-milliseconds mymaster 2000",
+                "sentinel failover-timeout mymaster 10000",
+            ]
+        conf.write_text("\n".join(lines) + "\n")
+        args = [bin_, str(conf)] + (["--sentinel"] if sentinel_of is not None else [])
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(self._pong, "redis-server to start")
 
     def _pong(self) -> bool:
@@ -214,7 +226,7 @@ class Replica:
         self.log = stack.dir / f"replica-{consumer}.log"
         env = dict(os.environ)
         env.update(
-            REDIS_URL=stack.redis.url,
+            REDIS_URL=stack.redis_url,
             DATABASE_URL=stack.database_url,
             GE_ROUTING_CONFIG=str(stack.routing),
             GE_SCHEDULER_INTERVAL="100ms",
@@ -263,11 +275,23 @@ class Stack:
         self.binary = binary
         self.dir = Path(tempfile.mkdtemp(dir=base, prefix=f"{name[:40]}-"))
         self.redis = Redis(self.dir)
+        self.extra_redis: List[Redis] = []
+        self.redis_url = self.redis.url
         self.database_url = postgres.create_database("t_" + os.urandom(8).hex())
         self.routing = self.dir / "routing.yaml"
         self.routing.write_text(ROUTING)
         self.replicas: List[Replica] = []
         self.children: List[subprocess.Popen] = []  # type: ignore[type-arg]
+
+    def with_sentinel(self) -> str:
+        """Makes this stack's Redis the master of a replica watched by a Sentinel; returns the
+        Sentinel URL (``redis+sentinel://127.0.0.1:PORT/mymaster``), which the replicas
+        started afterwards are given."""
+        replica = Redis(self.dir, replica_of=self.redis.port)
+        sentinel = Redis(self.dir, sentinel_of=self.redis.port)
+        self.extra_redis += [replica, sentinel]
+        self.redis_url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"
+        return self.redis_url
 
     def replica(self, consumer: str) -> Replica:
         r = Replica(self, consumer)
@@ -292,4 +316,6 @@ class Stack:
                 c.wait()
         for r in self.replicas:
             r.kill()
+        for x in self.extra_redis:
+            x.stop()
         self.redis.stop()

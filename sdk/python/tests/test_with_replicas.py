@@ -255,3 +255,52 @@ async def test_sigterm_lets_the_running_handler_finish_and_report(stack: Stack) 
         await r.aclose()
     assert out["term-1"].ok and out["term-1"].result == "done by worker-a"
     assert "stopping after the running handlers" in (stack.dir / "worker-a.log").read_text()
+
+
+async def test_through_sentinel_across_a_failover(stack: Stack) -> None:
+    url = stack.with_sentinel()
+    sentinel_port = int(url.split("//")[1].split("/")[0].split(":")[1])
+    sentinel = aioredis.Redis(host="127.0.0.1", port=sentinel_port, decode_responses=True)
+
+    async def master_port() -> int:
+        return int((await sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"))[1])
+
+    async def replica_in_sync() -> bool:
+        for raw in await sentinel.execute_command("SENTINEL", "REPLICAS", "mymaster"):
+            info = dict(zip(raw[::2], raw[1::2]))
+            if info.get("flags") == "slave" and info.get("master-link-status") == "ok":
+                return True
+        return False
+
+    await eventually(replica_in_sync, "the Sentinel to see the replica in sync")
+    replica = stack.replica("r1")  # given the Sentinel URL
+
+    async def handle(t: Trigger) -> str:
+        return f"done {t.wp_id}"
+
+    agent = Agent("worker", handle, redis_url=url)
+    task = await start(agent)
+    try:
+        async with Producer(url, admin_url=replica.url, submit_attempts=30) as p:
+            assert p.wait_replicas == 1  # by default with Sentinels, as a replica
+            before = await p.wait(await p.submit("s.before", agent_id="worker"), timeout=T)
+            old = await master_port()
+            await sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster")
+
+            async def moved() -> bool:
+                if await master_port() == old:
+                    return False
+                new = aioredis.Redis(host="127.0.0.1", port=await master_port(), decode_responses=True)
+                try:
+                    return (await new.execute_command("ROLE"))[0] == "master"
+                finally:
+                    await new.aclose()
+
+            await eventually(moved, "the Sentinel to promote the replica")
+            # Confirmed by WAIT 1 once the old master follows the new one: the producer
+            # sends the entry again until then.
+            after = await p.wait(await p.submit("s.after", agent_id="worker"), timeout=2 * T)
+    finally:
+        await stop(agent, task)
+        await sentinel.aclose()
+    assert before["s.before"].ok and after["s.after"].ok, (before, after, log_tail(replica.log))

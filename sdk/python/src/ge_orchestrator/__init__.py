@@ -7,7 +7,7 @@
   stream, confirmed by replicas when asked (``WAIT``), and their outcomes.
 """
 
-from .agent import Agent, Fatal, Handler, HandlerFailure, Retryable, Trigger, run_agent
+from .agent import Agent, Fatal, Handler, HandlerFailure, Retryable, Trigger, run_agent, run_agents
 from .connection import Endpoint
 from .names import Names, parse_duration
 from .plan import Plan, PlanError, WorkPackage, is_valid_wp_id
@@ -42,4 +42,5 @@ __all__ = [
     "is_valid_wp_id",
     "parse_duration",
     "run_agent",
+    "run_agents",
 ]

@@ -48,7 +48,7 @@ from .connection import Endpoint
 from .names import Backoff, Names, parse_duration
 from .report import DEFAULT_MAX_REPORT_BYTES, fit, to_text
 
-__all__ = ["Agent", "Trigger", "Retryable", "Fatal", "HandlerFailure", "Handler", "run_agent"]
+__all__ = ["Agent", "Trigger", "Retryable", "Fatal", "HandlerFailure", "Handler", "run_agent", "run_agents"]
 
 log = logging.getLogger("ge_orchestrator.agent")
 
@@ -595,6 +595,32 @@ class Agent:
             if not still:
                 log.warning("trigger %s was taken over by another consumer; it may run twice", entry_id)
                 return
+
+
+async def run_agents(*agents: Agent) -> None:
+    """Runs several agents in this event loop until SIGTERM or SIGINT, which stops them all
+    (each agent's own handling of the signals would leave only the last one listening)."""
+    loop = asyncio.get_running_loop()
+    installed: List[int] = []
+
+    def on_signal(sig: int) -> None:
+        for a in agents:
+            if a._stop is not None:
+                a._on_signal(sig)
+            else:
+                a.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    try:
+        await asyncio.gather(*(a.run(handle_signals=False) for a in agents))
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def run_agent(name: str, handler: Handler, **settings: Any) -> None:
