@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -317,8 +317,8 @@ class Agent:
             await self._loop()
         finally:
             await self._drain()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            for installed_sig in installed:
+                loop.remove_signal_handler(installed_sig)
             if self._own_client and self._redis is not None:
                 await self._redis.aclose() if hasattr(self._redis, "aclose") else await self._redis.close()
                 self._redis = None
@@ -383,6 +383,7 @@ class Agent:
                 break
             free = self.concurrency - len(self._in_flight)
             try:
+                got: Any
                 if own_first:
                     # Own pending triggers first (at start, after a lost connection): those
                     # being handled already are skipped.
@@ -427,7 +428,7 @@ class Agent:
         min_idle = int(self.claim_idle * 1000)
         while not self._stopping and len(self._in_flight) < self.concurrency:
             try:
-                reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer, min_idle, start_id=cursor, count=1)
+                reply: Any = await self.redis.xautoclaim(self.stream, self.group, self.consumer, min_idle, start_id=cursor, count=1)
             except (ResponseError, *CONNECTION_ERRORS) as e:
                 log.warning("agent cannot claim abandoned triggers: %s; trying again later", e)
                 return
@@ -546,7 +547,7 @@ class Agent:
     async def _call(handler: Handler, trigger: Trigger) -> Any:
         target = handler.func if isinstance(handler, functools.partial) else handler
         if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):
-            return await handler(trigger)  # type: ignore[misc]
+            return await handler(trigger)
         # A plain function runs in a thread, so that a blocking call (a model's HTTP client)
         # does not hold up heartbeats and the other triggers.
         value = await _in_thread(handler, trigger)
@@ -564,7 +565,7 @@ class Agent:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     if target is not None and report is not None:
-                        pipe.xadd(target, report)
+                        pipe.xadd(target, cast(Any, report))
                     pipe.xack(self.stream, self.group, entry_id)
                     await pipe.execute()
                 return True
@@ -579,7 +580,7 @@ class Agent:
         while True:
             await asyncio.sleep(every)
             try:
-                await self.redis.xadd(self.names.heartbeat, beat)
+                await self.redis.xadd(self.names.heartbeat, cast(Any, beat))
                 self.stats.heartbeats += 1
             except (ResponseError, *CONNECTION_ERRORS) as e:
                 log.warning("cannot send a heartbeat for %s: %s", trigger.dispatch_id, e)
@@ -619,8 +620,8 @@ async def run_agents(*agents: Agent) -> None:
     try:
         await asyncio.gather(*(a.run(handle_signals=False) for a in agents))
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        for installed_sig in installed:
+            loop.remove_signal_handler(installed_sig)
 
 
 def run_agent(name: str, handler: Handler, **settings: Any) -> None:

@@ -215,9 +215,10 @@ class Endpoint:
             master_kwargs.update(self._tls_kwargs())
         sentinel = Sentinel(self.sentinels, sentinel_kwargs=sentinel_kwargs)
         connection_class = _MasterSSLConnection if self.tls else _MasterConnection
-        return sentinel.master_for(
+        client: "aioredis.Redis" = sentinel.master_for(
             self.master_name,  # type: ignore[arg-type]
             connection_pool_class=SentinelConnectionPool,
             connection_class=connection_class,
             **master_kwargs,
         )
+        return client

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import yaml
+import yaml  # type: ignore[import-untyped, unused-ignore]
 
 __all__ = ["WorkPackage", "Plan", "PlanError", "is_valid_wp_id", "payload_text"]
 

@@ -33,7 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -268,7 +268,7 @@ class Producer:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for e in entries:
-                        pipe.xadd(self.names.incoming, dict(e))
+                        pipe.xadd(self.names.incoming, cast(Any, dict(e)))
                     if self.wait_replicas > 0:
                         pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
                     replies = await pipe.execute()
@@ -325,7 +325,7 @@ class Producer:
         are written after the entry, so only those after it are read)."""
         start = entry_id
         for _ in range(20):
-            page = await self.redis.xrange(self.names.deadletter, min=start, max="+", count=100)
+            page: Any = await self.redis.xrange(self.names.deadletter, min=start, max="+", count=100)
             for dl_id, fields in page:
                 if fields.get("source_id") == entry_id and fields.get("stream") == self.names.incoming:
                     return dict(fields)
