@@ -175,7 +175,8 @@ class Redis:
         conf = self.dir / "redis.conf"
         lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", f"logfile {self.log}"]
         if sentinel_of is None:
-            lines += ['save ""', "appendonly no"]
+            # repl-diskless-sync-delay: a replica's full sync starts at once, not after 5 s.
+            lines += ['save ""', "appendonly no", "repl-diskless-sync-delay 0"]
         if replica_of is not None:
             lines.append(f"replicaof 127.0.0.1 {replica_of}")
         if sentinel_of is not None:

@@ -267,8 +267,12 @@ async def test_through_sentinel_across_a_failover(stack: Stack) -> None:
 
     async def replica_in_sync() -> bool:
         for raw in await sentinel.execute_command("SENTINEL", "REPLICAS", "mymaster"):
-            info = dict(zip(raw[::2], raw[1::2]))
-            if info.get("flags") == "slave" and info.get("master-link-status") == "ok":
+            # redis-py parses it into a dict (flags as is_slave, is_sdown, ...).
+            info = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2]))
+            flags = str(info.get("flags", ""))
+            replica = info.get("is_slave") or flags == "slave"
+            down = info.get("is_sdown") or info.get("is_disconnected") or "down" in flags or "disconnected" in flags
+            if replica and not down and info.get("master-link-status") == "ok":
                 return True
         return False
 
@@ -297,6 +301,13 @@ async def test_through_sentinel_across_a_failover(stack: Stack) -> None:
                     await new.aclose()
 
             await eventually(moved, "the Sentinel to promote the replica")
+            # The Sentinel turns the old master into a replica of the new one at its next
+            # look at it (up to 10 s); done at once here, to keep the test short.
+            demoted = aioredis.Redis(host="127.0.0.1", port=old, decode_responses=True)
+            try:
+                await demoted.execute_command("REPLICAOF", "127.0.0.1", str(await master_port()))
+            finally:
+                await demoted.aclose()
             # Confirmed by WAIT 1 once the old master follows the new one: the producer
             # sends the entry again until then.
             after = await p.wait(await p.submit("s.after", agent_id="worker"), timeout=2 * T)
