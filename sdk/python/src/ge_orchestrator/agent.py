@@ -491,17 +491,22 @@ class Agent:
             await self._report_and_ack(entry_id, None, None)
             return
         trigger = Trigger(entry_id, fields, self.stream)
+        # The helpers end when `finished` is set, not only when cancelled: redis-py may turn a
+        # cancellation that lands in a command into an error, which they would survive.
+        finished = asyncio.Event()
         helpers = []
         if self.heartbeat_interval:
-            helpers.append(asyncio.ensure_future(self._heartbeats(trigger, self.heartbeat_interval)))
+            helpers.append(asyncio.ensure_future(self._heartbeats(trigger, self.heartbeat_interval, finished)))
         if self.claim_idle:
-            helpers.append(asyncio.ensure_future(self._keep_claimed(entry_id, self.claim_idle / 4)))
+            helpers.append(asyncio.ensure_future(self._keep_claimed(entry_id, self.claim_idle / 4, finished)))
         try:
             outcome = await self._run_handler(trigger)
         finally:
+            finished.set()
             for h in helpers:
                 h.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            if helpers:
+                await asyncio.wait(helpers, timeout=10)
         self.stats.handled += 1
         log.info("trigger handled: wp_id=%s dispatch_id=%s ok=%s", trigger.wp_id, trigger.dispatch_id, outcome.completed)
         report = {"wp_id": trigger.wp_id, "dispatch_id": trigger.dispatch_id, "agent_id": self.name}
@@ -575,27 +580,36 @@ class Agent:
                     return False
                 await backoff.wait(self._hard_stop)
 
-    async def _heartbeats(self, trigger: Trigger, every: float) -> None:
+    async def _heartbeats(self, trigger: Trigger, every: float, finished: asyncio.Event) -> None:
         beat = {"wp_id": trigger.wp_id, "dispatch_id": trigger.dispatch_id, "agent_id": self.name}
-        while True:
-            await asyncio.sleep(every)
+        while not await _set_within(finished, every):
             try:
                 await self.redis.xadd(self.names.heartbeat, cast(Any, beat))
                 self.stats.heartbeats += 1
             except (ResponseError, *CONNECTION_ERRORS) as e:
-                log.warning("cannot send a heartbeat for %s: %s", trigger.dispatch_id, e)
+                if not finished.is_set():
+                    log.warning("cannot send a heartbeat for %s: %s", trigger.dispatch_id, e)
 
-    async def _keep_claimed(self, entry_id: str, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
+    async def _keep_claimed(self, entry_id: str, every: float, finished: asyncio.Event) -> None:
+        while not await _set_within(finished, every):
             try:
                 still = await self.redis.eval(KEEP_CLAIMED, 1, self.stream, self.group, self.consumer, entry_id)
             except (ResponseError, *CONNECTION_ERRORS) as e:
-                log.warning("cannot keep trigger %s claimed: %s", entry_id, e)
+                if not finished.is_set():
+                    log.warning("cannot keep trigger %s claimed: %s", entry_id, e)
                 continue
-            if not still:
+            if not still and not finished.is_set():
                 log.warning("trigger %s was taken over by another consumer; it may run twice", entry_id)
                 return
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return event.is_set()
 
 
 async def run_agents(*agents: Agent) -> None:
