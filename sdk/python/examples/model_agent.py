@@ -50,7 +50,7 @@ def main() -> None:
         if not brief.get("topic"):
             raise Fatal("the payload needs a topic")  # no point in retrying
         reply = chat(model_url, "You write short drafts.", f"Draft a note about {brief['topic']}")
-        return {"draft": reply["choices"][0]["message"]["content"], "usage": reply["usage"], "trace": t.traceparent}
+        return {"draft": reply["choices"][0]["message"]["content"], "usage": reply["usage"]}
 
     def review(t: Trigger) -> Dict[str, Any]:
         reply = chat(model_url, "You review drafts.", f"Review the draft of work package {t.wp_id} in a {t.get('tone', 'neutral')} tone")
