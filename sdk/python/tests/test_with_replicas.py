@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -118,13 +119,15 @@ async def test_failures_retries_caps_and_dead_letters(stack: Stack) -> None:
             raise ValueError("kaput")
         if kind == "big":
             return "x" * 100_000 + "\0" + "y" * 100_000
+        if kind == "slow":
+            await asyncio.sleep(3600)
         return f"ok on attempt {t.attempt}"
 
-    agent = Agent("worker", handle, redis_url=stack.redis.url)
+    agent = Agent("worker", handle, redis_url=stack.redis.url, concurrency=4, timeout="1s")
     task = await start(agent)
     try:
         async with Producer(stack.redis.url, admin_url=replica.url) as p:
-            subs = [await p.submit(f"f.{k}", agent_id="worker") for k in ("flaky", "fatal", "boom", "big")]
+            subs = [await p.submit(f"f.{k}", agent_id="worker") for k in ("flaky", "fatal", "boom", "big", "slow")]
             subs.append(await p.submit("f.ghost", agent_id="ghost"))
             out = await p.wait(subs, timeout=T)
     finally:
@@ -139,6 +142,8 @@ async def test_failures_retries_caps_and_dead_letters(stack: Stack) -> None:
     assert big.ok and big.result is not None
     assert len(big.result.encode()) <= 64 << 10 and "bytes cut ...]" in big.result
     assert big.result.startswith("xxx") and big.result.endswith("yyy")
+    slow = out["f.slow"]  # the agent's timeout: a retryable failure, every attempt
+    assert slow.status == "failed" and slow.attempts == 3 and "timed out after 1 s" in (slow.error or ""), slow
     ghost = out["f.ghost"]
     assert ghost.status == "deadlettered" and (ghost.error or "").startswith("unknown_agent"), ghost
 
@@ -155,15 +160,24 @@ async def test_the_same_plan_from_the_cli_and_from_python_is_the_same_work(stack
     assert cli.returncode == 0, cli.stderr
     async with Producer(stack.redis.url) as p:
         subs = await p.submit_plan(plan, prefix="same.", trace=False)
+    module = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ge_orchestrator", "submit", str(plan), "--prefix", "same."],
+        env={**os.environ, "REDIS_URL": stack.redis.url},
+        capture_output=True,
+        text=True,
+        timeout=T,
+    )
+    assert module.returncode == 0 and f"submitted {len(subs)} work packages" in module.stdout, module
     r = client(stack)
     try:
         entries = [f for _, f in await r.xrange("ge:work:incoming")]
     finally:
         await r.aclose()
     n = len(subs)
-    assert len(entries) == 2 * n
-    # Field for field the same entries: a replica takes the second copy as a no-op.
-    assert entries[:n] == entries[n:]
+    assert n > 1 and len(entries) == 3 * n
+    # Field for field the same entries: a replica takes the later copies as no-ops.
+    assert entries[:n] == entries[n : 2 * n] == entries[2 * n :]
 
 
 async def test_a_replica_killed_while_the_agent_works(stack: Stack) -> None:
