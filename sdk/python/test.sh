@@ -21,7 +21,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 # The dependencies (from PyPI, once), then this checkout's package, replaced every run.
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' 'redis>=5' 'PyYAML>=6' 'pytest>=8' 'pytest-asyncio>=0.23'
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' 'redis>=5' 'PyYAML>=6' 'pytest>=8' 'pytest-asyncio>=0.23' 'opentelemetry-sdk>=1.20'
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
 # Build leftovers of the install, so the checkout stays as it was.
 rm -rf build src/*.egg-info
