@@ -170,25 +170,29 @@ class Redis:
         if bin_ is None:
             need("redis-server is not installed; run scripts/setup.sh")
         self.dir = Path(tempfile.mkdtemp(dir=base, prefix="redis-"))
-        self.port = free_port()
         self.log = self.dir / "redis.log"
-        conf = self.dir / "redis.conf"
-        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", f"logfile {self.log}"]
-        if sentinel_of is None:
-            # repl-diskless-sync-delay: a replica's full sync starts at once, not after 5 s.
-            lines += ['save ""', "appendonly no", "repl-diskless-sync-delay 0"]
-        if replica_of is not None:
-            lines.append(f"replicaof 127.0.0.1 {replica_of}")
-        if sentinel_of is not None:
-            lines += [
-                f"sentinel monitor mymaster 127.0.0.1 {sentinel_of} 1",
-                "sentinel down-after-milliseconds mymaster 2000",
-                "sentinel failover-timeout mymaster 10000",
-            ]
-        conf.write_text("\n".join(lines) + "\n")
-        args = [bin_, str(conf)] + (["--sentinel"] if sentinel_of is not None else [])
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(self._pong, "redis-server to start")
+        for _ in range(5):
+            # A free port may be taken before the server binds it: then another one.
+            self.port = free_port()
+            conf = self.dir / "redis.conf"
+            lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", f"logfile {self.log}"]
+            if sentinel_of is None:
+                # repl-diskless-sync-delay: a replica's full sync starts at once, not after 5 s.
+                lines += ['save ""', "appendonly no", "repl-diskless-sync-delay 0"]
+            if replica_of is not None:
+                lines.append(f"replicaof 127.0.0.1 {replica_of}")
+            if sentinel_of is not None:
+                lines += [
+                    f"sentinel monitor mymaster 127.0.0.1 {sentinel_of} 1",
+                    "sentinel down-after-milliseconds mymaster 2000",
+                    "sentinel failover-timeout mymaster 10000",
+                ]
+            conf.write_text("\n".join(lines) + "\n")
+            args = [bin_, str(conf)] + (["--sentinel"] if sentinel_of is not None else [])
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            if wait_until(lambda: self.proc.poll() is not None or self._pong(), "redis-server to start") and self.proc.poll() is None:
+                return
+        raise AssertionError(f"redis-server did not start:\n{log_tail(self.log)}")
 
     def _pong(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -223,7 +227,6 @@ class Replica:
 
     def __init__(self, stack: "Stack", consumer: str) -> None:
         self.consumer = consumer
-        self.http_port = free_port()
         self.log = stack.dir / f"replica-{consumer}.log"
         env = dict(os.environ)
         env.update(
@@ -238,18 +241,22 @@ class Replica:
         )
         for k in ("GE_ADMIN_READ_TOKEN", "GE_ADMIN_TOKEN"):
             env.pop(k, None)
-        args = [str(stack.binary), "run", "--consumer", consumer, "--block", "200ms", "--http-addr", f"127.0.0.1:{self.http_port}"]
-        logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
-        wait_until(self._ready, f"replica {consumer} to be ready (log: {self.log})")
+        for _ in range(3):
+            # A free port may be taken before the replica binds it: then another one.
+            self.http_port = free_port()
+            args = [str(stack.binary), "run", "--consumer", consumer, "--block", "200ms", "--http-addr", f"127.0.0.1:{self.http_port}"]
+            logf = open(self.log, "wb")
+            self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+            wait_until(lambda: self.proc.poll() is not None or self._ready(), f"replica {consumer} to be ready (log: {self.log})")
+            if self.proc.poll() is None:
+                return
+        raise AssertionError(f"replica {consumer} exited with {self.proc.returncode}:\n{log_tail(self.log)}")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"replica {self.consumer} exited with {self.proc.returncode}:\n{log_tail(self.log)}")
         with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
             return r.status == 200
 
