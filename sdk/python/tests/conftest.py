@@ -38,3 +38,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, postgres: Postgres, bi
 @pytest.fixture(autouse=True)
 def _logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ge_orchestrator")
+
+
+def pytest_report_header() -> str:
+    import ge_orchestrator
+
+    return f"ge_orchestrator {ge_orchestrator.__version__} from {ge_orchestrator.__file__}; binary {find_binary()}"
