@@ -44,7 +44,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import tracing
-from .connection import Endpoint
+from .connection import Endpoint, close_client
 from .names import Backoff, Names, parse_duration
 from .report import DEFAULT_MAX_REPORT_BYTES, fit, to_text
 
@@ -320,7 +320,7 @@ class Agent:
             for installed_sig in installed:
                 loop.remove_signal_handler(installed_sig)
             if self._own_client and self._redis is not None:
-                await self._redis.aclose() if hasattr(self._redis, "aclose") else await self._redis.close()
+                await close_client(self._redis)
                 self._redis = None
             log.info("agent %s stopped", self.name)
 

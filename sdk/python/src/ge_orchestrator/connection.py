@@ -32,7 +32,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["Endpoint", "SENTINEL_PORT", "redact"]
+__all__ = ["Endpoint", "SENTINEL_PORT", "close_client", "redact"]
 
 SENTINEL_PORT = 26379
 
@@ -222,3 +222,12 @@ class Endpoint:
             **master_kwargs,
         )
         return client
+
+
+async def close_client(client: "aioredis.Redis") -> None:
+    """Closes a client made by :meth:`Endpoint.client`, and its Sentinels' connections."""
+    closing = getattr(client, "aclose", None) or client.close
+    await closing()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for s in getattr(manager, "sentinels", []):
+        await (getattr(s, "aclose", None) or s.close)()

@@ -41,7 +41,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import tracing
-from .connection import Endpoint
+from .connection import Endpoint, close_client
 from .names import Backoff, Names, parse_duration
 from .plan import Plan, PlanLike, WorkPackage, is_valid_wp_id
 
@@ -183,7 +183,7 @@ class Producer:
 
     async def close(self) -> None:
         if self._own_client and self._redis is not None:
-            await self._redis.aclose() if hasattr(self._redis, "aclose") else await self._redis.close()
+            await close_client(self._redis)
             self._redis = None
 
     async def __aenter__(self) -> "Producer":

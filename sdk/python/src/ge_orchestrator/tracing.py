@@ -75,7 +75,7 @@ _current: contextvars.ContextVar[Optional[TraceContext]] = contextvars.ContextVa
 
 def _otel() -> Any:
     try:
-        from opentelemetry import propagate, trace  # type: ignore[import-not-found]
+        from opentelemetry import propagate, trace  # type: ignore[import-not-found, attr-defined, unused-ignore]
     except ImportError:  # pragma: no cover - depends on the environment
         return None
     return propagate, trace
