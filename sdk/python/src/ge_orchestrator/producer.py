@@ -117,6 +117,8 @@ def _entry(
     not_before: Optional[str] = None,
     fields: Optional[Mapping[str, str]] = None,
 ) -> List[Tuple[str, str]]:
+    if isinstance(depends_on, str):  # "a,b" as the field itself is written
+        depends_on = [d.strip() for d in depends_on.split(",") if d.strip()]
     wp = WorkPackage(
         wp_id=wp_id or f"wp-{secrets.token_hex(8)}",
         agent_id=agent_id,
