@@ -350,6 +350,7 @@ class Producer:
         order = list(entry_ids)
         done: Dict[str, Outcome] = {}
         unknown_since: Dict[str, float] = {}
+        dead_letters_read: Dict[str, float] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         sem = asyncio.Semaphore(8)
 
@@ -357,9 +358,12 @@ class Producer:
             async with sem:
                 view = await self.work_package(wp_id)
             if view is None:
-                first = unknown_since.setdefault(wp_id, time.monotonic())
+                now = time.monotonic()
+                first = unknown_since.setdefault(wp_id, now)
                 entry_id = entry_ids.get(wp_id)
-                if entry_id and time.monotonic() - first >= 1.0:
+                # Not known after a second: refused at ingest? (Looked for every 5 s at most.)
+                if entry_id and now - first >= 1.0 and now - dead_letters_read.get(wp_id, float("-inf")) >= 5.0:
+                    dead_letters_read[wp_id] = now
                     dl = await self.deadletter_of(entry_id)
                     if dl is not None:
                         done[wp_id] = Outcome(wp_id, "deadlettered", error=f"{dl.get('reason')}: {dl.get('detail')}", detail=dl)
