@@ -72,6 +72,27 @@ def test_bad_sentinel_urls_are_refused_without_the_password(url: str) -> None:
     assert "secret" not in str(e.value) and "invalid REDIS_URL" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:S3cr/et@h1:26379/ge",
+        "redis+sentinel://:S3cr#et@h1:26379/ge",
+        "redis+sentinel://:S3cr?et@h1:26379/ge",
+        "rediss+sentinel://app:S3cr?et@h1,h2/ge/0",
+        "redis+sentinel://:S3cret@h1:26379/ge?x=a@b",
+    ],
+)
+def test_unencoded_delimiters_are_refused_saying_how_to_encode_them(url: str) -> None:
+    with pytest.raises(ValueError) as e:
+        Endpoint.parse(url)
+    assert "percent-encode" in str(e.value) and "%2F" in str(e.value) and "S3" not in str(e.value)
+
+
+def test_encoded_delimiters_are_read() -> None:
+    e = Endpoint.parse("redis+sentinel://:S3cr%2F%23%3F%40et@h1/ge?x=1")
+    assert (e.password, e.master_name, e.sentinels) == ("S3cr/#?@et", "ge", [("h1", 26379)])
+
+
 def test_redact() -> None:
     assert redact("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"

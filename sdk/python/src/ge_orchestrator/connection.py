@@ -36,6 +36,13 @@ __all__ = ["Endpoint", "SENTINEL_PORT", "close_client", "redact"]
 
 SENTINEL_PORT = 26379
 
+#: How to write a user or password that URL parsers would split elsewhere than meant (the
+#: replica's words).
+ENCODE = (
+    "the user and password cannot be read as written: percent-encode their special characters "
+    "(/ as %2F, ? as %3F, # as %23, @ as %40, : in the user as %3A, % as %25), and any @ after the hosts as %40"
+)
+
 #: How long one Sentinel, or the master it names, may take to answer (the replicas' 1 s).
 LOOKUP_TIMEOUT = 1.0
 
@@ -137,9 +144,16 @@ class Endpoint:
             return cls(url=url, tls=scheme == "rediss")
         if scheme not in ("redis+sentinel", "rediss+sentinel"):
             raise bad(f"unknown scheme {scheme}")
-        userinfo, at, hostpart = rest.rpartition("@")
+        # As every URL parser reads it (and the replica, contract v1.5): the Sentinels' part ends
+        # at the first `/`, `?` or `#`, the user and password are what comes before its last
+        # `@`. An `@` after that point means a delimiter left unencoded in the password.
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        if "@" in rest[end:]:
+            raise bad(ENCODE)
+        userinfo, at, hosts_only = rest[:end].rpartition("@")
         if not at:
-            userinfo, hostpart = "", rest
+            userinfo = ""
+        hostpart = hosts_only + rest[end:]
         hosts, slash, path = hostpart.partition("/")
         if not slash:
             raise bad("no master name (…/mymaster after the Sentinels)")
