@@ -3,8 +3,7 @@
 # (checked, not installed) with rustfmt and clippy, redis-server, redis-sentinel (the failover
 # test's Sentinels), the PostgreSQL server
 # binaries, Chromium and Node.js (from Debian's packages), playwright-core (npm, into
-# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI);
-# python3-venv (Debian's) for the Python package's tests, which make a virtualenv.
+# tests/browser/node_modules, from the committed package-lock.json) and schemathesis (PyPI).
 # Idempotent. It never starts or enables the system services: the orchestrator starts its own
 # throwaway instances on free ports.
 set -euo pipefail
