@@ -44,6 +44,8 @@ if have_postgres; then say "postgres server binaries found"; else missing+=(post
 # The dashboard's browser test: Debian's Chromium, driven by playwright-core under Node.js.
 if [ -x /usr/bin/chromium ]; then say "chromium found"; else missing+=(chromium); fi
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then say "node found ($(node --version))"; else missing+=(nodejs npm); fi
+# The Python package's tests (sdk/python/test.sh) make a virtualenv: Debian's python3-venv.
+if python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then say "python3 with venv found"; else missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
