@@ -8,10 +8,14 @@ COPY migrations ./migrations
 COPY openapi.json ./
 COPY config ./config
 # The crates and the target directory are cache mounts (BuildKit's, and buildah's), so a
-# rebuild compiles only what changed; the binary is copied out of the cache.
+# rebuild compiles only the crate itself, not its dependencies; the binary is copied out of
+# the cache. The crate always compiles again (touch): the cache is shared by builds of other
+# checkouts, and cargo judges it fresh by modification times, so sources older than another
+# checkout's build would pass for built.
 RUN --mount=type=cache,id=ge-orchestrator-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=ge-orchestrator-target,sharing=locked,target=/src/target \
-    cargo build --release --locked \
+    touch src/lib.rs src/main.rs \
+ && cargo build --release --locked \
  && strip -o /usr/local/bin/ge-orchestrator target/release/ge-orchestrator
 
 # Run stage: the binary, the default routing file, and a non-root user.
