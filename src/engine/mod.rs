@@ -20,6 +20,7 @@ pub(crate) mod recover;
 pub mod retention;
 pub(crate) mod scheduler;
 pub mod settings;
+pub(crate) mod statistics;
 pub mod store;
 pub mod streams;
 pub mod takeover;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::context::Ctx;
 use crate::engine::deadlines;
 use crate::engine::dispatch;
+use crate::engine::statistics;
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut tick = tokio::time::interval(ctx.settings.scheduler_interval);
@@ -29,6 +30,10 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
         }
         if let Err(e) = deadlines::expire_overdue(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
+            ctx.stats.note_error();
+        }
+        if let Err(e) = statistics::keep_up(&ctx).await {
+            tracing::warn!(error = %e, "analyzing work_packages failed");
             ctx.stats.note_error();
         }
         if let Err(e) = dispatch::reroute_open_work(&ctx).await {

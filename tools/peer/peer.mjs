@@ -171,7 +171,8 @@ async function drive(shape, opts) {
   }
   const seconds = Math.max(last - first, 1) / 1e6;
   const out = { shape, jobs, processed, unique: started.size, seconds, jobs_per_s: started.size / seconds, latency_us: latencyUs };
-  process.stdout.write(`${JSON.stringify(out)}\n`);
+  // Exit only once the answer is written: on a pipe, process.exit() cut it at 64 KiB.
+  await new Promise((resolve) => process.stdout.write(`${JSON.stringify(out)}\n`, resolve));
 }
 
 const [cmd, ...rest] = process.argv.slice(2);
