@@ -43,7 +43,10 @@ pub fn session_options(
     use anyhow::Context;
     let options: sqlx::postgres::PgConnectOptions =
         url.parse().with_context(|| format!("invalid DATABASE_URL {}", crate::core::redact::url(url)))?;
-    let options = options.application_name(application_name);
+    // No JIT: the engine's statements are short, but the planner's estimate for a round's
+    // candidates (a recursive skip scan per target) crossed `jit_above_cost` behind a large
+    // backlog, and compiling the plan took 3 s of every round (auto_explain, held-backlog).
+    let options = options.application_name(application_name).options([("jit", "off")]);
     Ok(match statement_timeout {
         Some(t) => options.options([("statement_timeout", format!("{}ms", t.as_millis()))]),
         None => options,
