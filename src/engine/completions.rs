@@ -21,7 +21,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let policy = ctx.routing.get().retry.clone();
     let mut deadletters = Vec::new();
     let mut changed = Vec::new();
-    // The agents whose slots the reports freed: their targets' ready work is read next.
+    // The capped agents whose slots the reports freed: their targets' ready work is read next.
     let mut freed = std::collections::BTreeSet::new();
     let (mut completed, mut failed) = (0u64, 0u64);
     // (wp_id, completed?) of the reports applied, for the per-agent metrics.
@@ -121,7 +121,13 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     // The reports are durable, so the acknowledgement and the dispatch of what they unblocked
     // go out together: the round reads nothing the acknowledgement changes (the lane gate looks
     // at the incoming stream only), and the next work package does not wait for Redis to answer.
-    freed.extend(routes.iter().map(|(agent, _)| agent.clone()).filter(|a| !a.is_empty()));
+    // Only a capped agent's freed slot can let its ready work go: an agent without a cap has
+    // no ready work waiting for a slot (what waits for it waits for a resume, a token or a
+    // routing file, which the sweep sees), so its completions read no ready work at all.
+    let routing = ctx.routing.get();
+    freed.extend(
+        routes.iter().map(|(agent, _)| agent.clone()).filter(|a| routing.agents.get(a).is_some_and(|spec| spec.max_in_flight.is_some())),
+    );
     let ready = if freed.is_empty() { Ready::None } else { Ready::Of(freed) };
     let scope = Scope { wp_ids: unblocked, sweep_from: None, ready };
     let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch::round(ctx, &scope));
