@@ -158,6 +158,15 @@ pub(crate) enum Dest {
     Role(String),
 }
 
+impl From<&TriggerTarget> for Dest {
+    fn from(t: &TriggerTarget) -> Dest {
+        match t {
+            TriggerTarget::Role(r) => Dest::Role(r.clone()),
+            TriggerTarget::Agent(a) => Dest::Agent(a.clone()),
+        }
+    }
+}
+
 impl Target {
     /// The stored form, `work_type/role:developer`: the key of the index of ready work.
     pub fn key(&self) -> String {
@@ -190,7 +199,7 @@ impl Target {
     pub fn agents<'t>(&self, table: &'t RoutingTable) -> Vec<&'t str> {
         match &self.dest {
             Dest::Agent(a) => table.agents.get_key_value(a).map(|(k, _)| k.as_str()).into_iter().collect(),
-            Dest::Role(r) => table.agents.iter().filter(|(_, a)| a.roles.iter().any(|x| x == r)).map(|(n, _)| n.as_str()).collect(),
+            Dest::Role(r) => table.agents_with_role(r).map(|(n, _)| n).collect(),
         }
     }
 }
@@ -244,11 +253,7 @@ pub(crate) fn resolve(req: &RouteRequest, table: &RoutingTable) -> Result<Target
     if let Some(subject) = trigger.as_ref().or(work_type.as_ref())
         && let Some(rule) = table.triggers.iter().find(|t| t.pattern.is_match(subject))
     {
-        let dest = match &rule.target {
-            TriggerTarget::Role(role) => Dest::Role(role.clone()),
-            TriggerTarget::Agent(agent) => Dest::Agent(agent.clone()),
-        };
-        return Ok(Target { kind: RouteKind::Trigger, dest });
+        return Ok(Target { kind: RouteKind::Trigger, dest: Dest::from(&rule.target) });
     }
     if let Some(default) = &table.default_agent {
         return Ok(Target { kind: RouteKind::Default, dest: Dest::Agent(default.clone()) });

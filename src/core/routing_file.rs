@@ -397,7 +397,7 @@ fn strip_location(message: &str) -> String {
 
 impl RoutingTable {
     /// Agents having `role`, sorted by name.
-    pub(crate) fn agents_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = (&'a str, &'a AgentSpec)> + 'a {
+    pub(crate) fn agents_with_role<'a, 'r>(&'a self, role: &'r str) -> impl Iterator<Item = (&'a str, &'a AgentSpec)> + use<'a, 'r> {
         self.agents.iter().filter(move |(_, a)| a.roles.iter().any(|r| r == role)).map(|(n, a)| (n.as_str(), a))
     }
 

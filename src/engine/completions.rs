@@ -18,11 +18,9 @@ struct Report<'a> {
 
 pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let stream = input.stream(ctx).to_string();
-    let policy = ctx.routing.get().retry.clone();
+    let routing = ctx.routing.get();
     let mut deadletters = Vec::new();
     let mut changed = Vec::new();
-    // The capped agents whose slots the reports freed: their targets' ready work is read next.
-    let mut freed = std::collections::BTreeSet::new();
     let (mut completed, mut failed) = (0u64, 0u64);
     // (wp_id, completed?) of the reports applied, for the per-agent metrics.
     let mut reported: Vec<(String, bool)> = Vec::new();
@@ -77,7 +75,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             for r in &reports {
                 let error = entry::report_text(r.fields.get("error").map(String::as_str).unwrap_or("(no error text given)"));
                 let retryable = !matches!(r.fields.get("retryable").map(String::as_str), Some("false"));
-                out.push(store::fail(&mut tx, &r.wp_id, r.dispatch_id.as_deref(), &error, retryable, &policy).await?);
+                out.push(store::fail(&mut tx, &r.wp_id, r.dispatch_id.as_deref(), &error, retryable, &routing.retry).await?);
             }
             out
         }
@@ -121,13 +119,15 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     // The reports are durable, so the acknowledgement and the dispatch of what they unblocked
     // go out together: the round reads nothing the acknowledgement changes (the lane gate looks
     // at the incoming stream only), and the next work package does not wait for Redis to answer.
+    // The capped agents whose slots the reports freed: their targets' ready work is read next.
     // Only a capped agent's freed slot can let its ready work go: an agent without a cap has
     // no ready work waiting for a slot (what waits for it waits for a resume, a token or a
     // routing file, which the sweep sees), so its completions read no ready work at all.
-    let routing = ctx.routing.get();
-    freed.extend(
-        routes.iter().map(|(agent, _)| agent.clone()).filter(|a| routing.agents.get(a).is_some_and(|spec| spec.max_in_flight.is_some())),
-    );
+    let freed: std::collections::BTreeSet<String> = routes
+        .iter()
+        .map(|(agent, _)| agent.clone())
+        .filter(|a| routing.agents.get(a).is_some_and(|spec| spec.max_in_flight.is_some()))
+        .collect();
     let ready = if freed.is_empty() { Ready::None } else { Ready::Of(freed) };
     let scope = Scope { wp_ids: unblocked, sweep_from: None, ready };
     let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch::round(ctx, &scope));

@@ -143,7 +143,8 @@ impl Bucket {
     }
 }
 
-/// Takes `used` tokens from each bucket, as of `now` (the clock `read_buckets` returned).
+/// Takes `used` tokens from each bucket, as of `now` (the database's clock the buckets were
+/// refilled to, see `dispatch::claim::agents_now`).
 pub(crate) async fn take_tokens(
     tx: &mut Transaction<'_, Postgres>,
     buckets: &HashMap<String, Bucket>,

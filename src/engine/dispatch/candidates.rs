@@ -43,8 +43,7 @@ macro_rules! eligible_since {
 /// find them (see `store` on `COLLATE "C"`). `$2` is the wp_ids the round was given; `$1` is the
 /// limit of each part the scope reads (a page of blocked work, the due work, each target's
 /// ready work). The wp_ids a round was given are never cut: they are what an event (a
-/// completion, an ingest) made runnable, and one left out would wait for a sweep to find it. `$held` tests the status: through the open-work index for a sweep, as a filter after
-/// the key for a scope of wp_ids (see `store` on `COLLATE "C"`).
+/// completion, an ingest) made runnable, and one left out would wait for a sweep to find it.
 ///
 /// Best first (v1.4): higher `priority`; then fair share among equal priorities: each fairness
 /// key's work takes turns (its first, then its second, ...), a key's turns counted on from

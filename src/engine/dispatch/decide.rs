@@ -101,11 +101,7 @@ fn targets(routing: &RoutingTable) -> BTreeSet<Target> {
         out.insert(Target { kind: RouteKind::WorkType, dest: Dest::Role(r.clone()) });
     }
     for t in &routing.triggers {
-        let dest = match &t.target {
-            crate::core::routing_file::TriggerTarget::Role(r) => Dest::Role(r.clone()),
-            crate::core::routing_file::TriggerTarget::Agent(a) => Dest::Agent(a.clone()),
-        };
-        out.insert(Target { kind: RouteKind::Trigger, dest });
+        out.insert(Target { kind: RouteKind::Trigger, dest: Dest::from(&t.target) });
     }
     if let Some(d) = &routing.default_agent {
         out.insert(Target { kind: RouteKind::Default, dest: Dest::Agent(d.clone()) });
@@ -140,7 +136,7 @@ pub(crate) fn open_targets(routing: &RoutingTable, agents: &AgentsNow, ready: &R
 pub(crate) fn limited_agents(routing: &RoutingTable, candidates: &[Candidate]) -> Vec<String> {
     let mut out = BTreeSet::new();
     for c in candidates {
-        let Some(target) = target_of(c, routing) else { continue };
+        let Ok(target) = target_of(c, routing) else { continue };
         out.extend(
             target
                 .agents(routing)
@@ -153,14 +149,14 @@ pub(crate) fn limited_agents(routing: &RoutingTable, candidates: &[Candidate]) -
 }
 
 /// The candidate's target under `routing`: the one it was given when it arrived, or, when the
-/// routing file changed since, routed again. None when it has no route now.
-fn target_of(c: &Candidate, routing: &RoutingTable) -> Option<Target> {
+/// routing file changed since, routed again; or why it has no route now.
+fn target_of(c: &Candidate, routing: &RoutingTable) -> Result<Target, String> {
     if c.routed_by.as_deref() == Some(routing.config_version.as_str())
         && let Some(t) = c.target.as_deref().and_then(Target::parse)
     {
-        return Some(t);
+        return Ok(t);
     }
-    router::resolve(&c.request(), routing).ok()
+    router::resolve(&c.request(), routing).map_err(|(_, detail)| detail)
 }
 
 /// How a waiting work package is stored.
@@ -243,13 +239,12 @@ pub(crate) fn decide(candidates: &[Candidate], routing: &RoutingTable, agents: &
             continue;
         }
         let current = c.routed_by.as_deref() == Some(routing.config_version.as_str());
-        let Some(target) = target_of(c, routing) else {
-            let detail = match router::resolve(&c.request(), routing) {
-                Err((_, detail)) => detail,
-                Ok(_) => "no route".into(),
-            };
-            out.waits.push(wait(format!("no route under routing {}: {detail}", routing.config_version), WaitAs::Ready));
-            continue;
+        let target = match target_of(c, routing) {
+            Ok(t) => t,
+            Err(detail) => {
+                out.waits.push(wait(format!("no route under routing {}: {detail}", routing.config_version), WaitAs::Ready));
+                continue;
+            }
         };
         match router::dispatch_to(&c.request(), &target, routing, agents) {
             Decision::Dispatch { agent, kind, .. } => {
