@@ -4,7 +4,9 @@
 //! sizes the rest, by statistics that autovacuum refreshes only at its next look (a minute by
 //! default) after a backlog of 200,000 arrived in seconds. So the scheduler analyzes the table
 //! itself when more of it changed since the last analyze than a fifth of its rows, one replica
-//! at a time (about 0.1 s at 200,000 rows, on the replica whose turn it is).
+//! at a time (about 0.1 s at 200,000 rows, on the replica whose turn it is). Measured on the
+//! bench's held-backlog (another agent's completion-to-dispatch behind 200,000 held): p99
+//! 2,501 and 226 ms in two runs without it, 13 ms with it; p50 the same either way.
 
 use crate::engine::context::Ctx;
 
