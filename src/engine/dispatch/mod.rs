@@ -62,13 +62,16 @@ pub(crate) const SWEEP_START: (i64, i64) = (-1, -1);
 /// due, slots freed, gates opened and dependencies completed on another replica, operators'
 /// actions). Blocked work is looked at a page per sweep, from where the last one stopped,
 /// so a sweep costs the same however large the backlog; a page shorter than a round starts
-/// the next sweep from the beginning again.
+/// the next sweep from the beginning again. Only blocked work whose prerequisites are all met
+/// is paged through (work behind its lane's head): what waits for a prerequisite comes back
+/// from the completion that meets its last one (`store::unblocked_by`), so however much of it
+/// there is, no sweep reads it.
 pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     let from = *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
     let n = round(ctx, &Scope::sweep(from)).await?;
     let next: Option<(i64, i64)> = sqlx::query_as(
         "SELECT x.source_ms, x.source_seq FROM work_packages x
-         WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($1, $2)
+         WHERE x.status = 'blocked' AND x.unmet_deps = 0 AND (x.source_ms, x.source_seq) > ($1, $2)
          ORDER BY x.source_ms, x.source_seq OFFSET $3 - 1 LIMIT 1",
     )
     .bind(from.0)
