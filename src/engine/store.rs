@@ -114,7 +114,7 @@ fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 ///
 /// `routes` gives each spec's target (`router::Target::key`) under the routing file whose
 /// version `routes.version` is: work is routed once, when it arrives.
-pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Ingested, sqlx::Error> {
     if let Some(out) = ingest_acyclic(pool, specs, routes).await? {
         return Ok(out);
     }
@@ -122,10 +122,31 @@ pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_
 }
 
 /// Where each work package of an ingest batch goes, in the batch's order, and under which
-/// routing file's version.
+/// routing file's version; and which of them are claimed in the transaction that stores them
+/// (`at_once`, in the same order; missing or None: stored to wait for a dispatch round).
 pub struct Routes<'a> {
     pub targets: &'a [String],
     pub version: &'a str,
+    pub at_once: &'a [Option<AtOnce>],
+}
+
+/// A claim made at ingest: the agent a work package that may run at once goes to, decided
+/// before its batch is stored (see `dispatch::at_ingest`). It is stored `dispatched`, attempt 1,
+/// with its outbox row, in the statement that inserts it, unless a pause of its agent or plan
+/// is committed by then: then it is stored `ready`, and the round after the ingest decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtOnce {
+    pub agent: String,
+    pub route: &'static str,
+    pub timeout_ms: Option<i64>,
+}
+
+/// What an ingest batch became: each entry's outcome, in the batch's order, and the rows it
+/// claimed at once (wp_id, agent_id, route, attempts, dispatch_id, fields, source_id, as a
+/// dispatch round's claim returns them), to be published once the batch is committed.
+pub struct Ingested {
+    pub outcomes: Vec<IngestOutcome>,
+    pub dispatched: Vec<sqlx::postgres::PgRow>,
 }
 
 /// The batch in one INSERT of work packages and one of edges, under the shared DAG lock, when
@@ -137,7 +158,7 @@ pub struct Routes<'a> {
 /// commits) there is none stored, the batch has none among its own work packages, and every
 /// dependency is stored or in the batch: so no edge into this batch's work packages can come
 /// from a concurrent shared batch either, whose dependencies must be stored or its own.
-async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Option<Vec<IngestOutcome>>, sqlx::Error> {
+async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Option<Ingested>, sqlx::Error> {
     let mut seen = HashSet::with_capacity(specs.len());
     // A batch that names one wp_id twice keeps strict stream order, so the first of the two wins.
     if !specs.iter().all(|s| seen.insert(s.wp_id.as_str())) || batch_has_cycle(specs) {
@@ -204,7 +225,7 @@ fn batch_has_cycle(specs: &[WorkPackageSpec]) -> bool {
 
 /// Under the exclusive DAG lock: work without dependencies in one statement, then each work
 /// package with dependencies checked against the whole graph and inserted, in stream order.
-async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Ingested, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
@@ -212,11 +233,14 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
     let mut seen = HashSet::with_capacity(specs.len());
     let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
     let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
+    let mut dispatched = Vec::new();
     if !repeats {
         let plain: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].depends_on.is_empty()).collect();
-        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain, routes).await?) {
+        let ingested = insert_many(&mut tx, specs, &plain, routes).await?;
+        for (i, outcome) in plain.iter().zip(ingested.outcomes) {
             out[*i] = Some(outcome);
         }
+        dispatched = ingested.dispatched;
     }
     for (i, spec) in specs.iter().enumerate() {
         if out[i].is_none() {
@@ -224,44 +248,61 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
         }
     }
     tx.commit().await?;
-    Ok(out.into_iter().flatten().collect())
+    Ok(Ingested { outcomes: out.into_iter().flatten().collect(), dispatched })
 }
 
-/// One INSERT for the specs at `idx` and one for their edges, then one SELECT for those that
-/// were there already, to tell a producer's retry from a conflicting resubmission. The caller
-/// has made sure none of them can close a cycle.
+/// One INSERT for the specs at `idx` (with the outbox rows of those claimed at once) and one
+/// for their edges, then one SELECT for those that were there already, to tell a producer's
+/// retry from a conflicting resubmission. The caller has made sure none of them can close a
+/// cycle.
 async fn insert_many(
     tx: &mut Transaction<'_, Postgres>,
     specs: &[WorkPackageSpec],
     idx: &[usize],
     routes: &Routes<'_>,
-) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+) -> Result<Ingested, sqlx::Error> {
     if idx.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Ingested { outcomes: Vec::new(), dispatched: Vec::new() });
     }
+    let at_once = |i: &usize| routes.at_once.get(*i).and_then(Option::as_ref);
     let col = |f: fn(&WorkPackageSpec) -> Option<String>| idx.iter().map(|i| f(&specs[*i])).collect::<Vec<_>>();
     let fields: Vec<serde_json::Value> = idx.iter().map(|i| fields_json(&specs[*i].fields)).collect();
     let deps: Vec<&str> = idx.iter().flat_map(|i| specs[*i].depends_on.iter().map(String::as_str)).collect();
     let completed = lock_prerequisites(tx, &deps).await?;
     let unmet: Vec<i32> = idx.iter().map(|i| unmet(&specs[*i], &completed)).collect();
-    let inserted: Vec<String> = sqlx::query_scalar(concat!(
-        "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
+    let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(concat!(
+        "WITH ins AS (
+         INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps)
+                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps,
+                                    agent_id, route, attempts, dispatch_id, dispatched_at, timeout_ms, deadline_at)
          SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
-                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
+                CASE WHEN s.status IN ('ready', 'dispatched') THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END,
                 CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END, t.unmet
+        " END, t.unmet,
+                CASE WHEN s.status = 'dispatched' THEN t.to_agent END, CASE WHEN s.status = 'dispatched' THEN t.to_route END,
+                CASE WHEN s.status = 'dispatched' THEN 1 ELSE 0 END, CASE WHEN s.status = 'dispatched' THEN t.wp_id || ':1' END,
+                CASE WHEN s.status = 'dispatched' THEN now() END, CASE WHEN s.status = 'dispatched' THEN t.to_timeout END,
+                CASE WHEN s.status = 'dispatched' THEN now() + make_interval(secs => t.to_timeout / 1000.0) END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
-                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[], $17::int4[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target, unmet)
+                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[], $17::int4[],
+                     $18::text[], $19::text[], $20::int8[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target, unmet,
+                   to_agent, to_route, to_timeout)
          CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
-                                               WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+                                               WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN t.to_agent IS NOT NULL AND NOT EXISTS (
+                                                    SELECT 1 FROM dispatch_pauses p
+                                                    WHERE (p.scope = 'agent' AND p.name = t.to_agent) OR (p.scope = 'plan' AND p.name = t.plan))
+                                                    THEN 'dispatched'
+                                               ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING
-         RETURNING wp_id"
+         RETURNING wp_id, status, agent_id, route, attempts, dispatch_id, fields, source_id),
+         outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM ins WHERE status = 'dispatched')
+         SELECT * FROM ins"
     ))
     .bind(col(|s| Some(s.wp_id.clone())))
     .bind(col(|s| s.agent_id.clone()))
@@ -280,9 +321,18 @@ async fn insert_many(
     .bind(idx.iter().map(|i| routes.targets[*i].as_str()).collect::<Vec<_>>())
     .bind(routes.version)
     .bind(&unmet)
+    .bind(idx.iter().map(|i| at_once(i).map(|c| c.agent.as_str())).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| at_once(i).map(|c| c.route)).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| at_once(i).and_then(|c| c.timeout_ms)).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
-    let inserted: HashSet<String> = inserted.into_iter().collect();
+    let inserted: HashSet<String> = rows.iter().map(|r| r.try_get("wp_id")).collect::<Result<_, _>>()?;
+    let mut dispatched = Vec::new();
+    for r in rows {
+        if r.try_get::<String, _>("status")? == "dispatched" {
+            dispatched.push(r);
+        }
+    }
     let (edge_from, edge_to): (Vec<&str>, Vec<&str>) = idx
         .iter()
         .map(|i| &specs[*i])
@@ -309,7 +359,7 @@ async fn insert_many(
             .into_iter()
             .collect()
     };
-    Ok(idx
+    let outcomes = idx
         .iter()
         .zip(fields)
         .map(|(i, f)| {
@@ -326,7 +376,8 @@ async fn insert_many(
                 )),
             }
         })
-        .collect())
+        .collect();
+    Ok(Ingested { outcomes, dispatched })
 }
 
 /// Locks the rows of the prerequisites `deps` that exist (FOR SHARE, in key order) and returns

@@ -29,7 +29,7 @@ fn spec(wp: &str, seq: i64, deps: &[&str]) -> WorkPackageSpec {
 
 async fn ingest(pool: &sqlx::PgPool, specs: &[WorkPackageSpec]) {
     let targets = vec!["explicit/agent:dolly".to_string(); specs.len()];
-    store::ingest(pool, specs, &Routes { targets: &targets, version: "v" }).await.unwrap();
+    store::ingest(pool, specs, &Routes { targets: &targets, version: "v", at_once: &[] }).await.unwrap();
 }
 
 async fn unmet(pool: &sqlx::PgPool, wp: &str) -> i32 {
