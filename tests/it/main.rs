@@ -34,6 +34,7 @@ mod random_bytes;
 mod recovery;
 mod retention;
 mod routing;
+mod schedules;
 mod security;
 mod security_http;
 mod self_contained;
