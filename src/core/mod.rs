@@ -5,8 +5,8 @@
 pub mod entry;
 pub mod fnmatch;
 pub(crate) mod limits;
-pub(crate) mod redact;
 pub mod plan;
+pub(crate) mod redact;
 pub mod retention;
 pub(crate) mod router;
 pub mod routing_file;

@@ -82,10 +82,10 @@ pub fn parse(text: &str, origin: &str, max_prefix: usize) -> Result<Plan, Config
         if !seen.insert(id.as_str()) {
             return Err(err_at(at(&wp.wp_id), format!("wp_id {id} appears twice in the plan")));
         }
-        if let Some(deps) = &wp.depends_on {
-            if let Some(d) = deps.value.iter().find(|d| !is_valid_wp_id(d) || d.len() > longest) {
-                return Err(err_at(at(deps), format!("depends_on entry {} is not a valid wp_id", excerpt(d))));
-            }
+        if let Some(deps) = &wp.depends_on
+            && let Some(d) = deps.value.iter().find(|d| !is_valid_wp_id(d) || d.len() > longest)
+        {
+            return Err(err_at(at(deps), format!("depends_on entry {} is not a valid wp_id", excerpt(d))));
         }
     }
     Ok(plan)
@@ -152,7 +152,7 @@ mod tests {
         let unknown = parse("work_packages:\n  - wp_id: a\n    colour: red\n", "p.yaml", 0).unwrap_err().to_string();
         assert!(unknown.starts_with("p.yaml:3:"), "{unknown}");
         let bad_id = parse("work_packages:\n  - wp_id: a\n  - wp_id: ../b\n", "p.yaml", 0).unwrap_err().to_string();
-        assert!(bad_id.starts_with("p.yaml:3:14:") && bad_id.contains("wp_id"), "{bad_id}");
+        assert!(bad_id.starts_with("p.yaml:3:12:") && bad_id.contains("wp_id"), "{bad_id}");
         let twice = parse("work_packages:\n  - wp_id: a\n  - wp_id: a\n", "p.yaml", 0).unwrap_err().to_string();
         assert!(twice.starts_with("p.yaml:3:") && twice.contains("twice"), "{twice}");
         let empty = parse("work_packages: []\n", "p.yaml", 0).unwrap_err().to_string();

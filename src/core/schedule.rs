@@ -177,7 +177,8 @@ pub fn due(timing: &Timing, missed: Missed, from: DateTime<Utc>, now: DateTime<U
     }
     let Some(&latest) = newest.first() else { return Due { fire: Vec::new(), missed: 0, next } };
     let on_time = now - latest <= GRACE;
-    let mut fire: Vec<DateTime<Utc>> = if on_time { newest.iter().take(keep + 1).copied().collect() } else { newest.iter().take(keep).copied().collect() };
+    let mut fire: Vec<DateTime<Utc>> =
+        if on_time { newest.iter().take(keep + 1).copied().collect() } else { newest.iter().take(keep).copied().collect() };
     fire.reverse();
     let mut total = 0u64;
     let mut t = from - chrono::TimeDelta::nanoseconds(1);

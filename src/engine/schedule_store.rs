@@ -203,7 +203,8 @@ pub async fn remove(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
 /// not caught up.
 pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> Result<Option<ScheduleView>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query("SELECT cron, timezone, paused FROM schedules WHERE name = $1 FOR UPDATE").bind(name).fetch_optional(&mut *tx).await?;
+    let row =
+        sqlx::query("SELECT cron, timezone, paused FROM schedules WHERE name = $1 FOR UPDATE").bind(name).fetch_optional(&mut *tx).await?;
     let Some(row) = row else { return Ok(None) };
     let was: bool = row.try_get("paused")?;
     if was != paused {
@@ -224,6 +225,9 @@ pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> Result<Optio
     Ok(list(pool).await?.into_iter().find(|s| s.name == name))
 }
 
+/// An incoming entry's fields, in order.
+pub(crate) type Entry = Vec<(String, String)>;
+
 /// A due schedule, locked by the round that decides it.
 pub(crate) struct DueSchedule {
     pub name: String,
@@ -242,7 +246,7 @@ impl DueSchedule {
     /// The plan, prefixed for the firing at `fire_at`, and its entries. Each entry also names
     /// its plan (the prefix without its dot), its schedule and the firing's time, unless the
     /// plan sets those fields itself.
-    pub(crate) fn entries(&self, prefix: &str, fire_at: DateTime<Utc>) -> Result<(Vec<String>, Vec<Vec<(String, String)>>), String> {
+    pub(crate) fn entries(&self, prefix: &str, fire_at: DateTime<Utc>) -> Result<(Vec<String>, Vec<Entry>), String> {
         let plan: Plan = plan::parse(&self.plan, &self.plan_source, MAX_PREFIX).map_err(|e| e.to_string())?.with_prefix(prefix);
         let extra = [
             ("plan", prefix.trim_end_matches('.').to_string()),
@@ -293,7 +297,11 @@ pub(crate) async fn lock_due(tx: &mut Transaction<'_, Postgres>, limit: i64) -> 
 }
 
 pub(crate) async fn set_next(tx: &mut Transaction<'_, Postgres>, name: &str, next: Option<DateTime<Utc>>) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE schedules SET next_fire_at = $2 WHERE name = $1").bind(name).bind(next.unwrap_or_else(never)).execute(&mut **tx).await?;
+    sqlx::query("UPDATE schedules SET next_fire_at = $2 WHERE name = $1")
+        .bind(name)
+        .bind(next.unwrap_or_else(never))
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 

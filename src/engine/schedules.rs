@@ -93,9 +93,9 @@ async fn decide(ctx: &Ctx) -> anyhow::Result<usize> {
 async fn decide_one(ctx: &Ctx, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, s: &DueSchedule, counts: &mut Counts) -> anyhow::Result<()> {
     // Stored definitions were checked when they were added; one this build cannot read (a
     // time zone gone from its database, say) is not fired, and is tried again in a minute.
-    let policies = Timing::parse(&s.cron, &s.timezone)
-        .map_err(|e| e.to_string())
-        .and_then(|t| Ok((t, s.missed.parse::<Missed>().map_err(|e| e.to_string())?, s.overlap.parse::<Overlap>().map_err(|e| e.to_string())?)));
+    let policies = Timing::parse(&s.cron, &s.timezone).map_err(|e| e.to_string()).and_then(|t| {
+        Ok((t, s.missed.parse::<Missed>().map_err(|e| e.to_string())?, s.overlap.parse::<Overlap>().map_err(|e| e.to_string())?))
+    });
     let (timing, missed, overlap) = match policies {
         Ok(p) => p,
         Err(e) => {

@@ -56,7 +56,10 @@ pub(crate) fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
 pub(crate) fn render_schedules(all: &[ScheduleView]) -> String {
     let mut out = String::new();
     let w = all.iter().map(|s| s.name.len()).max().unwrap_or(8).max(8);
-    out.push_str(&format!("{:<w$}  {:<20}  {:<16}  {:<20}  {:<20}  {}\n", "SCHEDULE", "CRON", "TIME ZONE", "NEXT FIRING", "LAST FIRING", "POLICIES"));
+    out.push_str(&format!(
+        "{:<w$}  {:<20}  {:<16}  {:<20}  {:<20}  {}\n",
+        "SCHEDULE", "CRON", "TIME ZONE", "NEXT FIRING", "LAST FIRING", "POLICIES"
+    ));
     for s in all {
         let next = if s.paused { "paused".into() } else { time(s.next_firing) };
         let last = match (&s.last_firing, &s.last_outcome) {
@@ -70,4 +73,3 @@ pub(crate) fn render_schedules(all: &[ScheduleView]) -> String {
     }
     out
 }
-

@@ -16,7 +16,8 @@ use crate::harness::{BIN, ROUTING, Replica, T, TestEnv, eventually, http, http_g
 
 /// Two work packages on dolly, the second after the first. No agent runs in these tests, so a
 /// firing's run stays open (its work dispatched) unless a test completes it.
-const PLAN: &str = "work_packages:\n  - wp_id: build\n    agent_id: dolly\n  - wp_id: check\n    agent_id: dolly\n    depends_on: [build]\n";
+const PLAN: &str =
+    "work_packages:\n  - wp_id: build\n    agent_id: dolly\n  - wp_id: check\n    agent_id: dolly\n    depends_on: [build]\n";
 const ONE: &str = "work_packages:\n  - wp_id: tick\n    agent_id: dolly\n";
 const EVERY_SECOND: &str = "* * * * * *";
 
@@ -241,7 +242,10 @@ async fn a_firing_whose_previous_run_is_open_is_skipped_or_started_by_policy() {
     assert!(single[1..second].iter().all(|f| f.outcome == "skipped_overlap" && f.wp_ids.is_empty()), "{single:?}");
     let completed_at: DateTime<Utc> =
         sqlx::query_scalar("SELECT completed_at FROM work_packages WHERE wp_id = $1").bind(&wp).fetch_one(&env.pool).await.unwrap();
-    assert!(single[second].decided_at >= completed_at - chrono::TimeDelta::seconds(1), "the next run started only after the first finished");
+    assert!(
+        single[second].decided_at >= completed_at - chrono::TimeDelta::seconds(1),
+        "the next run started only after the first finished"
+    );
     assert!(single[1..second].iter().all(|f| f.decided_at <= completed_at + chrono::TimeDelta::seconds(1)));
     assert!(many.len() >= 3 && many.iter().all(|f| f.outcome == "submitted"), "{many:?}");
     let open: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE wp_id LIKE 'many-%' AND status <> 'completed'")
@@ -293,7 +297,8 @@ async fn pause_resume_and_what_operators_see_through_the_api() {
     let body = |plan: &str, missed: &str| {
         serde_json::json!({ "cron": EVERY_SECOND, "plan": plan, "plan_source": "held.yaml", "missed": missed }).to_string()
     };
-    let (code, answer) = http(port, "PUT", "/api/schedules/held", Some(TOKEN), Some(&body("work_packages:\n  - wp_id: a\n    colour: red\n", "skip"))).await;
+    let (code, answer) =
+        http(port, "PUT", "/api/schedules/held", Some(TOKEN), Some(&body("work_packages:\n  - wp_id: a\n    colour: red\n", "skip"))).await;
     assert_eq!(code, 400, "{answer}");
     assert!(answer["error"].as_str().unwrap().starts_with("held.yaml:3:"), "{answer}");
     let (code, _) = http(port, "PUT", "/api/schedules/held", None, Some(&body(ONE, "skip"))).await;
@@ -361,15 +366,31 @@ async fn the_schedule_commands_and_status() {
     let bad_s = bad.display().to_string();
     let (ok, out) = run(&["schedule", "add", "nightly", "--cron", "0 2 * * *", "--plan", &bad_s]);
     assert!(!ok && out.contains(&format!("{bad_s}:3:")) && out.contains("twice"), "{out}");
-    let (ok, out) = run(&["schedule", "add", "nightly", "--cron", "0 2 * * *", "--timezone", "Mars/Base", "--plan", &good.display().to_string()]);
+    let (ok, out) =
+        run(&["schedule", "add", "nightly", "--cron", "0 2 * * *", "--timezone", "Mars/Base", "--plan", &good.display().to_string()]);
     assert!(!ok && out.contains("time zone"), "{out}");
     let good_s = good.display().to_string();
-    let (ok, out) = run(&["schedule", "add", "nightly", "--cron", "0 2 * * *", "--timezone", "Europe/Berlin", "--plan", &good_s, "--missed", "catch_up:1"]);
+    let (ok, out) = run(&[
+        "schedule",
+        "add",
+        "nightly",
+        "--cron",
+        "0 2 * * *",
+        "--timezone",
+        "Europe/Berlin",
+        "--plan",
+        &good_s,
+        "--missed",
+        "catch_up:1",
+    ]);
     assert!(ok && out.contains("added schedule nightly; next firing: ") && out.contains("T01:00:00Z"), "{out}");
     let (ok, out) = run(&["schedule", "add", "nightly", "--cron", "0 3 * * *", "--plan", &good_s]);
     assert!(!ok && out.contains("exists"), "{out}");
     let (ok, out) = run(&["status"]);
-    assert!(ok && out.contains("SCHEDULE") && out.contains("nightly") && out.contains("T01:00:00Z") && out.contains("missed=catch_up:1"), "{out}");
+    assert!(
+        ok && out.contains("SCHEDULE") && out.contains("nightly") && out.contains("T01:00:00Z") && out.contains("missed=catch_up:1"),
+        "{out}"
+    );
     let (ok, out) = run(&["schedule", "pause", "nightly"]);
     assert!(ok, "{out}");
     let (ok, out) = run(&["schedule", "list"]);
