@@ -201,8 +201,7 @@ async function schedules(page, sch) {
   await page.waitForSelector(`#schedules tr[data-schedule="${sch.paused}"][data-paused="true"] td.next:has-text("paused")`);
   const next = await page.textContent(`${row} td.next`);
   if (!next.startsWith(sch.next)) throw new Error(`${sch.name}: next firing ${next}, expected ${sch.next}`);
-  await page.locator("#schedules-section").scrollIntoViewIfNeeded();
-  await page.screenshot({ path: join(sch.screenshots, "dashboard-schedules.png"), fullPage: true });
+  await page.locator("#schedules-section").screenshot({ path: join(sch.screenshots, "dashboard-schedules.png") });
   step(`schedules listed with their next firing (${next.trim()}); screenshot taken`);
   await page.click(`${row} button.schedule-toggle`);
   await page.waitForSelector(`${row}[data-paused="true"] td.next:has-text("paused")`);
