@@ -448,7 +448,6 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/pauses/{scope}/{name}", post(pause))
         .route("/api/pauses/{scope}/{name}", delete(resume))
         .merge(reads)
-        .merge(crate::ops::schedules::router(ctx.clone()))
         .with_state(ctx)
 }
 

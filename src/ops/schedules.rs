@@ -79,12 +79,16 @@ async fn resume(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(name): P) -> 
     set_paused(&ctx, &headers, &name, false).await
 }
 
-pub(crate) fn router(ctx: Arc<Ctx>) -> Router<Arc<Ctx>> {
-    let reads = Router::new().route("/api/schedules", get(list)).route_layer(axum::middleware::from_fn_with_state(ctx, require_read_token));
+/// The schedules' part of the admin API, beside `admin::router`: reads behind the read token,
+/// changes checking the admin token themselves.
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
+    let reads =
+        Router::new().route("/api/schedules", get(list)).route_layer(axum::middleware::from_fn_with_state(ctx.clone(), require_read_token));
     Router::new()
         .route("/api/schedules/{name}", put(put_one))
         .route("/api/schedules/{name}", delete(remove))
         .route("/api/schedules/{name}/pause", post(pause))
         .route("/api/schedules/{name}/resume", post(resume))
         .merge(reads)
+        .with_state(ctx)
 }

@@ -86,7 +86,8 @@ async fn settled(env: &TestEnv, schedule: &str) -> Vec<Firing> {
     eventually(T, "every firing published and its work stored", || async {
         let all = firings(&env.pool, schedule).await;
         let want: usize = all.iter().map(|f| f.wp_ids.len()).sum();
-        (all.iter().all(|f| f.published || f.outcome != "submitted") && stored(&env.pool, &format!("{schedule}-")).await.len() == want).then_some(all)
+        (all.iter().all(|f| f.published || f.outcome != "submitted") && stored(&env.pool, &format!("{schedule}-")).await.len() == want)
+            .then_some(all)
     })
     .await
 }
