@@ -398,12 +398,13 @@ pub(crate) async fn mark_published(tx: &mut Transaction<'_, Postgres>, schedule:
 
 /// Removes finished firings beyond the newest `KEEP_FIRINGS` of each schedule (always keeping
 /// its newest submitted one, which the overlap policy reads), and those of removed schedules.
-pub(crate) async fn prune(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub async fn prune(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM schedule_firings f
          WHERE (f.published_at IS NOT NULL OR f.outcome <> 'submitted')
            AND (NOT EXISTS (SELECT 1 FROM schedules s WHERE s.name = f.schedule)
-                OR (f.fire_at < (SELECT max(g.fire_at) FROM schedule_firings g WHERE g.schedule = f.schedule AND g.outcome = 'submitted')
+                OR (f.fire_at IS DISTINCT FROM (SELECT max(g.fire_at) FROM schedule_firings g
+                                                WHERE g.schedule = f.schedule AND g.outcome = 'submitted')
                     AND f.fire_at < (SELECT g.fire_at FROM schedule_firings g WHERE g.schedule = f.schedule
                                      ORDER BY g.fire_at DESC OFFSET $1 LIMIT 1)))",
     )

@@ -282,6 +282,30 @@ async fn a_firing_recorded_but_not_published_is_published_by_another_replica() {
     replica.stop().await;
     let sent = env.entries("ge:work:incoming").await.into_iter().filter(|e| e.get("wp_id").map(String::as_str) == Some(wp)).count();
     assert_eq!(sent, 1);
+
+    // Firings are kept 100 per schedule, and always its newest submitted one (the overlap rule
+    // reads it), here older than 150 skipped ones; an unpublished one is never removed.
+    sqlx::query(
+        "INSERT INTO schedule_firings (schedule, fire_at, outcome, prefix, wp_ids, entries, decided_by, published_at)
+         SELECT 'orphaned', '2026-02-01T00:00:00Z'::timestamptz + make_interval(mins => i), 'skipped_overlap', 'p.', '{}', '[]', 'x', NULL
+         FROM generate_series(1, 150) AS i",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO schedule_firings (schedule, fire_at, outcome, prefix, wp_ids, entries, decided_by, published_at)
+         VALUES ('orphaned', '2025-06-01T00:00:00Z', 'submitted', 'p.', '{}', '[]', 'x', NULL)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    schedule_store::prune(&env.pool).await.unwrap();
+    let left = firings(&env.pool, "orphaned").await;
+    assert_eq!(left.len(), 102, "100 newest, the newest submitted one, the unpublished one");
+    assert!(left.iter().any(|f| f.fire_at.to_rfc3339().starts_with("2026-01-01")), "the newest submitted firing is kept");
+    assert!(left.iter().any(|f| f.fire_at.to_rfc3339().starts_with("2025-06-01")), "an unpublished firing is kept");
+    assert_eq!(left.iter().filter(|f| f.outcome == "skipped_overlap").count(), 100);
 }
 
 const TOKEN: &str = "schedule-token";
