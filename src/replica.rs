@@ -101,6 +101,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracker.spawn(scheduler::run(ctx.clone(), token.clone()));
     tracker.spawn(takeover::run(ctx.clone(), token.clone()));
     tracker.spawn(retention::run(ctx.clone(), token.clone()));
+    tracker.spawn(crate::engine::schedules::run(ctx.clone(), token.clone()));
     if let Some(l) = listener {
         tracker.spawn(http::serve(l, ctx.clone(), token.clone()));
     }

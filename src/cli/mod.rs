@@ -7,6 +7,7 @@ mod cluster;
 mod controls;
 mod deadletter;
 mod routing;
+mod schedule;
 mod submit;
 mod work;
 
@@ -56,6 +57,11 @@ enum Command {
     Resume(controls::ResumeCmd),
     /// List what is paused.
     Pauses(controls::PausesCmd),
+    /// Schedules (v1.6): add, remove, pause, resume, list.
+    Schedule {
+        #[command(subcommand)]
+        action: schedule::Action,
+    },
     /// List or requeue dead letters.
     Deadletter {
         #[command(subcommand)]
@@ -123,6 +129,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(c) => c.run().await,
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,
+        Command::Schedule { action } => action.run().await,
         Command::Deadletter { action } => action.run().await,
         Command::Agents(c) => c.run().await,
         Command::Replicas(c) => c.run().await,

@@ -65,6 +65,7 @@ impl Status {
             work_packages: reads::list(&pool, &filter).await?,
             deadletters,
             retention,
+            schedules: crate::engine::schedule_store::list(&pool).await?,
         };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&overview)?);

@@ -383,7 +383,7 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
 }
 
 /// serde-saphyr appends " at line L column C" to some messages; the prefix says it already.
-fn strip_location(message: &str) -> String {
+pub(crate) fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].trim_end_matches(',').to_string(),
         None => message.to_string(),

@@ -83,6 +83,23 @@ async fn retention_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
     errors
 }
 
+/// Every schedule's next firing and whether it is paused (v1.6), read now, so a removed
+/// schedule leaves no series behind. Returns the sources that did not answer.
+async fn schedule_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
+    let Ok(all) = crate::engine::schedule_store::list(&ctx.ops_pool).await else { return 1 };
+    out.family("ge_schedule_next_firing_seconds", "gauge", "Unix time of a schedule's next firing (absent while paused).");
+    for s in &all {
+        if let Some(t) = s.next_firing {
+            out.sample("ge_schedule_next_firing_seconds", &[("schedule", &s.name)], t.timestamp_millis() as f64 / 1000.0);
+        }
+    }
+    out.family("ge_schedule_paused", "gauge", "1 while a schedule is paused.");
+    for s in &all {
+        out.sample("ge_schedule_paused", &[("schedule", &s.name)], if s.paused { 1.0 } else { 0.0 });
+    }
+    0
+}
+
 /// The whole exposition: recorded counters and histograms, then gauges read now. A source
 /// that does not answer leaves its families out and sets `ge_scrape_errors`.
 pub(crate) async fn render(ctx: &Ctx) -> String {
@@ -133,6 +150,8 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
         }
         Err(_) => errors += 1,
     }
+
+    errors += schedule_gauges(ctx, &mut out).await;
 
     let routing = ctx.routing.get();
     match reads::in_flight(&ctx.ops_pool).await {

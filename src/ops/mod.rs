@@ -7,4 +7,5 @@ pub mod admin;
 pub mod http;
 pub mod metrics;
 pub mod reads;
+pub(crate) mod schedules;
 pub mod status;

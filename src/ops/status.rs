@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::engine::schedule_store::ScheduleView;
 use crate::ops::reads::WpView;
 
 #[derive(Debug, Clone, Serialize)]
@@ -12,6 +13,8 @@ pub(crate) struct Overview {
     /// The retention in force (v1.3), from the newest health entry of a live replica: (work
     /// packages, trigger streams).
     pub retention: Option<(String, String)>,
+    /// Every schedule with its next firing (v1.6).
+    pub schedules: Vec<ScheduleView>,
 }
 
 pub(crate) fn render(o: &Overview) -> String {
@@ -23,6 +26,10 @@ pub(crate) fn render(o: &Overview) -> String {
     }
     if let Some((wps, triggers)) = &o.retention {
         out.push_str(&format!("retention: finished work packages kept {wps}; trigger streams: {triggers}\n"));
+    }
+    if !o.schedules.is_empty() {
+        out.push('\n');
+        out.push_str(&render_schedules(&o.schedules));
     }
     if !o.work_packages.is_empty() {
         let w = o.work_packages.iter().map(|v| v.wp_id.len()).max().unwrap_or(5).max(5);
@@ -37,6 +44,32 @@ pub(crate) fn render(o: &Overview) -> String {
                 v.why
             ));
         }
+    }
+    out
+}
+
+pub(crate) fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).unwrap_or_else(|| "-".into())
+}
+
+/// One line per schedule (v1.6), for `schedule list` and `status`.
+pub(crate) fn render_schedules(all: &[ScheduleView]) -> String {
+    let mut out = String::new();
+    let w = all.iter().map(|s| s.name.len()).max().unwrap_or(8).max(8);
+    out.push_str(&format!(
+        "{:<w$}  {:<20}  {:<16}  {:<20}  {:<20}  {}\n",
+        "SCHEDULE", "CRON", "TIME ZONE", "NEXT FIRING", "LAST FIRING", "POLICIES"
+    ));
+    for s in all {
+        let next = if s.paused { "paused".into() } else { time(s.next_firing) };
+        let last = match (&s.last_firing, &s.last_outcome) {
+            (Some(t), Some(o)) if o != "submitted" => format!("{} ({o})", time(Some(*t))),
+            (t, _) => time(*t),
+        };
+        out.push_str(&format!(
+            "{:<w$}  {:<20}  {:<16}  {:<20}  {:<20}  missed={} overlap={} plan={}\n",
+            s.name, s.cron, s.timezone, next, last, s.missed, s.overlap, s.plan_source
+        ));
     }
     out
 }

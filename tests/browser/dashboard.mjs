@@ -91,6 +91,7 @@ try {
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
   await bigPlan(page, spec.big);
+  if (spec.schedules) await schedules(page, spec.schedules);
   step("all checks passed");
 } finally {
   await browser.close();
@@ -190,4 +191,21 @@ async function bigPlan(page, big) {
   await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`, { state: "detached" });
   await page.waitForSelector('#pause-plan[data-paused="false"]:has-text("pause plan")');
   step(`plan ${big.plan} paused and resumed from the page`);
+}
+
+/** The schedules section (v1.6): each schedule with its next firing, a paused one as paused;
+ *  pause and resume one from its row. */
+async function schedules(page, sch) {
+  const row = `#schedules tr[data-schedule="${sch.name}"]`;
+  await page.waitForSelector(`${row}[data-paused="false"] td.next:has-text("UTC")`);
+  await page.waitForSelector(`#schedules tr[data-schedule="${sch.paused}"][data-paused="true"] td.next:has-text("paused")`);
+  const next = await page.textContent(`${row} td.next`);
+  if (!next.startsWith(sch.next)) throw new Error(`${sch.name}: next firing ${next}, expected ${sch.next}`);
+  await page.locator("#schedules-section").screenshot({ path: join(sch.screenshots, "dashboard-schedules.png") });
+  step(`schedules listed with their next firing (${next.trim()}); screenshot taken`);
+  await page.click(`${row} button.schedule-toggle`);
+  await page.waitForSelector(`${row}[data-paused="true"] td.next:has-text("paused")`);
+  await page.click(`${row} button.schedule-toggle`);
+  await page.waitForSelector(`${row}[data-paused="false"] td.next:has-text("UTC")`);
+  step(`schedule ${sch.name} paused and resumed from the page`);
 }

@@ -35,6 +35,7 @@ mod random_bytes;
 mod recovery;
 mod retention;
 mod routing;
+mod schedules;
 mod security;
 mod security_http;
 mod self_contained;
