@@ -38,6 +38,9 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     }
 
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
+    // (v1.6) Before the work itself, so that no round sees a plan's work without its budget;
+    // a redelivered entry sets nothing twice.
+    crate::engine::budgets::set_from_entries(&ctx.pool, &plain.iter().filter_map(entry::budget_of).collect::<Vec<_>>()).await?;
     let outcomes = store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version }).await?;
     let mut inserted = Vec::new();
     let mut has_lanes = false;

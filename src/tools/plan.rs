@@ -10,6 +10,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
+    /// (v1.6) The plan's budget in USD (`25.00`), sent as the `budget` field of every work
+    /// package that does not give its own.
+    #[serde(default)]
+    pub budget: Option<serde_json::Value>,
     pub work_packages: Vec<PlannedWp>,
 }
 
@@ -38,7 +42,17 @@ pub struct PlannedWp {
 impl Plan {
     pub fn load(path: &Path) -> anyhow::Result<Plan> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading plan {}", path.display()))?;
-        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let mut plan: Plan = serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(b) = plan.budget.take() {
+            let usd = match b {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            for wp in &mut plan.work_packages {
+                wp.fields.entry("budget".into()).or_insert_with(|| usd.clone());
+            }
+        }
+        Ok(plan)
     }
 
     /// Prefixes every wp_id and dependency, so one plan file can be submitted many times.

@@ -1,0 +1,181 @@
+//! Usage and budgets (contract v1.6): a plan stopped at its budget across two replicas with
+//! exactly what it spent, and released by a larger budget; an agent's daily budget, released by
+//! a new day; usage validated without losing a report; a held plan never delays another's work.
+
+use std::collections::HashMap;
+
+use crate::harness::{BIN, T, TestEnv, eventually, http};
+
+const SOLO: &str = r#"version: 1
+agents:
+  solo: { roles: [worker], max_in_flight: 1 }
+  thrifty: { roles: [saver], max_in_flight: 1, budget: { per_day: 0.50 } }
+default_agent: solo
+"#;
+
+/// Completes a trigger, reporting that it cost `usd`.
+async fn complete_costing(env: &TestEnv, t: &HashMap<String, String>, usd: &str) {
+    env.report(
+        "ge:work:completed",
+        &[("wp_id", &t["wp_id"]), ("dispatch_id", &t["dispatch_id"]), ("usage_cost", usd), ("usage_input_tokens", "100"), ("usage_model", "m")],
+    )
+    .await;
+}
+
+/// The triggers of `agent` whose wp_id starts with `prefix`.
+async fn triggers_of(env: &TestEnv, agent: &str, prefix: &str) -> Vec<HashMap<String, String>> {
+    env.triggers(agent).await.into_iter().filter(|t| t["wp_id"].starts_with(prefix)).collect()
+}
+
+/// Waits for trigger number `n` (from 1) of `prefix` and returns it.
+async fn nth(env: &TestEnv, agent: &str, prefix: &str, n: usize) -> HashMap<String, String> {
+    eventually(T, &format!("trigger #{n} of {prefix}"), || async { triggers_of(env, agent, prefix).await.into_iter().nth(n - 1) }).await
+}
+
+/// Waits until every open work package of `plan` waits saying `says`, and returns how many.
+async fn all_waiting(env: &TestEnv, plan: &str, says: &str) -> i64 {
+    eventually(T, &format!("{plan} waiting: {says}"), || async {
+        let (open, saying): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE wait_reason = $2 AND held_by = 'budget:' || $1)
+             FROM work_packages WHERE plan = $1 AND status NOT IN ('completed', 'dispatched')",
+        )
+        .bind(plan)
+        .bind(says)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        (open > 0 && open == saying).then_some(open)
+    })
+    .await
+}
+
+async fn spent(env: &TestEnv, scope: &str, name: &str) -> String {
+    sqlx::query_scalar("SELECT trim_scale(coalesce(sum(cost), 0))::text FROM spend_totals WHERE scope = $1 AND name = $2")
+        .bind(scope)
+        .bind(name)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spent() {
+    const TOKEN: &str = "budget-token";
+    let env = TestEnv::start(SOLO).await;
+    let r1 = env.replica("r1");
+    let (mut r2, port) = env.serve_process("r2", &[("GE_ADMIN_TOKEN", TOKEN)], None).await;
+    const N: usize = 8;
+    for i in 0..N {
+        env.submit(&[("wp_id", &format!("nightly.{i}")), ("agent_id", "solo"), ("budget", "1.00")]).await;
+    }
+    // Each costs 0.40: after three, 1.20 is spent of 1.00, and the rest wait.
+    for n in 1..=3 {
+        let t = nth(&env, "solo", "nightly.", n).await;
+        complete_costing(&env, &t, "0.40").await;
+    }
+    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 1.2 of 1 USD").await;
+    assert_eq!(held, (N - 3) as i64);
+    assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 3, "no dispatch past the budget");
+    assert_eq!(spent(&env, "plan", "nightly").await, "1.2", "exactly what it spent");
+
+    // Another plan's work goes at once, on the same agent, whatever the held backlog.
+    env.submit(&[("wp_id", "daily.0"), ("agent_id", "solo")]).await;
+    let d = nth(&env, "solo", "daily.", 1).await;
+    complete_costing(&env, &d, "0.05").await;
+    eventually(T, "daily.0 completed", || async { (env.status("daily.0").await.as_deref() == Some("completed")).then_some(()) }).await;
+
+    // The API shows the plan's spend against its budget; raising the budget releases it.
+    let (code, s) = http(port, "GET", "/api/spend", None, None).await;
+    assert_eq!(code, 200, "{s}");
+    let b = s["budgets"].as_array().unwrap().iter().find(|b| b["name"] == "nightly").cloned().unwrap();
+    assert_eq!((b["spent"].as_str(), b["limit"].as_str(), b["reached"].as_bool()), (Some("1.2"), Some("1"), Some(true)), "{b}");
+    assert_eq!(http(port, "POST", "/api/budgets/nightly", None, Some(r#"{"usd": "2"}"#)).await.0, 401);
+    assert_eq!(http(port, "POST", "/api/budgets/nightly", Some(TOKEN), Some(r#"{"usd": "2,00"}"#)).await.0, 400);
+    let (code, b) = http(port, "POST", "/api/budgets/nightly", Some(TOKEN), Some(r#"{"usd": "2.00"}"#)).await;
+    assert_eq!((code, b["reached"].as_bool()), (200, Some(false)), "{b}");
+    // 1.20 -> 1.60 -> 2.00: two more, then it holds again at exactly 2.
+    for n in 4..=5 {
+        let t = nth(&env, "solo", "nightly.", n).await;
+        complete_costing(&env, &t, "0.40").await;
+    }
+    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 2 of 2 USD").await;
+    assert_eq!(held, (N - 5) as i64);
+    assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 5);
+    assert_eq!(spent(&env, "plan", "nightly").await, "2");
+    assert_eq!(spent(&env, "agent", "solo").await, "2.05");
+
+    // The CLI removes the budget: the rest goes, seen by the next sweep.
+    let out = tokio::process::Command::new(BIN)
+        .args(["budget", "remove", "nightly"])
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = nth(&env, "solo", "nightly.", 6).await;
+    complete_costing(&env, &t, "0.40").await;
+    nth(&env, "solo", "nightly.", 7).await;
+    r1.stop().await;
+    r2.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_daily_budget_holds_its_work_until_the_next_day() {
+    let env = TestEnv::start(SOLO).await;
+    let (r1, r2) = (env.replica("r1"), env.replica("r2"));
+    for i in 0..4 {
+        env.submit(&[("wp_id", &format!("save.{i}")), ("agent_id", "thrifty")]).await;
+    }
+    for n in 1..=2 {
+        let t = nth(&env, "thrifty", "save.", n).await;
+        complete_costing(&env, &t, "0.30").await;
+    }
+    // 0.60 of 0.50 spent today: the agent takes nothing more.
+    let reason = "budget of agent thrifty reached: 0.6 of 0.5 USD per day";
+    for wp in ["save.2", "save.3"] {
+        eventually(T, &format!("{wp} waiting for the budget"), || async {
+            let r: Option<String> =
+                sqlx::query_scalar("SELECT wait_reason FROM work_packages WHERE wp_id = $1").bind(wp).fetch_one(&env.pool).await.unwrap();
+            (r.as_deref() == Some(reason)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(triggers_of(&env, "thrifty", "save.").await.len(), 2);
+    assert_eq!(spent(&env, "agent", "thrifty").await, "0.6");
+    // A new day (the spend moved to yesterday): its work goes again.
+    sqlx::query("UPDATE spend_totals SET day = day - 1 WHERE scope = 'agent' AND name = 'thrifty'").execute(&env.pool).await.unwrap();
+    nth(&env, "thrifty", "save.", 3).await;
+    r1.stop().await;
+    r2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_usage_is_dead_lettered_and_the_report_still_applies() {
+    let env = TestEnv::start(SOLO).await;
+    let r1 = env.replica("r1");
+    env.submit(&[("wp_id", "u.a"), ("agent_id", "solo")]).await;
+    let a = nth(&env, "solo", "u.a", 1).await;
+    env.report("ge:work:completed", &[("wp_id", "u.a"), ("dispatch_id", &a["dispatch_id"]), ("usage_cost", "lots")]).await;
+    eventually(T, "u.a completed", || async { (env.status("u.a").await.as_deref() == Some("completed")).then_some(()) }).await;
+    let dl = eventually(T, "the usage dead-lettered", || async {
+        env.deadletters().await.into_iter().find(|d| d.get("reason").map(String::as_str) == Some("invalid_usage"))
+    })
+    .await;
+    assert!(dl["detail"].contains("usage_cost \"lots\"") && dl["detail"].contains("applied without its usage"), "{dl:?}");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_usage").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(rows, 0);
+
+    // A report of a dispatch counts once, a repeated one adds nothing; an older attempt's
+    // usage counts (the money was spent).
+    env.submit(&[("wp_id", "u.b"), ("agent_id", "solo")]).await;
+    let b = nth(&env, "solo", "u.b", 1).await;
+    env.fail(&b, true).await;
+    let b2 = nth(&env, "solo", "u.b", 2).await;
+    complete_costing(&env, &b2, "0.25").await;
+    complete_costing(&env, &b2, "0.25").await;
+    complete_costing(&env, &b, "0.125").await;
+    eventually(T, "u.b's usage recorded", || async { (spent(&env, "plan", "u").await == "0.375").then_some(()) }).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_usage WHERE wp_id = 'u.b'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(n, 2);
+    r1.stop().await;
+}
