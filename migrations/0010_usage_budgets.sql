@@ -48,3 +48,8 @@ CREATE TABLE budget_warnings (
     at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, name, period, level)
 );
+
+-- An amount as operators read it: exact, with at least two decimals (1.2 -> 1.20, 25 -> 25.00,
+-- 0.0125 as it is).
+CREATE FUNCTION ge_usd(x NUMERIC) RETURNS TEXT LANGUAGE sql IMMUTABLE AS
+$$ SELECT CASE WHEN scale(trim_scale(x)) < 2 THEN round(x, 2)::text ELSE trim_scale(x)::text END $$;

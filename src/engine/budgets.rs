@@ -115,7 +115,7 @@ pub struct Spend {
 }
 
 impl Spend {
-    /// Why work waits for it: `budget of plan nightly reached: 25.03 of 25 USD`.
+    /// Why work waits for it: `budget of plan nightly reached: 25.03 of 25.00 USD`.
     pub(crate) fn wait_reason(&self) -> String {
         let per = if self.scope == "agent" { format!(" per {}", self.period) } else { String::new() };
         format!("budget of {} {} reached: {} of {} USD{per}", self.scope, self.name, self.spent, self.limit.as_deref().unwrap_or("?"))
@@ -141,7 +141,7 @@ pub async fn agents<'e>(db: impl sqlx::PgExecutor<'e>, routing: &RoutingTable, w
         return Ok(Vec::new());
     }
     let rows = sqlx::query(concat!(
-        "SELECT 'agent' AS scope, g.agent AS name, g.lim, g.period, trim_scale(coalesce(sum(s.cost), 0))::text AS spent,
+        "SELECT 'agent' AS scope, g.agent AS name, ge_usd(g.lim::numeric) AS lim, g.period, ge_usd(coalesce(sum(s.cost), 0)) AS spent,
                 coalesce(sum(s.cost), 0) >= g.lim::numeric AS reached, coalesce(sum(s.cost), 0) >= g.lim::numeric * $4::float8::numeric AS warning
          FROM unnest($1::text[], $2::text[], $3::text[]) AS g(agent, lim, period)
          LEFT JOIN spend_totals s ON s.scope = 'agent' AND s.name = g.agent AND s.day >= ",
@@ -190,8 +190,8 @@ pub(crate) async fn plans_held(tx: &mut Transaction<'_, Postgres>, plans: &[Stri
 /// first, at most `limit`).
 async fn plan_spend<'e>(db: impl sqlx::PgExecutor<'e>, plans: &[String], warn_at: f64) -> Result<Vec<Spend>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT 'plan' AS scope, b.plan AS name, trim_scale(b.limit_usd)::text AS lim, 'plan' AS period,
-                trim_scale(coalesce(sum(s.cost), 0))::text AS spent, coalesce(sum(s.cost), 0) >= b.limit_usd AS reached,
+        "SELECT 'plan' AS scope, b.plan AS name, ge_usd(b.limit_usd) AS lim, 'plan' AS period,
+                ge_usd(coalesce(sum(s.cost), 0)) AS spent, coalesce(sum(s.cost), 0) >= b.limit_usd AS reached,
                 coalesce(sum(s.cost), 0) >= b.limit_usd * $2::float8::numeric AS warning
          FROM plan_budgets b LEFT JOIN spend_totals s ON s.scope = 'plan' AND s.name = b.plan
          WHERE b.plan = ANY($1) GROUP BY b.plan, b.limit_usd ORDER BY b.plan",
@@ -293,6 +293,9 @@ pub(crate) async fn warn(
     for (scope, name, lvl) in new {
         let Some(s) = crossed.iter().find(|s| s.scope == scope && s.name == name) else { continue };
         let limit = s.limit.as_deref().unwrap_or("?");
+        if lvl == "reached" && scope == "agent" {
+            say_why_agent_waits(tx, &name, &s.wait_reason()).await?;
+        }
         if lvl == "reached" {
             tracing::warn!(scope = %scope, name = %name, spent = %s.spent, limit = %limit, "{}; no more of its work is dispatched", s.wait_reason());
         } else {
@@ -300,6 +303,23 @@ pub(crate) async fn warn(
                 "budget of {scope} {name} nearly spent: {} of {limit} USD", s.spent);
         }
     }
+    Ok(())
+}
+
+/// The ready work routed to `agent` alone says why it waits now, once, when its budget is
+/// reached: no round reads that work again until the budget lets the agent take some, so it
+/// would otherwise keep the reason it was last given (say, that the agent was full). Work of a
+/// role keeps its reason: another agent of the role may take it.
+async fn say_why_agent_waits(tx: &mut Transaction<'_, Postgres>, agent: &str, reason: &str) -> Result<(), sqlx::Error> {
+    let targets: Vec<String> = ["explicit", "default", "trigger"].iter().map(|k| format!("{k}/agent:{agent}")).collect();
+    sqlx::query(
+        "UPDATE work_packages SET wait_reason = $2
+         WHERE status = 'ready' AND held_by IS NULL AND target = ANY($1) AND wait_reason IS DISTINCT FROM $2",
+    )
+    .bind(&targets)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -332,10 +352,10 @@ pub struct Overview {
 pub async fn overview(pool: &PgPool, routing: Option<&RoutingTable>, warn_at: f64, limit: i64) -> Result<Overview, sqlx::Error> {
     let totals = |scope: &'static str| {
         sqlx::query(concat!(
-            "SELECT name, trim_scale(sum(cost))::text AS cost,
-                    trim_scale(coalesce(sum(cost) FILTER (WHERE day = ",
+            "SELECT name, ge_usd(sum(cost)) AS cost,
+                    ge_usd(coalesce(sum(cost) FILTER (WHERE day = ",
             today!(),
-            "), 0))::text AS cost_today,
+            "), 0)) AS cost_today,
                     sum(input_tokens)::int8 AS input_tokens, sum(output_tokens)::int8 AS output_tokens, sum(reports)::int8 AS reports
              FROM spend_totals WHERE scope = $1 AND (cardinality($3::text[]) = 0 OR name = ANY($3))
              GROUP BY name ORDER BY sum(cost) DESC, name LIMIT $2"
@@ -386,8 +406,8 @@ pub async fn overview(pool: &PgPool, routing: Option<&RoutingTable>, warn_at: f6
         None => Vec::new(),
     };
     let rows = sqlx::query(
-        "SELECT 'plan' AS scope, b.plan AS name, trim_scale(b.limit_usd)::text AS lim, 'plan' AS period,
-                trim_scale(coalesce(s.cost, 0))::text AS spent, coalesce(s.cost, 0) >= b.limit_usd AS reached,
+        "SELECT 'plan' AS scope, b.plan AS name, ge_usd(b.limit_usd) AS lim, 'plan' AS period,
+                ge_usd(coalesce(s.cost, 0)) AS spent, coalesce(s.cost, 0) >= b.limit_usd AS reached,
                 coalesce(s.cost, 0) >= b.limit_usd * $2::float8::numeric AS warning
          FROM plan_budgets b
          LEFT JOIN LATERAL (SELECT sum(t.cost) AS cost FROM spend_totals t WHERE t.scope = 'plan' AND t.name = b.plan) s ON true

@@ -50,7 +50,7 @@ async fn all_waiting(env: &TestEnv, plan: &str, says: &str) -> i64 {
 }
 
 async fn spent(env: &TestEnv, scope: &str, name: &str) -> String {
-    sqlx::query_scalar("SELECT trim_scale(coalesce(sum(cost), 0))::text FROM spend_totals WHERE scope = $1 AND name = $2")
+    sqlx::query_scalar("SELECT ge_usd(coalesce(sum(cost), 0)) FROM spend_totals WHERE scope = $1 AND name = $2")
         .bind(scope)
         .bind(name)
         .fetch_one(&env.pool)
@@ -73,10 +73,10 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
         let t = nth(&env, "solo", "nightly.", n).await;
         complete_costing(&env, &t, "0.40").await;
     }
-    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 1.2 of 1 USD").await;
+    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 1.20 of 1.00 USD").await;
     assert_eq!(held, (N - 3) as i64);
     assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 3, "no dispatch past the budget");
-    assert_eq!(spent(&env, "plan", "nightly").await, "1.2", "exactly what it spent");
+    assert_eq!(spent(&env, "plan", "nightly").await, "1.20", "exactly what it spent");
 
     // Another plan's work goes at once, on the same agent, whatever the held backlog.
     env.submit(&[("wp_id", "daily.0"), ("agent_id", "solo")]).await;
@@ -88,7 +88,7 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
     let (code, s) = http(port, "GET", "/api/spend", None, None).await;
     assert_eq!(code, 200, "{s}");
     let b = s["budgets"].as_array().unwrap().iter().find(|b| b["name"] == "nightly").cloned().unwrap();
-    assert_eq!((b["spent"].as_str(), b["limit"].as_str(), b["reached"].as_bool()), (Some("1.2"), Some("1"), Some(true)), "{b}");
+    assert_eq!((b["spent"].as_str(), b["limit"].as_str(), b["reached"].as_bool()), (Some("1.20"), Some("1.00"), Some(true)), "{b}");
     assert_eq!(http(port, "POST", "/api/budgets/nightly", None, Some(r#"{"usd": "2"}"#)).await.0, 401);
     assert_eq!(http(port, "POST", "/api/budgets/nightly", Some(TOKEN), Some(r#"{"usd": "2,00"}"#)).await.0, 400);
     let (code, b) = http(port, "POST", "/api/budgets/nightly", Some(TOKEN), Some(r#"{"usd": "2.00"}"#)).await;
@@ -98,10 +98,10 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
         let t = nth(&env, "solo", "nightly.", n).await;
         complete_costing(&env, &t, "0.40").await;
     }
-    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 2 of 2 USD").await;
+    let held = all_waiting(&env, "nightly", "budget of plan nightly reached: 2.00 of 2.00 USD").await;
     assert_eq!(held, (N - 5) as i64);
     assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 5);
-    assert_eq!(spent(&env, "plan", "nightly").await, "2");
+    assert_eq!(spent(&env, "plan", "nightly").await, "2.00");
     assert_eq!(spent(&env, "agent", "solo").await, "2.05");
 
     // The CLI removes the budget: the rest goes, seen by the next sweep.
@@ -131,7 +131,7 @@ async fn an_agent_s_daily_budget_holds_its_work_until_the_next_day() {
         complete_costing(&env, &t, "0.30").await;
     }
     // 0.60 of 0.50 spent today: the agent takes nothing more.
-    let reason = "budget of agent thrifty reached: 0.6 of 0.5 USD per day";
+    let reason = "budget of agent thrifty reached: 0.60 of 0.50 USD per day";
     for wp in ["save.2", "save.3"] {
         eventually(T, &format!("{wp} waiting for the budget"), || async {
             let r: Option<String> =
@@ -141,7 +141,7 @@ async fn an_agent_s_daily_budget_holds_its_work_until_the_next_day() {
         .await;
     }
     assert_eq!(triggers_of(&env, "thrifty", "save.").await.len(), 2);
-    assert_eq!(spent(&env, "agent", "thrifty").await, "0.6");
+    assert_eq!(spent(&env, "agent", "thrifty").await, "0.60");
     // A new day (the spend moved to yesterday): its work goes again.
     sqlx::query("UPDATE spend_totals SET day = day - 1 WHERE scope = 'agent' AND name = 'thrifty'").execute(&env.pool).await.unwrap();
     nth(&env, "thrifty", "save.", 3).await;

@@ -384,14 +384,14 @@ default_agent: free
     fn a_reached_budget_holds_its_plan_row_by_row_and_its_agent_s_targets() {
         let routing = table();
         let mut agents = AgentsNow::default();
-        agents.plans_over_budget.insert("nightly".into(), "budget of plan nightly reached: 25.03 of 25 USD".into());
+        agents.plans_over_budget.insert("nightly".into(), "budget of plan nightly reached: 25.03 of 25.00 USD".into());
         agents.agents_over_budget.insert("ada".into(), "budget of agent ada reached: 3 of 3 USD per day".into());
         let held = Candidate { plan: Some("nightly".into()), ..to("free", "n1") };
         let other = Candidate { plan: Some("daily".into()), ..to("free", "d1") };
         let d = decide(&[held, other, to("ada", "a1")], &routing, &mut agents, None);
         assert_eq!(d.claims.iter().map(|c| c.wp_id.as_str()).collect::<Vec<_>>(), ["d1"]);
         assert_eq!(d.waits[0].held_by.as_deref(), Some("budget:nightly"));
-        assert_eq!(d.waits[0].reason, "budget of plan nightly reached: 25.03 of 25 USD");
+        assert_eq!(d.waits[0].reason, "budget of plan nightly reached: 25.03 of 25.00 USD");
         assert_eq!((d.waits[1].held_by.as_deref(), d.waits[1].reason.as_str()), (None, "budget of agent ada reached: 3 of 3 USD per day"));
         let open: HashMap<String, i64> = open_targets(&routing, &agents, &Ready::All).into_iter().collect();
         assert!(!open.contains_key("explicit/agent:ada"), "{open:?}");
