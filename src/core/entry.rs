@@ -163,24 +163,6 @@ fn bounded_name(fields: &BTreeMap<String, String>, key: &str) -> Result<Option<S
     }
 }
 
-/// (v1.6) `budget`: the plan's budget in USD, an exact decimal; only on work of a plan.
-fn check_budget(fields: &BTreeMap<String, String>, plan: Option<&str>) -> Result<(), Rejection> {
-    let Some(b) = non_empty(fields, "budget") else { return Ok(()) };
-    if let Err(why) = crate::core::usage::parse_usd(&b) {
-        return Err(Rejection::new("invalid", format!("budget {why}")));
-    }
-    if plan.is_none() {
-        return Err(Rejection::new("invalid", "budget is a plan's: give the entry a plan (or a wp_id such as run1.build)".to_string()));
-    }
-    Ok(())
-}
-
-/// (v1.6) The plan's budget an incoming entry carries, checked by `parse_incoming`.
-pub fn budget_of(spec: &WorkPackageSpec) -> Option<(String, String)> {
-    let usd = crate::core::usage::parse_usd(spec.fields.get("budget")?).ok()?;
-    Some((spec.plan.clone()?, usd))
-}
-
 fn parse_priority(fields: &BTreeMap<String, String>) -> Result<i16, Rejection> {
     let Some(p) = non_empty(fields, "priority") else { return Ok(0) };
     match p.trim().parse::<i16>() {
@@ -282,7 +264,6 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
     let not_before_ms = parse_not_before(&fields, id_ms)?;
     let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
     let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
-    check_budget(&fields, plan.as_deref())?;
 
     let mut depends_on: Vec<String> = Vec::new();
     if let Some(deps) = fields.get("depends_on") {

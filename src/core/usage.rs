@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::core::entry::excerpt;
+use crate::core::entry::{WorkPackageSpec, excerpt};
 
 /// The most digits before the point and after it that an amount may have.
 const INT_DIGITS: usize = 12;
@@ -30,6 +30,17 @@ pub fn parse_usd(s: &str) -> Result<String, String> {
     let frac = frac.trim_end_matches('0');
     let int = if int.is_empty() { "0" } else { int };
     Ok(if frac.is_empty() { int.to_string() } else { format!("{int}.{frac}") })
+}
+
+/// (v1.6) The plan's budget an incoming entry carries in `budget`, as (plan, USD): only work of
+/// a plan may carry one. Err: why the entry is refused (`invalid`).
+pub fn budget_of(spec: &WorkPackageSpec) -> Result<Option<(String, String)>, String> {
+    let Some(b) = spec.fields.get("budget").filter(|b| !b.trim().is_empty()) else { return Ok(None) };
+    let usd = parse_usd(b).map_err(|why| format!("budget {why}"))?;
+    match &spec.plan {
+        Some(plan) => Ok(Some((plan.clone(), usd))),
+        None => Err("budget is a plan's: give the entry a plan (or a wp_id such as run1.build)".into()),
+    }
 }
 
 /// What a report says it used (v1.6): `usage_input_tokens`, `usage_output_tokens`,
@@ -95,5 +106,19 @@ mod tests {
         let e = parse(&f(&[("usage_cost", "lots")])).unwrap_err();
         assert!(e.starts_with("usage_cost \"lots\""), "{e}");
         assert!(parse(&f(&[("usage_output_tokens", "-3")])).unwrap_err().contains("usage_output_tokens"));
+    }
+
+    #[test]
+    fn a_budget_on_an_entry_is_a_plan_s_and_exact() {
+        let spec = |wp: &str, plan: Option<&str>, budget: &str| WorkPackageSpec {
+            wp_id: wp.into(),
+            plan: plan.map(str::to_string),
+            fields: [("budget".to_string(), budget.to_string())].into(),
+            ..WorkPackageSpec::default()
+        };
+        assert_eq!(budget_of(&spec("n.a", Some("n"), "25.00")).unwrap(), Some(("n".into(), "25".into())));
+        assert_eq!(budget_of(&spec("n.a", Some("n"), " ")).unwrap(), None);
+        assert!(budget_of(&spec("n.a", Some("n"), "lots")).unwrap_err().starts_with("budget \"lots\""));
+        assert!(budget_of(&spec("solo", None, "3")).unwrap_err().contains("give the entry a plan"));
     }
 }

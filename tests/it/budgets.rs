@@ -164,6 +164,14 @@ async fn malformed_usage_is_dead_lettered_and_the_report_still_applies() {
     assert!(dl["detail"].contains("usage_cost \"lots\"") && dl["detail"].contains("applied without its usage"), "{dl:?}");
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_usage").fetch_one(&env.pool).await.unwrap();
     assert_eq!(rows, 0);
+    // A budget that is no amount refuses its entry, as any malformed field does.
+    env.submit(&[("wp_id", "u.bad"), ("agent_id", "solo"), ("budget", "1e3")]).await;
+    let dl = eventually(T, "the entry with a bad budget dead-lettered", || async {
+        env.deadletters().await.into_iter().find(|d| d.get("wp_id").map(String::as_str) == Some("u.bad"))
+    })
+    .await;
+    assert_eq!(dl["reason"], "invalid", "{dl:?}");
+    assert!(dl["detail"].starts_with("budget \"1e3\" is not an amount of USD"), "{dl:?}");
 
     // A report of a dispatch counts once, a repeated one adds nothing; an older attempt's
     // usage counts (the money was spent).
