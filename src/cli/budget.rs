@@ -55,7 +55,9 @@ impl Action {
                 let now = budgets::set_plan(&db.connect().await?, &plan, Some(&usd)).await?;
                 match now {
                     Some(s) if s.reached => println!("{}; its work stays held", s.wait_reason()),
-                    Some(s) => println!("budget of plan {plan}: {} of {usd} USD spent; held work goes at the replicas' next sweep", s.spent),
+                    Some(s) => {
+                        println!("budget of plan {plan}: {} of {usd} USD spent; held work goes at the replicas' next sweep", s.spent)
+                    }
                     None => println!("budget of plan {plan} set to {usd} USD"),
                 }
             }
@@ -71,7 +73,10 @@ impl Action {
                     println!("{}", serde_json::to_string_pretty(&o)?);
                 } else {
                     let text = status::render_spend(&o);
-                    print!("{}", if text.is_empty() { "no spend recorded and no budgets\n".to_string() } else { text.trim_start().to_string() });
+                    print!(
+                        "{}",
+                        if text.is_empty() { "no spend recorded and no budgets\n".to_string() } else { text.trim_start().to_string() }
+                    );
                 }
             }
         }

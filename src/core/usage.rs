@@ -21,10 +21,7 @@ pub fn parse_usd(s: &str) -> Result<String, String> {
         return Err(format!("{} is not an amount of USD: write a plain decimal such as 0.0125 or 25", excerpt(s)));
     }
     if int.trim_start_matches('0').len() > INT_DIGITS || frac.len() > FRACTION_DIGITS {
-        return Err(format!(
-            "{} has more than {INT_DIGITS} digits before the point or {FRACTION_DIGITS} after it",
-            excerpt(s)
-        ));
+        return Err(format!("{} has more than {INT_DIGITS} digits before the point or {FRACTION_DIGITS} after it", excerpt(s)));
     }
     let int = int.trim_start_matches('0');
     let frac = frac.trim_end_matches('0');

@@ -25,7 +25,13 @@ macro_rules! today {
 }
 macro_rules! period_start {
     ($period:expr) => {
-        concat!("CASE ", $period, " WHEN 'day' THEN ", $crate::engine::budgets::today!(), " ELSE date_trunc('month', now() AT TIME ZONE 'UTC')::date END")
+        concat!(
+            "CASE ",
+            $period,
+            " WHEN 'day' THEN ",
+            $crate::engine::budgets::today!(),
+            " ELSE date_trunc('month', now() AT TIME ZONE 'UTC')::date END"
+        )
     };
 }
 pub(crate) use {period_start, today};
@@ -158,10 +164,7 @@ pub async fn agents<'e>(db: impl sqlx::PgExecutor<'e>, routing: &RoutingTable, w
 }
 
 /// Why each agent whose budget is reached takes no work now.
-pub(crate) async fn agents_held<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    routing: &RoutingTable,
-) -> Result<HashMap<String, String>, sqlx::Error> {
+pub(crate) async fn agents_held<'e>(db: impl sqlx::PgExecutor<'e>, routing: &RoutingTable) -> Result<HashMap<String, String>, sqlx::Error> {
     Ok(agents(db, routing, 1.0).await?.into_iter().filter(|s| s.reached).map(|s| (s.name.clone(), s.wait_reason())).collect())
 }
 
@@ -391,8 +394,8 @@ pub async fn overview(pool: &PgPool, routing: Option<&RoutingTable>, warn_at: f6
             .map(|n| {
                 by.get(n).map(|t| (*t).clone()).unwrap_or(Total {
                     name: n.to_string(),
-                    cost: "0".into(),
-                    cost_today: "0".into(),
+                    cost: "0.00".into(),
+                    cost_today: "0.00".into(),
                     input_tokens: 0,
                     output_tokens: 0,
                     reports: 0,

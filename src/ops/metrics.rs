@@ -111,7 +111,11 @@ async fn budget_gauges(ctx: &Ctx, routing: &crate::core::routing_file::RoutingTa
     }
     match budgets::plan_states(&ctx.ops_pool, warn_at).await {
         Ok(states) => {
-            out.family("ge_budget_plans", "gauge", "Plans with a budget: below the warning, past it (GE_BUDGET_WARN_AT), or at the budget.");
+            out.family(
+                "ge_budget_plans",
+                "gauge",
+                "Plans with a budget: below the warning, past it (GE_BUDGET_WARN_AT), or at the budget.",
+            );
             for (state, n) in states {
                 out.sample("ge_budget_plans", &[("state", state)], n as f64);
             }

@@ -17,7 +17,13 @@ default_agent: solo
 async fn complete_costing(env: &TestEnv, t: &HashMap<String, String>, usd: &str) {
     env.report(
         "ge:work:completed",
-        &[("wp_id", &t["wp_id"]), ("dispatch_id", &t["dispatch_id"]), ("usage_cost", usd), ("usage_input_tokens", "100"), ("usage_model", "m")],
+        &[
+            ("wp_id", &t["wp_id"]),
+            ("dispatch_id", &t["dispatch_id"]),
+            ("usage_cost", usd),
+            ("usage_input_tokens", "100"),
+            ("usage_model", "m"),
+        ],
     )
     .await;
 }

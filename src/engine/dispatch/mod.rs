@@ -137,7 +137,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     // and checked again by the claim itself, so no replica claims work after the spend that
     // reached its budget was recorded.
     agents.agents_over_budget = budgets::agents_held(&mut *tx, &routing).await?;
-    let plans: Vec<String> = candidates.iter().filter_map(|c| c.plan.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let plans: Vec<String> =
+        candidates.iter().filter_map(|c| c.plan.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     agents.plans_over_budget = budgets::plans_held(&mut tx, &plans).await?;
     let buckets = agents.buckets.clone();
     let decided = decide::decide(&candidates, &routing, &mut agents, gate);
