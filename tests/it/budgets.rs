@@ -193,3 +193,24 @@ async fn malformed_usage_is_dead_lettered_and_the_report_still_applies() {
     assert_eq!(n, 2);
     r1.stop().await;
 }
+
+/// `ge-orchestrator dev` with its own demo agents, which report made-up usage: the plan's
+/// spend is shown when it finishes.
+#[test]
+fn dev_shows_what_the_plan_spent() {
+    let logs = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["dev", "--exit-when-done", "--log-dir"])
+        .arg(logs.path())
+        .env_remove("REDIS_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run dev");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("9 completed, 0 failed"), "{stdout}");
+    let plan = stdout.lines().find(|l| l.trim_start().starts_with("plan  run")).unwrap_or_else(|| panic!("no plan spend: {stdout}"));
+    assert!(plan.contains(" USD (today ") && plan.contains("9 reports"), "{plan}");
+    assert!(stdout.contains("spend (USD):"), "{stdout}");
+}
