@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::harness::{BIN, T, TestEnv, eventually, http};
+use crate::harness::{BIN, T, TestEnv, eventually, http, http_get};
 
 const SOLO: &str = r#"version: 1
 agents:
@@ -109,6 +109,16 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
     assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 5);
     assert_eq!(spent(&env, "plan", "nightly").await, "2.00");
     assert_eq!(spent(&env, "agent", "solo").await, "2.05");
+
+    // `status` and the metrics show it too; plans are counted, not labelled.
+    let out = tokio::process::Command::new(BIN).args(["status"]).env("DATABASE_URL", &env.database_url).output().await.unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("budget of plan nightly: 2.00 of 2.00 USD  REACHED"), "{status}");
+    assert!(status.contains("plan  nightly") && status.contains("agent solo"), "{status}");
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert!(metrics.contains("ge_budget_plans{state=\"reached\"} 1"), "{metrics}");
+    assert!(metrics.contains("ge_spend_usd_total{agent=\"solo\"} 2.05"), "{metrics}");
+    assert!(!metrics.contains("nightly"), "no plan as a label");
 
     // The CLI removes the budget: the rest goes, seen by the next sweep.
     let out = tokio::process::Command::new(BIN)
