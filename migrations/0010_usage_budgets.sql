@@ -31,9 +31,10 @@ CREATE TABLE spend_totals (
 );
 
 -- A plan's budget: set by the first entry of the plan that carries `budget`, or by an operator.
+-- No limit: an operator removed it (and later entries' `budget` sets none).
 CREATE TABLE plan_budgets (
     plan       TEXT PRIMARY KEY,
-    limit_usd  NUMERIC NOT NULL CHECK (limit_usd >= 0),
+    limit_usd  NUMERIC CHECK (limit_usd >= 0),
     set_by     TEXT NOT NULL,
     set_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );

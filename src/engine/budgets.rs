@@ -176,7 +176,7 @@ pub(crate) async fn plans_held(tx: &mut Transaction<'_, Postgres>, plans: &[Stri
     }
     let locked: Vec<(String, String)> = sqlx::query_as(
         "SELECT s.plan, pg_advisory_xact_lock($1, hashtext(s.plan))::text
-         FROM (SELECT b.plan FROM plan_budgets b WHERE b.plan = ANY($2) ORDER BY b.plan) s",
+         FROM (SELECT b.plan FROM plan_budgets b WHERE b.plan = ANY($2) AND b.limit_usd IS NOT NULL ORDER BY b.plan) s",
     )
     .bind(BUDGET_LOCKS)
     .bind(plans)
@@ -197,7 +197,7 @@ async fn plan_spend<'e>(db: impl sqlx::PgExecutor<'e>, plans: &[String], warn_at
                 ge_usd(coalesce(sum(s.cost), 0)) AS spent, coalesce(sum(s.cost), 0) >= b.limit_usd AS reached,
                 coalesce(sum(s.cost), 0) >= b.limit_usd * $2::float8::numeric AS warning
          FROM plan_budgets b LEFT JOIN spend_totals s ON s.scope = 'plan' AND s.name = b.plan
-         WHERE b.plan = ANY($1) GROUP BY b.plan, b.limit_usd ORDER BY b.plan",
+         WHERE b.plan = ANY($1) AND b.limit_usd IS NOT NULL GROUP BY b.plan, b.limit_usd ORDER BY b.plan",
     )
     .bind(plans)
     .bind(warn_at)
@@ -224,7 +224,8 @@ pub(crate) async fn set_from_entries(pool: &PgPool, budgets: &[(String, String)]
     Ok(())
 }
 
-/// An operator sets a plan's budget (`usd`) or removes it (None). Under the plan's budget lock,
+/// An operator sets a plan's budget (`usd`) or removes it (None: the plan has no budget from
+/// then on, whatever budget its later entries carry). Under the plan's budget lock,
 /// in one transaction: the budget, its warnings forgotten (the next crossing is logged again),
 /// and, when the budget no longer holds the plan, its held work back among the ready work that
 /// rounds read. Returns the plan's spend against its budget now (None: removed).
@@ -243,7 +244,15 @@ pub async fn set_plan(pool: &PgPool, plan: &str, usd: Option<&str>) -> Result<Op
             .await?;
         }
         None => {
-            sqlx::query("DELETE FROM plan_budgets WHERE plan = $1").bind(plan).execute(&mut *tx).await?;
+            // Kept as a row without a limit, so that later entries of the plan that carry a
+            // `budget` do not set one again.
+            sqlx::query(
+                "INSERT INTO plan_budgets (plan, limit_usd, set_by) VALUES ($1, NULL, 'operator')
+                 ON CONFLICT (plan) DO UPDATE SET limit_usd = NULL, set_by = excluded.set_by, set_at = now()",
+            )
+            .bind(plan)
+            .execute(&mut *tx)
+            .await?;
         }
     }
     sqlx::query("DELETE FROM budget_warnings WHERE scope = 'plan' AND name = $1").bind(plan).execute(&mut *tx).await?;
@@ -414,6 +423,7 @@ pub async fn overview(pool: &PgPool, routing: Option<&RoutingTable>, warn_at: f6
                 coalesce(s.cost, 0) >= b.limit_usd * $2::float8::numeric AS warning
          FROM plan_budgets b
          LEFT JOIN LATERAL (SELECT sum(t.cost) AS cost FROM spend_totals t WHERE t.scope = 'plan' AND t.name = b.plan) s ON true
+         WHERE b.limit_usd IS NOT NULL
          ORDER BY coalesce(s.cost, 0) / nullif(b.limit_usd, 0) DESC NULLS FIRST, b.plan LIMIT $1",
     )
     .bind(limit)
@@ -431,7 +441,7 @@ pub async fn plan_states(pool: &PgPool, warn_at: f64) -> Result<[(&'static str, 
         "SELECT count(*) FILTER (WHERE s < l * $1::float8::numeric), count(*) FILTER (WHERE s >= l * $1::float8::numeric AND s < l),
                 count(*) FILTER (WHERE s >= l)
          FROM (SELECT b.limit_usd AS l, coalesce((SELECT sum(t.cost) FROM spend_totals t WHERE t.scope = 'plan' AND t.name = b.plan), 0) AS s
-               FROM plan_budgets b) x",
+               FROM plan_budgets b WHERE b.limit_usd IS NOT NULL) x",
     )
     .bind(warn_at)
     .fetch_one(pool)

@@ -128,9 +128,13 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
         .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let t = nth(&env, "solo", "nightly.", 6).await;
-    complete_costing(&env, &t, "0.40").await;
-    nth(&env, "solo", "nightly.", 7).await;
+    // A later entry's budget does not set one again: an operator removed it.
+    env.submit(&[("wp_id", "nightly.8"), ("agent_id", "solo"), ("budget", "0.01")]).await;
+    for n in 6..=N + 1 {
+        let t = nth(&env, "solo", "nightly.", n).await;
+        complete_costing(&env, &t, "0.40").await;
+    }
+    eventually(T, "nightly.8 completed", || async { (env.status("nightly.8").await.as_deref() == Some("completed")).then_some(()) }).await;
     r1.stop().await;
     r2.kill().await.unwrap();
 }
