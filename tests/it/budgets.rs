@@ -64,6 +64,14 @@ async fn spent(env: &TestEnv, scope: &str, name: &str) -> String {
         .unwrap()
 }
 
+async fn warnings(env: &TestEnv, plan: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT level FROM budget_warnings WHERE scope = 'plan' AND name = $1 ORDER BY level")
+        .bind(plan)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spent() {
     const TOKEN: &str = "budget-token";
@@ -83,6 +91,8 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
     assert_eq!(held, (N - 3) as i64);
     assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 3, "no dispatch past the budget");
     assert_eq!(spent(&env, "plan", "nightly").await, "1.20", "exactly what it spent");
+    // Warned once at 80 % (0.80 of 1.00) and once at the budget, whichever replica saw them.
+    assert_eq!(warnings(&env, "nightly").await, ["reached", "warning"]);
 
     // Another plan's work goes at once, on the same agent, whatever the held backlog.
     env.submit(&[("wp_id", "daily.0"), ("agent_id", "solo")]).await;
@@ -108,6 +118,7 @@ async fn a_plan_stops_at_its_budget_across_two_replicas_with_exactly_what_it_spe
     assert_eq!(held, (N - 5) as i64);
     assert_eq!(triggers_of(&env, "solo", "nightly.").await.len(), 5);
     assert_eq!(spent(&env, "plan", "nightly").await, "2.00");
+    assert_eq!(warnings(&env, "nightly").await, ["reached", "warning"], "a new budget, warned again");
     assert_eq!(spent(&env, "agent", "solo").await, "2.05");
 
     // `status` and the metrics show it too; plans are counted, not labelled.
