@@ -168,24 +168,56 @@ pub(crate) async fn agents_held<'e>(db: impl sqlx::PgExecutor<'e>, routing: &Rou
     Ok(agents(db, routing, 1.0).await?.into_iter().filter(|s| s.reached).map(|s| (s.name.clone(), s.wait_reason())).collect())
 }
 
+/// Whether any plan has a budget, as a replica last saw it: while none has (checked again at
+/// most every `RECHECK`), rounds skip the statement that locks and reads plans' budgets. Safe
+/// to be stale: the claim itself checks every plan's budget, so a stale "none" only leaves a
+/// held plan's work unmarked (read again, and refused by the claim) for that long. A budget set
+/// through this replica is seen at once.
+#[derive(Debug, Default)]
+pub struct PlanBudgetsSeen(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl PlanBudgetsSeen {
+    const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn none_lately(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|at| at.elapsed() < Self::RECHECK)
+    }
+
+    fn set_none(&self, none: bool) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = none.then(std::time::Instant::now);
+    }
+
+    /// A budget was set: look again at the next round.
+    pub(crate) fn forget(&self) {
+        self.set_none(false);
+    }
+}
+
 /// In a claim's transaction: takes the budget locks of those of `plans` that have a budget (in
 /// name order), then reads their spend; returns why each plan whose budget is reached waits.
-pub(crate) async fn plans_held(tx: &mut Transaction<'_, Postgres>, plans: &[String]) -> Result<HashMap<String, String>, sqlx::Error> {
-    if plans.is_empty() {
+pub(crate) async fn plans_held(
+    tx: &mut Transaction<'_, Postgres>,
+    plans: &[String],
+    seen: &PlanBudgetsSeen,
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    if plans.is_empty() || seen.none_lately() {
         return Ok(HashMap::new());
     }
-    let locked: Vec<(String, String)> = sqlx::query_as(
+    // A row without a plan says that no plan has a budget at all.
+    let locked: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT s.plan, pg_advisory_xact_lock($1, hashtext(s.plan))::text
-         FROM (SELECT b.plan FROM plan_budgets b WHERE b.plan = ANY($2) AND b.limit_usd IS NOT NULL ORDER BY b.plan) s",
+         FROM (SELECT b.plan FROM plan_budgets b WHERE b.plan = ANY($2) AND b.limit_usd IS NOT NULL ORDER BY b.plan) s
+         UNION ALL SELECT NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM plan_budgets b WHERE b.limit_usd IS NOT NULL)",
     )
     .bind(BUDGET_LOCKS)
     .bind(plans)
     .fetch_all(&mut **tx)
     .await?;
+    seen.set_none(locked.iter().any(|(p, _)| p.is_none()));
+    let locked: Vec<String> = locked.into_iter().filter_map(|(p, _)| p).collect();
     if locked.is_empty() {
         return Ok(HashMap::new());
     }
-    let locked: Vec<String> = locked.into_iter().map(|(p, _)| p).collect();
     Ok(plan_spend(&mut **tx, &locked, 1.0).await?.into_iter().filter(|s| s.reached).map(|s| (s.name.clone(), s.wait_reason())).collect())
 }
 

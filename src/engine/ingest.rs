@@ -50,6 +50,9 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     // (v1.6) Before the work itself, so that no round sees a plan's work without its budget;
     // a redelivered entry sets nothing twice.
     crate::engine::budgets::set_from_entries(&ctx.pool, &budgets).await?;
+    if !budgets.is_empty() {
+        ctx.plan_budgets.forget();
+    }
     let outcomes = store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version }).await?;
     let mut inserted = Vec::new();
     let mut has_lanes = false;

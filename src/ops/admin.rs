@@ -452,6 +452,7 @@ async fn set_budget(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(plan): P,
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("the body must be {{\"usd\": \"25.00\"}}: {e}")))?;
     let usd = crate::core::usage::parse_usd(&body.usd).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("usd {e}")))?;
     let now = budgets::set_plan(&ctx.pool, &plan, Some(&usd)).await?;
+    ctx.plan_budgets.forget();
     tracing::info!(plan = %plan, usd = %usd, "budget set by an operator");
     nudge(&ctx, None).await;
     ok(now)

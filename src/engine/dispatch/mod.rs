@@ -139,7 +139,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     agents.agents_over_budget = budgets::agents_held(&mut *tx, &routing).await?;
     let plans: Vec<String> =
         candidates.iter().filter_map(|c| c.plan.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    agents.plans_over_budget = budgets::plans_held(&mut tx, &plans).await?;
+    agents.plans_over_budget = budgets::plans_held(&mut tx, &plans, &ctx.plan_budgets).await?;
     let buckets = agents.buckets.clone();
     let decided = decide::decide(&candidates, &routing, &mut agents, gate);
     claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
