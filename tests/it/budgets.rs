@@ -239,3 +239,32 @@ fn dev_shows_what_the_plan_spent() {
     assert!(plan.contains(" USD (today ") && plan.contains("9 reports"), "{plan}");
     assert!(stdout.contains("spend (USD):"), "{stdout}");
 }
+
+/// The reference agent reads what its command wrote to `GE_USAGE_FILE` and reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_agent_reports_the_usage_its_command_wrote() {
+    let env = TestEnv::start(SOLO).await;
+    let r1 = env.replica("r1");
+    let script = r#"printf '{"input_tokens": 1200, "output_tokens": 300, "cost": "0.0125", "model": "m-1"}' > "$GE_USAGE_FILE"; echo ok"#;
+    let _agent = tokio::process::Command::new(BIN)
+        .args(["agent", "solo", "--", "sh", "-c", script])
+        .env("REDIS_URL", env.redis.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    env.submit(&[("wp_id", "ref.a"), ("agent_id", "solo")]).await;
+    let row: (String, i64, i64, String, String, String) = eventually(T, "the usage of ref.a", || async {
+        sqlx::query_as(
+            "SELECT dispatch_id, input_tokens, output_tokens, ge_usd(cost), model, agent_id FROM dispatch_usage WHERE wp_id = 'ref.a'",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(row, ("ref.a:1".into(), 1200, 300, "0.0125".into(), "m-1".into(), "solo".into()));
+    assert_eq!(env.status("ref.a").await.as_deref(), Some("completed"));
+    r1.stop().await;
+}
