@@ -10,6 +10,7 @@ const SOLO: &str = r#"version: 1
 agents:
   solo: { roles: [worker], max_in_flight: 1 }
   thrifty: { roles: [saver], max_in_flight: 1, budget: { per_day: 0.50 } }
+  free: { roles: [other] }
 default_agent: solo
 "#;
 
@@ -216,6 +217,25 @@ async fn malformed_usage_is_dead_lettered_and_the_report_still_applies() {
     eventually(T, "u.b's usage recorded", || async { (spent(&env, "plan", "u").await == "0.375").then_some(()) }).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_usage WHERE wp_id = 'u.b'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(n, 2);
+    r1.stop().await;
+}
+
+/// Work that would be claimed by its own ingest (an agent without cap or limit) goes through a
+/// round when its plan has a budget: once reached, new work of the plan waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_of_a_plan_past_its_budget_waits_on_an_agent_without_a_cap() {
+    let env = TestEnv::start(SOLO).await;
+    let r1 = env.replica("r1");
+    env.submit(&[("wp_id", "lavish.0"), ("agent_id", "free"), ("budget", "0.30")]).await;
+    let t = nth(&env, "free", "lavish.", 1).await;
+    complete_costing(&env, &t, "0.40").await;
+    eventually(T, "lavish.0 completed", || async { (env.status("lavish.0").await.as_deref() == Some("completed")).then_some(()) }).await;
+    env.submit(&[("wp_id", "lavish.1"), ("agent_id", "free")]).await;
+    assert_eq!(all_waiting(&env, "lavish", "budget of plan lavish reached: 0.40 of 0.30 USD").await, 1);
+    assert_eq!(triggers_of(&env, "free", "lavish.").await.len(), 1);
+    // Another plan on the same agent is claimed at its ingest as before.
+    env.submit(&[("wp_id", "thrift.0"), ("agent_id", "free")]).await;
+    nth(&env, "free", "thrift.", 1).await;
     r1.stop().await;
 }
 

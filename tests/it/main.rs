@@ -30,6 +30,7 @@ mod metrics;
 mod operator_pool;
 mod outages;
 mod partitions;
+mod prerequisites;
 mod publication;
 mod random_bytes;
 mod recovery;
