@@ -83,6 +83,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         rerouted_for: std::sync::Mutex::new(None),
         metrics: crate::engine::metrics::Metrics::new(),
         duty: Default::default(),
+        plan_budgets: Default::default(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;

@@ -29,7 +29,15 @@ const READ_TOKEN: &str = "browser-read-token";
 
 fn agent(env: &TestEnv, name: &str) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
-        .args(["agent", name, "--", "sh", "-c", "sleep 0.2; echo ok"])
+        // (v1.6) Each run costs 0.25 USD and some tokens, so that spend shows.
+        .args([
+            "agent",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.2; printf 'cost=0.25\\ninput_tokens=1000\\noutput_tokens=200\\n' > \"$GE_USAGE_FILE\"; echo ok",
+        ])
         .env("REDIS_URL", env.redis.url())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -173,6 +181,8 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
             "pause_agent": "turing",
             "shared": shared,
         },
+        // (v1.6) The sample plan's spend, and a budget set from the page below it.
+        "spend": { "plan": "e2e", "agent": "dolly", "budget": "0.50" },
     });
 
     // Schedules (v1.6) that do not fire while the test runs: one at 02:00 in Berlin, one paused.
@@ -215,6 +225,10 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     assert!(shots.join("dashboard.png").exists() && shots.join("dashboard-requeued.png").exists());
     assert!(shots.join("dashboard-big-plan.png").exists() && shots.join("dashboard-paused.png").exists());
     assert!(shots.join("dashboard-schedules.png").exists());
+    assert!(shots.join("dashboard-spend.png").exists());
+    let limit: String =
+        sqlx::query_scalar("SELECT ge_usd(limit_usd) FROM plan_budgets WHERE plan = 'e2e'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(limit, "0.50", "the budget set from the page");
     // The paused lane's step went once it was resumed, and not before: the browser saw it wait.
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE])).await.as_deref(), Some("completed"));
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE] + 1)).await.as_deref(), Some("dispatched"));

@@ -3,6 +3,7 @@
 //! this file only parses, sets up logging and hands over.
 
 mod args;
+mod budget;
 mod cluster;
 mod controls;
 mod deadletter;
@@ -61,6 +62,11 @@ enum Command {
     Schedule {
         #[command(subcommand)]
         action: schedule::Action,
+    },
+    /// (v1.6) Set or remove a plan's budget; show spend and budgets.
+    Budget {
+        #[command(subcommand)]
+        action: budget::Action,
     },
     /// List or requeue dead letters.
     Deadletter {
@@ -130,6 +136,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,
         Command::Schedule { action } => action.run().await,
+        Command::Budget { action } => action.run().await,
         Command::Deadletter { action } => action.run().await,
         Command::Agents(c) => c.run().await,
         Command::Replicas(c) => c.run().await,

@@ -12,3 +12,4 @@ pub(crate) mod router;
 pub mod routing_file;
 pub mod schedule;
 pub mod status;
+pub mod usage;

@@ -13,6 +13,10 @@ use crate::core::routing_file::{ConfigError, strip_location};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
+    /// (v1.6) The plan's budget in USD (`25.00`), sent as the `budget` field of every work
+    /// package that does not give its own.
+    #[serde(default)]
+    pub budget: Option<serde_json::Value>,
     pub work_packages: Vec<PlannedWp>,
 }
 
@@ -67,7 +71,7 @@ pub fn parse(text: &str, origin: &str, max_prefix: usize) -> Result<Plan, Config
             _ => ConfigError::File { file: origin.to_string(), message },
         }
     };
-    let plan: Plan = serde_saphyr::from_str(text).map_err(yaml)?;
+    let mut plan: Plan = serde_saphyr::from_str(text).map_err(yaml)?;
     let positions: Positions = serde_saphyr::from_str(text).map_err(yaml)?;
     if plan.work_packages.is_empty() {
         return Err(err_at(at(&positions.work_packages), "work_packages is empty; a plan needs at least one".into()));
@@ -86,6 +90,15 @@ pub fn parse(text: &str, origin: &str, max_prefix: usize) -> Result<Plan, Config
             && let Some(d) = deps.value.iter().find(|d| !is_valid_wp_id(d) || d.len() > longest)
         {
             return Err(err_at(at(deps), format!("depends_on entry {} is not a valid wp_id", excerpt(d))));
+        }
+    }
+    if let Some(b) = plan.budget.take() {
+        let usd = match b {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        for wp in &mut plan.work_packages {
+            wp.fields.entry("budget".into()).or_insert_with(|| usd.clone());
         }
     }
     Ok(plan)

@@ -18,6 +18,8 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
     let mut targets = Vec::with_capacity(entries.len());
     let mut deadletters = Vec::new();
+    // (v1.6) (plan, USD) of the entries that carry a plan's budget.
+    let mut budgets: Vec<(String, String)> = Vec::new();
     let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter::of(&names.incoming, e, reason, detail);
     for e in entries {
         let spec = match entry::parse_incoming(e, &ctx.settings.limits) {
@@ -38,10 +40,23 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
                 continue;
             }
         }
+        match crate::core::usage::budget_of(&spec) {
+            Ok(b) => budgets.extend(b),
+            Err(detail) => {
+                deadletters.push(dead(e, "invalid", detail));
+                continue;
+            }
+        }
         specs.push((spec, e));
     }
 
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
+    // (v1.6) Before the work itself, so that no round sees a plan's work without its budget;
+    // a redelivered entry sets nothing twice.
+    crate::engine::budgets::set_from_entries(&ctx.pool, &budgets).await?;
+    if !budgets.is_empty() {
+        ctx.plan_budgets.forget();
+    }
     let read_at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
     let at_once = dispatch::at_ingest::claims(&ctx.pool, &routing, &plain, &targets).await?;
     let ingested =

@@ -3,6 +3,7 @@
 //! take over dead replicas, report health, and remove what retention allows.
 
 pub mod backoff;
+pub mod budgets;
 pub(crate) mod completions;
 pub(crate) mod config_watch;
 pub(crate) mod consume;

@@ -297,6 +297,7 @@ async fn insert_many(
                                                WHEN t.to_agent IS NOT NULL AND NOT EXISTS (
                                                     SELECT 1 FROM dispatch_pauses p
                                                     WHERE (p.scope = 'agent' AND p.name = t.to_agent) OR (p.scope = 'plan' AND p.name = t.plan))
+                                                    AND NOT EXISTS (SELECT 1 FROM plan_budgets b WHERE b.plan = t.plan AND b.limit_usd IS NOT NULL)
                                                     THEN 'dispatched'
                                                ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING

@@ -15,6 +15,8 @@ pub(crate) struct Overview {
     pub retention: Option<(String, String)>,
     /// Every schedule with its next firing (v1.6).
     pub schedules: Vec<ScheduleView>,
+    /// (v1.6) Spend per agent and plan, and the budgets.
+    pub spend: Option<crate::engine::budgets::Overview>,
 }
 
 pub(crate) fn render(o: &Overview) -> String {
@@ -30,6 +32,9 @@ pub(crate) fn render(o: &Overview) -> String {
     if !o.schedules.is_empty() {
         out.push('\n');
         out.push_str(&render_schedules(&o.schedules));
+    }
+    if let Some(s) = &o.spend {
+        out.push_str(&render_spend(s));
     }
     if !o.work_packages.is_empty() {
         let w = o.work_packages.iter().map(|v| v.wp_id.len()).max().unwrap_or(5).max(5);
@@ -69,6 +74,41 @@ pub(crate) fn render_schedules(all: &[ScheduleView]) -> String {
         out.push_str(&format!(
             "{:<w$}  {:<20}  {:<16}  {:<20}  {:<20}  missed={} overlap={} plan={}\n",
             s.name, s.cron, s.timezone, next, last, s.missed, s.overlap, s.plan_source
+        ));
+    }
+    out
+}
+
+/// (v1.6) Spend per agent and plan in USD, and each budget with what is spent of it.
+pub(crate) fn render_spend(s: &crate::engine::budgets::Overview) -> String {
+    let mut out = String::new();
+    let line = |t: &crate::engine::budgets::Total| {
+        format!("{} USD (today {}), {} in / {} out tokens, {} reports", t.cost, t.cost_today, t.input_tokens, t.output_tokens, t.reports)
+    };
+    if s.agents.iter().any(|t| t.reports > 0) || s.plans.iter().any(|t| t.reports > 0) || !s.budgets.is_empty() {
+        out.push_str("\nspend (USD):\n");
+    }
+    for t in s.agents.iter().filter(|t| t.reports > 0) {
+        out.push_str(&format!("  agent {:<20} {}\n", t.name, line(t)));
+    }
+    for t in &s.plans {
+        out.push_str(&format!("  plan  {:<20} {}\n", t.name, line(t)));
+    }
+    for b in &s.budgets {
+        let per = if b.scope == "agent" { format!(" per {}", b.period) } else { String::new() };
+        let state = if b.reached {
+            "  REACHED: its work waits".to_string()
+        } else if b.warning {
+            format!("  warning: past {:.0} %", s.warn_at * 100.0)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "  budget of {} {}: {} of {} USD{per}{state}\n",
+            b.scope,
+            b.name,
+            b.spent,
+            b.limit.as_deref().unwrap_or("-")
         ));
     }
     out

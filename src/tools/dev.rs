@@ -35,7 +35,13 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
     /// Shell command each demo agent runs per trigger.
-    #[arg(long, default_value = "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); echo \"done $GE_WP_ID\"")]
+    /// (v1.6) It also writes some made-up usage to `$GE_USAGE_FILE`, so that spend shows.
+    #[arg(
+        long,
+        default_value = "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); n=$(od -An -N1 -tu1 /dev/urandom | tr -d ' '); \
+                         printf 'input_tokens=%s\\noutput_tokens=%s\\ncost=0.0%03d\\nmodel=demo-1\\n' $((n * 10)) $((n * 2)) $n > \"$GE_USAGE_FILE\"; \
+                         echo \"done $GE_WP_ID\""
+    )]
     pub agent_command: String,
     /// Stop the stack once the plan has finished instead of running until Ctrl-C.
     #[arg(long)]
@@ -175,6 +181,11 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
             ExitCode::FAILURE
         }
     };
+    // (v1.6) What the plan cost, as `status` shows it.
+    match crate::engine::budgets::overview(&pool, Some(&routing), 0.8, 10).await {
+        Ok(o) => print!("{}", crate::ops::status::render_spend(&o)),
+        Err(e) => eprintln!("cannot read the spend: {e}"),
+    }
     if !args.exit_when_done && !token.is_cancelled() {
         println!("\nthe stack keeps running (REDIS_URL={redis_url} DATABASE_URL={database_url}); Ctrl-C stops it");
         watch_schedules(&pool, &token).await;

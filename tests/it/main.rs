@@ -10,6 +10,7 @@ mod admin;
 mod agent;
 mod api_schema;
 mod architecture;
+mod budgets;
 mod cli_ops;
 mod controls;
 mod dag;

@@ -6,8 +6,9 @@
 //! "May run at once": no dependencies, no lane, not delayed, and a target whose agents have
 //! neither a cap nor a rate limit. Such work has nothing to keep order with: no ready work of
 //! its target waits for a slot, so taking it first can overtake nothing, and no count needs a
-//! lock. Everything else (and work whose agent is paused or disabled) is stored as before and
-//! decided by the round, which keeps priorities, fair share, caps and limits exact.
+//! lock. Everything else (and work whose agent is paused or disabled, (v1.6) has a budget, or
+//! whose plan has one) is stored as before and decided by the round, which keeps priorities,
+//! fair share, caps, limits and budgets exact.
 
 use std::collections::HashMap;
 
@@ -61,7 +62,12 @@ fn may_run_at_once(spec: &WorkPackageSpec, target: &str, routing: &RoutingTable,
     }
     let Some(target) = Target::parse(target) else { return false };
     let agents = target.agents(routing);
-    !agents.is_empty() && agents.iter().all(|a| routing.agents.get(*a).is_some_and(|s| s.max_in_flight.is_none() && s.rate_limit.is_none()))
+    // (v1.6) An agent with a budget is decided by the round, which reads its spend; so is work
+    // of a plan with a budget (the insert itself checks that).
+    !agents.is_empty()
+        && agents
+            .iter()
+            .all(|a| routing.agents.get(*a).is_some_and(|s| s.max_in_flight.is_none() && s.rate_limit.is_none() && s.budget.is_none()))
 }
 
 fn candidate(spec: &WorkPackageSpec, target: &str, routing: &RoutingTable) -> Candidate {

@@ -33,6 +33,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use crate::core::entry::parse_stream_id;
+use crate::engine::budgets;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::streams;
 
@@ -111,7 +112,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let open = if scope.ready == Ready::None {
         Vec::new()
     } else {
-        let (agents, _) = claim::agents_now(&ctx.pool, &routing, &[]).await?;
+        let (mut agents, _) = claim::agents_now(&ctx.pool, &routing, &[]).await?;
+        agents.agents_over_budget = budgets::agents_held(&ctx.pool, &routing).await?;
         decide::open_targets(&routing, &agents, &scope.ready)
     };
     let candidates = candidates::read(&ctx.pool, scope, &open).await?;
@@ -140,10 +142,17 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let limited = decide::limited_agents(&routing, &candidates);
     claim::lock(&mut tx, &limited).await?;
     let (mut agents, clock) = claim::agents_now(&mut *tx, &routing, &limited).await?;
+    // Budgets (v1.6): read in the claim's transaction, the plans' under their budget locks,
+    // and checked again by the claim itself, so no replica claims work after the spend that
+    // reached its budget was recorded.
+    agents.agents_over_budget = budgets::agents_held(&mut *tx, &routing).await?;
+    let plans: Vec<String> =
+        candidates.iter().filter_map(|c| c.plan.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    agents.plans_over_budget = budgets::plans_held(&mut tx, &plans, &ctx.plan_budgets).await?;
     let buckets = agents.buckets.clone();
     let decided = decide::decide(&candidates, &routing, &mut agents, gate);
     claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
-    let claimed = claim::claim(&mut tx, &decided.claims, &routing.config_version).await?;
+    let claimed = claim::claim(&mut tx, &decided.claims, &routing).await?;
     claim::take_tokens(&mut tx, &buckets, &claimed, clock).await?;
     tx.commit().await?;
     // Lost if a round fails before this point; the scheduler's sweep still finds them.
