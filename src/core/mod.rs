@@ -10,3 +10,4 @@ pub mod retention;
 pub(crate) mod router;
 pub mod routing_file;
 pub mod status;
+pub mod wait;

@@ -75,6 +75,15 @@ macro_rules! delayed_reason {
     };
 }
 
+/// (v1.6) The wait reason of a waiting work package, from the SQL of its `wait_for` and
+/// `wait_key` (as `core::wait::reason` words it).
+macro_rules! waiting_reason {
+    ($for:literal, $key:literal) => {
+        concat!("CASE WHEN ", $for, " = 'event' THEN 'waiting for event ' || ", $key, " ELSE 'waiting for ' || ", $for, " END")
+    };
+}
+pub(crate) use waiting_reason;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestOutcome {
     Inserted,
@@ -235,19 +244,27 @@ async fn insert_many(
     let inserted: Vec<String> = sqlx::query_scalar(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason,
+                                    wait_for, wait_key, wait_timeout_ms, on_timeout, wait_due_at)
          SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
-                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
+                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb, nullif(t.target, ''), $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END,
                 CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END
+        " WHEN s.status = 'waiting' THEN ",
+        waiting_reason!("t.wait_for", "t.wait_key"),
+        " END,
+                t.wait_for, t.wait_key, t.wait_ms, t.on_timeout,
+                CASE WHEN s.status = 'waiting' THEN now() + make_interval(secs => t.wait_ms / 1000.0) END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
-                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target)
+                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[],
+                     $17::text[], $18::text[], $19::int8[], $20::text[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target,
+                   wait_for, wait_key, wait_ms, on_timeout)
          CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
-                                               WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+                                               WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN t.wait_for IS NOT NULL THEN 'waiting' ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING
          RETURNING wp_id"
     ))
@@ -267,6 +284,10 @@ async fn insert_many(
     .bind(idx.iter().map(|i| specs[*i].not_before_ms).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| routes.targets[*i].as_str()).collect::<Vec<_>>())
     .bind(routes.version)
+    .bind(col(|s| s.wait.as_ref().map(|w| w.wait_for.as_str().to_string())))
+    .bind(col(|s| s.wait.as_ref().and_then(|w| w.key.clone())))
+    .bind(idx.iter().map(|i| specs[*i].wait.as_ref().and_then(|w| w.timeout_ms)).collect::<Vec<_>>())
+    .bind(col(|s| s.wait.as_ref().map(|w| w.on_timeout.as_str().to_string())))
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<String> = inserted.into_iter().collect();
@@ -365,14 +386,20 @@ async fn ingest_one(
     let inserted = sqlx::query(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason,
+                                    wait_for, wait_key, wait_timeout_ms, on_timeout, wait_due_at)
          SELECT $1, s.status, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN s.status = 'ready' THEN now() END, $10, $11, $12, s.nb,
-                $15, $16,
+                nullif($15, ''), $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END, CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END
+        " WHEN s.status = 'waiting' THEN ",
+        waiting_reason!("$17::text", "$18::text"),
+        " END,
+                $17, $18, $19, $20,
+                CASE WHEN s.status = 'waiting' THEN now() + make_interval(secs => $19::int8 / 1000.0) END
          FROM (SELECT to_timestamp($13::int8 / 1000.0) AS nb) n
-         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN $17::text IS NOT NULL THEN 'waiting' ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING"
     ))
     .bind(&spec.wp_id)
@@ -391,6 +418,10 @@ async fn ingest_one(
     .bind(blocked)
     .bind(target)
     .bind(routed_by)
+    .bind(spec.wait.as_ref().map(|w| w.wait_for.as_str()))
+    .bind(spec.wait.as_ref().and_then(|w| w.key.as_deref()))
+    .bind(spec.wait.as_ref().and_then(|w| w.timeout_ms))
+    .bind(spec.wait.as_ref().map(|w| w.on_timeout.as_str()))
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -28,7 +28,7 @@ use crate::ops::{actions, activity, reads};
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// An error answer: a status and a sentence for the operator.
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -58,7 +58,7 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// `Query` whose rejection is a JSON error like every other answer of the API.
 pub(crate) struct Q<T>(T);
@@ -74,7 +74,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Q<T
 }
 
 /// One path parameter, with a JSON rejection.
-pub(crate) struct P(String);
+pub(crate) struct P(pub(crate) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for P {
     type Rejection = ApiError;
@@ -145,7 +145,7 @@ fn unauthorized(which: &str) -> ApiError {
     ApiError(StatusCode::UNAUTHORIZED, format!("send Authorization: Bearer <{which}>"))
 }
 
-fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = ctx.settings.admin_token.as_deref() else {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -448,7 +448,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/pauses/{scope}/{name}", post(pause))
         .route("/api/pauses/{scope}/{name}", delete(resume))
         .merge(reads)
-        .with_state(ctx)
+        .with_state(ctx.clone())
+        .merge(crate::ops::waits_api::router(ctx))
 }
 
 #[cfg(test)]

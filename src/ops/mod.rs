@@ -8,3 +8,4 @@ pub mod http;
 pub mod metrics;
 pub mod reads;
 pub mod status;
+pub(crate) mod waits_api;
