@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::core::entry::{self, StreamEntry};
 use crate::core::wait;
-use crate::engine::progress;
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::progress;
 use crate::engine::store::{self, ReportOutcome};
 use crate::engine::streams::DeadLetter;
 
@@ -55,7 +55,8 @@ pub(crate) async fn handle_heartbeats(ctx: &Ctx, entries: &[StreamEntry]) -> any
             match (f.get("wp_id").filter(|w| entry::is_valid_wp_id(w)), f.get("dispatch_id").filter(|d| !d.is_empty() && !d.contains('\0')))
             {
                 (Some(w), Some(d)) => {
-                    let (text, fraction) = wait::progress(f.get("progress").map(String::as_str), f.get("progress_fraction").map(String::as_str));
+                    let (text, fraction) =
+                        wait::progress(f.get("progress").map(String::as_str), f.get("progress_fraction").map(String::as_str));
                     Ok((w.clone(), d.clone(), text, fraction))
                 }
                 _ => Err(entry::Rejection::new("invalid", "a heartbeat needs the wp_id and the dispatch_id of its trigger")),

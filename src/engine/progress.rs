@@ -53,7 +53,7 @@ pub(crate) async fn record(pool: &PgPool, reports: Vec<Report>) -> Result<u64, s
 }
 
 /// A progress row as the live view sends it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct Live {
     pub wp_id: String,
     pub dispatch_id: String,
@@ -69,10 +69,10 @@ pub struct Live {
 /// The progress of running dispatches recorded after `since_us` (microseconds since the epoch),
 /// oldest first, at most `limit`.
 pub async fn since(pool: &PgPool, since_us: i64, limit: i64) -> Result<Vec<Live>, sqlx::Error> {
-    let rows: Vec<(String, String, Option<String>, Option<f32>, String, i64)> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT p.wp_id, p.dispatch_id, p.text, p.fraction,
-                to_char(p.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                (extract(epoch FROM p.at) * 1000000)::int8
+                to_char(p.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at,
+                (extract(epoch FROM p.at) * 1000000)::int8 AS at_us
          FROM work_package_progress p
          WHERE p.at > to_timestamp($1::float8 / 1000000.0) - interval '1 millisecond'
            AND (extract(epoch FROM p.at) * 1000000)::int8 > $1::int8
@@ -81,6 +81,5 @@ pub async fn since(pool: &PgPool, since_us: i64, limit: i64) -> Result<Vec<Live>
     .bind(since_us)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(wp_id, dispatch_id, text, fraction, at, at_us)| Live { wp_id, dispatch_id, text, fraction, at, at_us }).collect())
+    .await
 }

@@ -135,11 +135,13 @@ pub struct Delivered {
 }
 
 async fn lock_keys(tx: &mut Transaction<'_, Postgres>, keys: &[String]) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT count(pg_advisory_xact_lock($1, hashtext(s.k))) FROM (SELECT DISTINCT k FROM unnest($2::text[]) AS k ORDER BY k) s")
-        .bind(EVENT_LOCKS)
-        .bind(keys)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock($1, hashtext(s.k))) FROM (SELECT DISTINCT k FROM unnest($2::text[]) AS k ORDER BY k) s",
+    )
+    .bind(EVENT_LOCKS)
+    .bind(keys)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -226,12 +228,11 @@ pub(crate) async fn settle_keys(pool: &PgPool, wp_ids: Option<&[String]>) -> Res
     }
     let mut tx = pool.begin().await?;
     lock_keys(&mut tx, &keys).await?;
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "SELECT DISTINCT ON (key) id FROM kept_events WHERE key = ANY($1) AND consumed_at IS NULL ORDER BY key, id",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *tx)
-    .await?;
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT DISTINCT ON (key) id FROM kept_events WHERE key = ANY($1) AND consumed_at IS NULL ORDER BY key, id")
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?;
     let completed = complete_with(&mut tx, &ids).await?;
     let unblocked = if completed.is_empty() { Vec::new() } else { unblocked_by(&mut tx, &completed).await? };
     tx.commit().await?;

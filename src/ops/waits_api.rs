@@ -133,11 +133,8 @@ async fn progress_stream(State(ctx): State<Arc<Ctx>>) -> Result<Response, ApiErr
             }
         };
         let next = rows.last().map_or(since, |r| r.at_us);
-        let events: Vec<Result<Event, std::convert::Infallible>> = rows
-            .iter()
-            .filter_map(|r| Event::default().event("progress").json_data(r).ok())
-            .map(Ok)
-            .collect();
+        let events: Vec<Result<Event, std::convert::Infallible>> =
+            rows.iter().filter_map(|r| Event::default().event("progress").json_data(r).ok()).map(Ok).collect();
         Some((futures_util::stream::iter(events), (ctx, next, permit, Some(read))))
     });
     use futures_util::StreamExt;

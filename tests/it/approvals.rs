@@ -19,7 +19,11 @@ async fn trigger_of(env: &TestEnv, agent: &str, wp: &str) -> HashMap<String, Str
 }
 
 async fn history(env: &TestEnv, wp: &str) -> Vec<(String, Option<String>)> {
-    sqlx::query_as("SELECT status, detail FROM work_package_events WHERE wp_id = $1 ORDER BY id").bind(wp).fetch_all(&env.pool).await.unwrap()
+    sqlx::query_as("SELECT status, detail FROM work_package_events WHERE wp_id = $1 ORDER BY id")
+        .bind(wp)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
 }
 
 /// Returns once the scheduler's sweep has run since the call: work delayed by a second goes
@@ -96,7 +100,8 @@ async fn a_rejection_fails_the_step_and_holds_its_dependents_and_lane() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(env.status("p.gate").await.as_deref(), Some("failed"));
-    let error: String = sqlx::query_scalar("SELECT last_error FROM work_packages WHERE wp_id = 'p.gate'").fetch_one(&env.pool).await.unwrap();
+    let error: String =
+        sqlx::query_scalar("SELECT last_error FROM work_packages WHERE wp_id = 'p.gate'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(error, "rejected by bob: not today");
     let h = history(&env, "p.gate").await;
     assert_eq!(h.last().unwrap(), &("failed".to_string(), Some("rejected by bob: not today".to_string())));
@@ -134,7 +139,8 @@ async fn a_timeout_ends_the_wait_as_on_timeout_says() {
     env.submit(&[("wp_id", "t.next"), ("agent_id", "dolly"), ("depends_on", "t.goes")]).await;
     env.submit(&[("wp_id", "forever"), ("wait_for", "approval")]).await;
     status_is(&env, "t.fails", "failed").await;
-    let error: String = sqlx::query_scalar("SELECT last_error FROM work_packages WHERE wp_id = 't.fails'").fetch_one(&env.pool).await.unwrap();
+    let error: String =
+        sqlx::query_scalar("SELECT last_error FROM work_packages WHERE wp_id = 't.fails'").fetch_one(&env.pool).await.unwrap();
     assert!(error.starts_with("no approval within the wait_timeout of 1.0 s; failed"), "{error}");
     status_is(&env, "t.goes", "completed").await;
     let next = trigger_of(&env, "dolly", "t.next").await;
@@ -163,9 +169,11 @@ async fn waiting_work_holds_nothing_back_and_rounds_do_not_read_it() {
     .await;
     // Each was written once on its way to waiting, whatever the rounds did since (the sweep
     // runs every 100 ms here).
-    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM work_package_events WHERE wp_id LIKE 'w.%'").fetch_one(&env.pool).await.unwrap();
+    let before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_package_events WHERE wp_id LIKE 'w.%'").fetch_one(&env.pool).await.unwrap();
     after_sweeps(&env).await;
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM work_package_events WHERE wp_id LIKE 'w.%'").fetch_one(&env.pool).await.unwrap();
+    let after: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_package_events WHERE wp_id LIKE 'w.%'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(before, after);
     assert_eq!(before, 200, "straight to waiting, no detour through ready");
     env.assert_in_flight_consistent().await;

@@ -73,7 +73,7 @@ async fn an_event_before_its_step_is_kept_and_taken_when_the_step_comes() {
     env.submit(&[("wp_id", "r.review"), ("wait_for", "event"), ("wait_key", "review:7"), ("depends_on", "r.code")]).await;
     env.submit(&[("wp_id", "r.ship"), ("agent_id", "dolly"), ("depends_on", "r.review")]).await;
     let code = trigger_of(&env, "dolly", "r.code").await;
-    assert_eq!(env.status("r.review").await.as_deref(), Some("blocked"));
+    status_is(&env, "r.review", "blocked").await;
     env.complete(&code).await;
     let ship = trigger_of(&env, "dolly", "r.ship").await;
     let result: serde_json::Value = serde_json::from_str(&ship["upstream.r.review"]).unwrap();
