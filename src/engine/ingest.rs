@@ -5,9 +5,9 @@ use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::core::router::{self, RouteRequest};
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
+use crate::engine::kept_events;
 use crate::engine::store::{self, IngestOutcome, Routes};
 use crate::engine::streams::DeadLetter;
-use crate::engine::waits;
 
 pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
@@ -67,7 +67,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
 
     // (v1.6) An event that came before the work package waiting for it was kept for it.
     if !waits_for_events.is_empty() {
-        waits::settle(ctx, &waits_for_events).await?;
+        kept_events::settle(ctx, &waits_for_events).await?;
     }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();

@@ -14,6 +14,7 @@ pub mod duty;
 pub mod health;
 pub mod ingest;
 pub mod input;
+pub mod kept_events;
 pub mod metrics;
 pub(crate) mod postgres_probe;
 pub mod progress;
