@@ -264,7 +264,7 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
     let lane = bounded_name(&fields, "lane")?;
     let priority = parse_priority(&fields)?;
     let not_before_ms = parse_not_before(&fields, id_ms)?;
-    let wait = crate::core::wait::parse(&fields)?;
+    let wait = crate::core::wait::parse(&fields).map_err(|d| Rejection::new("invalid", d))?;
     let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
     let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
 

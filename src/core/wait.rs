@@ -5,8 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::core::entry::{Rejection, excerpt};
-
 /// What a work package waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitFor {
@@ -80,6 +78,12 @@ pub const MAX_WHO_CHARS: usize = 128;
 pub const MAX_PROGRESS_BYTES: usize = 200;
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// A printable, bounded rendering of untrusted text for messages (as `entry::excerpt`).
+fn excerpt(s: &str) -> String {
+    let head: String = s.chars().take(64).collect();
+    if head.len() == s.len() { format!("{s:?}") } else { format!("{head:?}… ({} bytes)", s.len()) }
+}
+
 /// A key an event may carry: printable text of 1 to 256 bytes.
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_BYTES && !key.chars().any(char::is_control)
@@ -88,10 +92,10 @@ pub fn valid_key(key: &str) -> bool {
 /// The wait an incoming entry asks for (`wait_for`, `wait_key`, `wait_timeout`, `on_timeout`),
 /// or none. Any of the last three without `wait_for`, an unknown value, an event without a
 /// key or a timeout that is not a duration of at most a year is refused with a sentence saying
-/// what to send instead.
-pub fn parse(fields: &BTreeMap<String, String>) -> Result<Option<WaitSpec>, Rejection> {
+/// what to send instead (dead-lettered as `invalid`).
+pub fn parse(fields: &BTreeMap<String, String>) -> Result<Option<WaitSpec>, String> {
     let get = |k: &str| fields.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
-    let bad = |detail: String| Err(Rejection::new("invalid", detail));
+    let bad = |detail: String| Err(detail);
     let Some(kind) = get("wait_for") else {
         if let Some(k) = ["wait_key", "wait_timeout", "on_timeout"].into_iter().find(|k| get(k).is_some()) {
             return bad(format!("{k} is given without wait_for; add wait_for: approval or wait_for: event, or leave {k} out"));
@@ -179,9 +183,8 @@ mod tests {
             (&[("wait_for", "approval"), ("on_timeout", "fail")][..], "without wait_timeout"),
             (&[("wait_for", "event"), ("wait_key", "a\u{7}b")][..], "printable"),
         ] {
-            let rej = parse(&fields(pairs)).unwrap_err();
-            assert_eq!(rej.reason, "invalid");
-            assert!(rej.detail.contains(says), "{pairs:?}: {}", rej.detail);
+            let detail = parse(&fields(pairs)).unwrap_err();
+            assert!(detail.contains(says), "{pairs:?}: {detail}");
         }
     }
 

@@ -448,8 +448,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/pauses/{scope}/{name}", post(pause))
         .route("/api/pauses/{scope}/{name}", delete(resume))
         .merge(reads)
-        .with_state(ctx.clone())
-        .merge(crate::ops::waits_api::router(ctx))
+        .with_state(ctx)
 }
 
 #[cfg(test)]

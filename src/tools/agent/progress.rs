@@ -1,6 +1,6 @@
 //! (v1.6) Live progress from the command: the agent gives it a file (`GE_PROGRESS_FILE`) and
 //! forwards the last line written there on a heartbeat, soon after it changes and at most once
-//! a second. A line is `TEXT`, `FRACTION TEXT` or `PERCENT% TEXT` (`0.4 compiling`,
+//! a second (and again every 5 s while it stays the same). A line is `TEXT`, `FRACTION TEXT` or `PERCENT% TEXT` (`0.4 compiling`,
 //! `40% compiling`); the orchestrator keeps 200 bytes of the text.
 
 use std::convert::Infallible;
@@ -13,6 +13,10 @@ use crate::engine::streams::{self, MasterConnection};
 /// How often the file is looked at, and the least time between two progress heartbeats.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 const SEND_EVERY: Duration = Duration::from_secs(1);
+/// The last line is sent again this often while it stays the same: the orchestrator writes a
+/// work package's progress at most once a second and drops what comes sooner, so a change that
+/// came just under a second after the one before is written by the next send.
+const RESEND_EVERY: Duration = Duration::from_secs(5);
 /// Only the end of the file is read: its last line is what counts.
 const TAIL_BYTES: u64 = 4096;
 
@@ -69,7 +73,8 @@ pub(super) async fn forward(mut con: MasterConnection, stream: &str, beat: &[(&s
     loop {
         tokio::time::sleep(LOOK_EVERY).await;
         let Some(line) = last_line(path) else { continue };
-        if sent.as_deref() == Some(line.as_str()) || last.elapsed() < SEND_EVERY {
+        let same = sent.as_deref() == Some(line.as_str());
+        if last.elapsed() < if same { RESEND_EVERY } else { SEND_EVERY } {
             continue;
         }
         let (fraction, text) = parse(&line);
