@@ -7,7 +7,9 @@
 //                big: { plan, lanes: [{lane, done, total}], frontier: [wp_id], failed: wp_id,
 //                       pause_lane, after_pause: the wp_id that must wait while its lane is paused,
 //                       pause_agent, shared: directory where release-LANE lets the lane's
-//                       running step complete } }
+//                       running step complete },
+//                approve: { wp, by, comment } (v1.6): approved from the page,
+//                progress: { wp, text } (v1.6): a running step's progress, shown live }
 // Exits non-zero with a message on the first check that fails.
 import { chromium } from "playwright-core";
 import { mkdirSync, writeFileSync } from "node:fs";
@@ -90,10 +92,29 @@ try {
   await page.waitForSelector('#detail td:has-text("completed")');
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
+  if (spec.approve) await approve(page, spec);
   await bigPlan(page, spec.big);
   step("all checks passed");
 } finally {
   await browser.close();
+}
+
+/** (v1.6) A step waiting for an approval is listed with its buttons and approved from the page,
+ *  with a comment and a name; a running step's progress is shown live. */
+async function approve(page, spec) {
+  const row = `#approvals tr[data-wp="${spec.approve.wp}"]`;
+  await page.waitForSelector(`${row}[data-wait="approval"]`);
+  await page.waitForSelector(`#progress tr[data-wp="${spec.progress.wp}"] td.progress:has-text("${spec.progress.text}")`);
+  step(`${spec.approve.wp} waits for an approval; ${spec.progress.wp}'s progress shown live`);
+  await page.fill("#decision-by", spec.approve.by);
+  await page.dispatchEvent("#decision-by", "change");
+  await page.fill(`${row} input.comment`, spec.approve.comment);
+  mkdirSync(spec.screenshots, { recursive: true });
+  await page.screenshot({ path: join(spec.screenshots, "dashboard-approval.png"), fullPage: true });
+  await page.click(`${row} button.approve`);
+  await page.waitForSelector(row, { state: "detached" });
+  await page.waitForSelector('#action:has-text("approve: done")');
+  step(`${spec.approve.wp} approved from the page`);
 }
 
 /** The big plan: the view opens on the frontier, folds what is finished, shows each lane's
