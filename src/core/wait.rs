@@ -66,8 +66,8 @@ pub fn reason(wait_for: &str, key: Option<&str>) -> String {
     }
 }
 
-/// The longest key of an event, and of `wait_key`.
-pub const MAX_KEY_BYTES: usize = 256;
+/// The longest key of an event, and of `wait_key`, in characters.
+pub const MAX_KEY_CHARS: usize = 256;
 /// The longest wait: a year, like `not_before`.
 pub const MAX_WAIT_MS: u128 = 366 * 86_400_000;
 /// The longest comment of an approval or rejection, and of who gave it.
@@ -84,9 +84,9 @@ fn excerpt(s: &str) -> String {
     if head.len() == s.len() { format!("{s:?}") } else { format!("{head:?}… ({} bytes)", s.len()) }
 }
 
-/// A key an event may carry: printable text of 1 to 256 bytes.
+/// A key an event may carry: 1 to 256 characters, none of them a control character.
 pub fn valid_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= MAX_KEY_BYTES && !key.chars().any(char::is_control)
+    !key.is_empty() && key.chars().count() <= MAX_KEY_CHARS && !key.chars().any(char::is_control)
 }
 
 /// The wait an incoming entry asks for (`wait_for`, `wait_key`, `wait_timeout`, `on_timeout`),
@@ -111,7 +111,7 @@ pub fn parse(fields: &BTreeMap<String, String>) -> Result<Option<WaitSpec>, Stri
         (WaitFor::Event, None) => return bad("wait_for: event needs a wait_key, the key of the event it waits for".into()),
         (WaitFor::Approval, Some(_)) => return bad("wait_key is for wait_for: event; an approval is given by wp_id".into()),
         (_, Some(k)) if !valid_key(k) => {
-            return bad(format!("wait_key {} must be 1 to {MAX_KEY_BYTES} bytes of printable text", excerpt(k)));
+            return bad(format!("wait_key {} must be 1 to {MAX_KEY_CHARS} characters of printable text", excerpt(k)));
         }
         (_, k) => k.map(str::to_string),
     };

@@ -123,7 +123,7 @@ async fn decide(pool: &PgPool, wp_id: &str, who: &str, comment: Option<&str>, ve
 /// Delivers one event (see `kept_events::deliver`), once its key is known to be valid.
 pub async fn deliver(pool: &PgPool, key: &str, fields: &serde_json::Value, source: Option<&str>) -> Result<Delivered, WaitError> {
     if !valid_key(key) {
-        return Err(WaitError::Invalid(format!("event key {} must be 1 to 256 bytes of printable text", entry::excerpt(key))));
+        return Err(WaitError::Invalid(format!("event key {} must be 1 to 256 characters of printable text", entry::excerpt(key))));
     }
     Ok(kept_events::deliver(pool, key, fields, source).await?)
 }
@@ -184,7 +184,7 @@ fn event_fields(raw: &entry::RawFields, ctx: &Ctx) -> Result<BTreeMap<String, St
     let fields = entry::decode_fields(raw, &ctx.settings.limits).map_err(|r| r.detail)?;
     match fields.get("key") {
         Some(k) if valid_key(k) => {}
-        Some(k) => return Err(format!("event key {} must be 1 to 256 bytes of printable text", entry::excerpt(k))),
+        Some(k) => return Err(format!("event key {} must be 1 to 256 characters of printable text", entry::excerpt(k))),
         None => return Err("an event needs a key field: the wait_key of the work packages it is for".into()),
     }
     if let Some((k, _)) = fields.iter().find(|(k, v)| k.contains('\0') || v.contains('\0')) {

@@ -1,8 +1,8 @@
 //! (v1.6) The admin API's approvals, events and live progress:
 //!
 //! - `POST /api/work-packages/{wp_id}/approve` and `/reject`, body `{"comment": "...", "by":
-//!   "..."}` (both optional; `by` defaults to `admin-api`): the admin token is one shared
-//!   secret, so who decides is what the caller says, and it goes into the history;
+//!   "..."}` (both optional; `by` empty or absent is `admin-api`): the admin token is one
+//!   shared secret, so who decides is what the caller says, and it goes into the history;
 //! - `POST /api/events/{key}`, body a JSON object of text fields (or empty): the event's fields;
 //! - `GET /api/progress/stream`: server-sent events, one `progress` event per progress report
 //!   recorded, read every second; at most `MAX_STREAMS` at once per replica, each for at most
@@ -73,8 +73,11 @@ fn body_of<T: serde::de::DeserializeOwned + Default>(body: &[u8], shape: &str) -
 async fn decide(ctx: Arc<Ctx>, headers: HeaderMap, wp_id: String, body: axum::body::Bytes, verdict: Verdict) -> ApiResult {
     authorize(&ctx, &headers)?;
     let b: DecisionBody = body_of(&body, "{\"comment\": \"...\", \"by\": \"...\"}")?;
-    let by = b.by.unwrap_or_else(|| "admin-api".into());
-    let unblocked = waits::decide_and_dispatch(&ctx, &wp_id, &by, b.comment.as_deref(), verdict).await?;
+    // PostgreSQL stores no NUL: replaced, as in reports (contract v1.1).
+    let clean = |t: String| t.replace('\0', "\u{FFFD}");
+    let by = b.by.map(clean).filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "admin-api".into());
+    let comment = b.comment.map(clean);
+    let unblocked = waits::decide_and_dispatch(&ctx, &wp_id, &by, comment.as_deref(), verdict).await?;
     let done = if verdict == Verdict::Approve { "approved" } else { "rejected" };
     Ok(Json(json!({ "wp_id": wp_id, done: true, "by": by, "may_unblock": unblocked })).into_response())
 }
@@ -94,13 +97,13 @@ async fn event(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(key): P, body:
     let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
     if fields.len() > limits.max_fields || size > limits.max_payload_bytes {
         return Err(ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::BAD_REQUEST,
             format!("an event may have at most {} fields of {} bytes together", limits.max_fields, limits.max_payload_bytes),
         ));
     }
-    if fields.iter().any(|(k, v)| k.contains('\0') || v.contains('\0')) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "fields must not contain NUL, which PostgreSQL cannot store".into()));
-    }
+    // PostgreSQL stores no NUL: replaced, as in reports (contract v1.1).
+    let clean = |t: &str| t.replace('\0', "\u{FFFD}");
+    fields = fields.iter().map(|(k, v)| (clean(k), clean(v))).collect();
     fields.insert("key".into(), key.clone());
     let json = serde_json::Value::Object(fields.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect());
     let d = waits::deliver_and_dispatch(&ctx, &key, &json).await?;

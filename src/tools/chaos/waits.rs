@@ -44,11 +44,11 @@ pub(crate) async fn load(endpoint: Endpoint, submitted: Arc<Mutex<Submitted>>, r
         n += 1;
         let step = format!("w{n}.step");
         let after = format!("w{n}.after");
-        let key = (n % 2 == 0).then(|| format!("chaos:{n}"));
+        let key = n.is_multiple_of(2).then(|| format!("chaos:{n}"));
         let mut fields = vec![("wp_id".to_string(), step.clone())];
         match &key {
             Some(k) => {
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     // The event first: kept until its step comes to wait for it.
                     send(&mut con, &names.events, k).await;
                 }
