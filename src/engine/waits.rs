@@ -114,7 +114,9 @@ async fn decide(pool: &PgPool, wp_id: &str, who: &str, comment: Option<&str>, ve
         };
         return Err(WaitError::NotWaiting { wp_id: wp_id.to_string(), status, hint });
     }
-    let unblocked = unblocked_by(&mut tx, &[wp_id.to_string()]).await?;
+    // Only a completion lets anything go (a rejection holds its dependents and lane), and
+    // `unblocked_by` is told of completions only.
+    let unblocked = if verdict == Verdict::Approve { unblocked_by(&mut tx, &[wp_id.to_string()]).await? } else { Vec::new() };
     tx.commit().await?;
     tracing::info!(wp_id = %wp_id, by = %who, verdict = ?verdict, "approval decided by an operator");
     Ok(unblocked)
@@ -249,7 +251,8 @@ pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     .bind(SWEEP_LIMIT)
     .fetch_all(&mut *tx)
     .await?;
-    let ended: Vec<String> = timed_out.iter().map(|(w, _)| w.clone()).collect();
+    // Those that failed let nothing go; `unblocked_by` is told of completions only.
+    let ended: Vec<String> = timed_out.iter().filter(|(_, s)| s == "completed").map(|(w, _)| w.clone()).collect();
     let mut unblocked = if ended.is_empty() { Vec::new() } else { unblocked_by(&mut tx, &ended).await? };
     tx.commit().await?;
     for (wp_id, status) in &timed_out {
