@@ -1,6 +1,10 @@
 //! route_incoming: validate entries of `ge:work:incoming`, persist the work packages and
 //! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
 
+use std::collections::HashSet;
+
+use sqlx::Row;
+
 use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::core::router::{self, RouteRequest};
 use crate::engine::context::Ctx;
@@ -45,12 +49,17 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     }
 
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
-    let outcomes = store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version }).await?;
+    let read_at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let at_once = dispatch::at_ingest::claims(&ctx.pool, &routing, &plain, &targets).await?;
+    let ingested =
+        store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version, at_once: &at_once }).await?;
+    let claimed: HashSet<&str> = ingested.dispatched.iter().filter_map(|r| r.try_get::<&str, _>("wp_id").ok()).collect();
     let mut inserted = Vec::new();
     let mut waits_for_events = Vec::new();
     let mut has_lanes = false;
-    for ((spec, e), outcome) in specs.iter().zip(outcomes) {
+    for ((spec, e), outcome) in specs.iter().zip(ingested.outcomes) {
         match outcome {
+            IngestOutcome::Inserted if claimed.contains(spec.wp_id.as_str()) => {}
             IngestOutcome::Inserted => {
                 has_lanes |= spec.lane.is_some();
                 if spec.wait.as_ref().is_some_and(|w| w.key.is_some()) {
@@ -75,8 +84,12 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     // A batch with lane members is acknowledged first, since the lane gate of the round holds
     // work behind entries still pending, these included; other batches are acknowledged and
     // dispatched together.
+    // What the ingest claimed at once is published with the round over the rest.
     let scope = Scope::ids(inserted);
-    let round = dispatch::round(ctx, &scope);
+    let round = async {
+        let at_once = dispatch::publish_claimed(ctx, &ingested.dispatched, |_| Some(read_at)).await?;
+        Ok::<usize, anyhow::Error>(at_once + dispatch::round(ctx, &scope).await?)
+    };
     let dispatched = if has_lanes {
         ctx.ack(&names.incoming, &ids, &deadletters).await?;
         round.await

@@ -31,6 +31,7 @@ mod metrics;
 mod operator_pool;
 mod outages;
 mod partitions;
+mod prerequisites;
 mod progress;
 mod publication;
 mod random_bytes;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::candidates::may_run;
+use super::candidates::{lane_head, may_run_checked};
 use super::decide::{AgentsNow, Claim, Wait};
 use crate::core::routing_file::RoutingTable;
 use crate::engine::controls::{self, Bucket, Pause, Paused};
@@ -142,7 +142,7 @@ pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], 
              FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS c(wp_id, agent, route, timeout_ms, target)
              JOIN work_packages w ON w.wp_id = c.wp_id
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND ",
-        may_run!(),
+        may_run_checked!(),
         "
                AND NOT EXISTS (SELECT 1 FROM dispatch_pauses p
                                WHERE (p.scope = 'agent' AND p.name = c.agent) OR (p.scope = 'lane' AND p.name = w.lane)
@@ -187,7 +187,7 @@ pub(super) async fn enter_waiting(tx: &mut Transaction<'_, Postgres>, wp_ids: &[
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND w.wait_for IS NOT NULL
                AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now()) AND (w.not_before IS NULL OR w.not_before <= now())
                AND ",
-        may_run!(),
+        may_run_checked!(),
         "
              FOR UPDATE OF w SKIP LOCKED)
          UPDATE work_packages w SET status = 'waiting', wait_reason = ",
