@@ -114,6 +114,10 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     env.submit(&[("wp_id", "e2e.held"), ("agent_id", "hopper"), ("lane", "ops")]).await;
     env.submit(&[("wp_id", "e2e.after-held"), ("agent_id", "dolly"), ("lane", "ops")]).await;
     env.submit(&[("wp_id", "e2e.unblocked-later"), ("agent_id", "dolly"), ("depends_on", "e2e.held")]).await;
+    // (v1.6) A step that waits for an approval, which the browser gives.
+    // A plan of its own, so the sample plan's waiting list stays as it is.
+    env.submit(&[("wp_id", "gate"), ("plan", "approvals"), ("wait_for", "approval")]).await;
+    env.submit(&[("wp_id", "after-gate"), ("plan", "approvals"), ("agent_id", "dolly"), ("depends_on", "gate")]).await;
     // Broken routing: ghost is not in the registry, so this is dead-lettered.
     env.submit(&[("wp_id", "e2e.hotfix"), ("agent_id", "ghost"), ("depends_on", "e2e.spec")]).await;
 
@@ -156,6 +160,21 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     })
     .await;
     let frontier: Vec<String> = (0..LANES).filter(|&l| PROGRESS[l] < STEPS).map(|l| big_wp(l, PROGRESS[l])).collect();
+    // (v1.6) The progress of a running step, as its agent would report it on a heartbeat.
+    let running = big_wp(0, PROGRESS[0]);
+    env.report(
+        "ge:work:heartbeat",
+        &[("wp_id", &running), ("dispatch_id", &format!("{running}:1")), ("progress", "halfway there"), ("progress_fraction", "0.5")],
+    )
+    .await;
+    eventually(T, "the progress recorded", || async {
+        sqlx::query_scalar::<_, String>("SELECT text FROM work_package_progress WHERE wp_id = $1")
+            .bind(&running)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
 
     let mut expect: serde_json::Map<String, serde_json::Value> = ids.iter().map(|id| (id.clone(), "completed".into())).collect();
     expect.insert("e2e.held".into(), "ready".into());
@@ -168,6 +187,8 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
         "expect": expect,
         "blocked": { "e2e.after-held": "e2e.held", "e2e.unblocked-later": "e2e.held", "e2e.held": "hopper" },
         "requeue": "e2e.hotfix",
+        "approve": { "wp": "gate", "by": "browser", "comment": "looks good" },
+        "progress": { "wp": running, "text": "halfway there" },
         "screenshots": shots,
         "big": {
             "plan": "big",
@@ -222,6 +243,15 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
     assert_eq!(env.status("e2e.hotfix").await.as_deref(), Some("completed"));
+    let decided: Option<String> =
+        sqlx::query_scalar("SELECT detail FROM work_package_events WHERE wp_id = 'gate' AND status = 'completed'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(decided.as_deref(), Some("approved by browser: looks good"));
+    assert!(shots.join("dashboard-approval.png").exists());
+    eventually(T, "the approved step's dependent completed", || async { env.status("after-gate").await.filter(|s| s == "completed") })
+        .await;
     assert!(shots.join("dashboard.png").exists() && shots.join("dashboard-requeued.png").exists());
     assert!(shots.join("dashboard-big-plan.png").exists() && shots.join("dashboard-paused.png").exists());
     assert!(shots.join("dashboard-schedules.png").exists());

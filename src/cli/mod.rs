@@ -2,6 +2,7 @@
 //! and the tools. Each command group is a file here that declares its arguments and runs them;
 //! this file only parses, sets up logging and hands over.
 
+mod approvals;
 mod args;
 mod budget;
 mod cluster;
@@ -52,6 +53,12 @@ enum Command {
     Cancel(work::Cancel),
     /// Mark a work package completed without running it, so its dependents and lane go on.
     Skip(work::Skip),
+    /// Approve a work package waiting for approval: it completes, its dependents go on.
+    Approve(approvals::Decide),
+    /// Reject a work package waiting for approval: it fails.
+    Reject(approvals::Decide),
+    /// Send an event: it completes the work packages waiting for its key (or is kept for them).
+    Event(approvals::EventCmd),
     /// Pause an agent, a lane or a plan: its work waits until it is resumed.
     Pause(controls::PauseCmd),
     /// Resume a paused agent, lane or plan.
@@ -132,6 +139,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(c) => c.run().await,
         Command::Cancel(c) => c.run().await,
         Command::Skip(c) => c.run().await,
+        Command::Approve(c) => c.approve().await,
+        Command::Reject(c) => c.reject().await,
+        Command::Event(c) => c.run().await,
         Command::Pause(c) => c.run().await,
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,

@@ -57,6 +57,8 @@ pub struct WorkPackageSpec {
     pub fairness_key: String,
     /// Unix milliseconds before which it may not run (v1.4).
     pub not_before_ms: Option<i64>,
+    /// (v1.6) It waits for an approval or an event instead of going to an agent.
+    pub wait: Option<crate::core::wait::WaitSpec>,
     /// Every field as received; passed through to the trigger.
     pub fields: BTreeMap<String, String>,
     pub source_id: String,
@@ -262,6 +264,7 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
     let lane = bounded_name(&fields, "lane")?;
     let priority = parse_priority(&fields)?;
     let not_before_ms = parse_not_before(&fields, id_ms)?;
+    let wait = crate::core::wait::parse(&fields).map_err(|d| Rejection::new("invalid", d))?;
     let plan = bounded_name(&fields, "plan")?.or_else(|| wp_id.rsplit_once('.').map(|(p, _)| p.to_string()).filter(|p| !p.is_empty()));
     let fairness_key = bounded_name(&fields, "fairness_key")?.or_else(|| plan.clone()).unwrap_or_default();
 
@@ -301,6 +304,7 @@ pub(crate) fn parse_incoming(entry: &StreamEntry, limits: &Limits) -> Result<Wor
         plan,
         fairness_key,
         not_before_ms,
+        wait,
         fields,
         source_id: entry.id.clone(),
         source_ms,

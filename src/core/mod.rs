@@ -13,3 +13,4 @@ pub mod routing_file;
 pub mod schedule;
 pub mod status;
 pub mod usage;
+pub mod wait;

@@ -12,7 +12,7 @@ use crate::core::entry::StreamEntry;
 use crate::engine::context::Ctx;
 use crate::engine::input::Input;
 use crate::engine::streams::{DeadLetter, Reader, Trouble};
-use crate::engine::{completions, deadlines, ingest};
+use crate::engine::{completions, deadlines, ingest, waits};
 
 /// Processes one batch and acknowledges it. An error means some of the batch may not have
 /// been acknowledged; handling the same batch again is safe, since every step is idempotent.
@@ -26,6 +26,7 @@ pub(crate) async fn handle_batch(ctx: &Ctx, input: Input, entries: &[StreamEntry
         Input::Incoming => ingest::handle(ctx, entries).await,
         Input::Completed | Input::Failed => completions::handle(ctx, input, entries).await,
         Input::Heartbeat => deadlines::handle_heartbeats(ctx, entries).await,
+        Input::Events => waits::handle_events(ctx, entries).await,
     };
     let Err(e) = result else { return Ok(()) };
     let Some(refused) = data_error(&e) else { return Err(e) };

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use crate::core::entry::{self, StreamEntry};
+use crate::core::wait;
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::progress;
 use crate::engine::store::{self, ReportOutcome};
 use crate::engine::streams::DeadLetter;
 
@@ -46,17 +48,25 @@ pub(crate) async fn expire_overdue(ctx: &Ctx) -> anyhow::Result<usize> {
 pub(crate) async fn handle_heartbeats(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
     let (mut wp_ids, mut dispatch_ids, mut deadletters) = (Vec::new(), Vec::new(), Vec::new());
+    let mut progress = Vec::new();
     for e in entries {
         let fields = e.fields.as_ref().ok_or_else(|| entry::Rejection::new("deleted", "the entry was deleted from the stream"));
         let parsed = fields.and_then(|raw| entry::decode_fields(raw, &ctx.settings.limits)).and_then(|f| {
             match (f.get("wp_id").filter(|w| entry::is_valid_wp_id(w)), f.get("dispatch_id").filter(|d| !d.is_empty() && !d.contains('\0')))
             {
-                (Some(w), Some(d)) => Ok((w.clone(), d.clone())),
+                (Some(w), Some(d)) => {
+                    let (text, fraction) =
+                        wait::progress(f.get("progress").map(String::as_str), f.get("progress_fraction").map(String::as_str));
+                    Ok((w.clone(), d.clone(), text, fraction))
+                }
                 _ => Err(entry::Rejection::new("invalid", "a heartbeat needs the wp_id and the dispatch_id of its trigger")),
             }
         });
         match parsed {
-            Ok((w, d)) => {
+            Ok((w, d, text, fraction)) => {
+                if text.is_some() || fraction.is_some() {
+                    progress.push(progress::Report { wp_id: w.clone(), dispatch_id: d.clone(), text, fraction });
+                }
                 wp_ids.push(w);
                 dispatch_ids.push(d);
             }
@@ -65,6 +75,7 @@ pub(crate) async fn handle_heartbeats(ctx: &Ctx, entries: &[StreamEntry]) -> any
     }
     if !wp_ids.is_empty() {
         store::extend_deadlines(&ctx.pool, &wp_ids, &dispatch_ids).await?;
+        progress::record(&ctx.pool, progress).await?;
     }
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     ctx.ack(&names.heartbeat, &ids, &deadletters).await?;

@@ -9,6 +9,7 @@ use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::core::router::{self, RouteRequest};
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Scope};
+use crate::engine::kept_events;
 use crate::engine::store::{self, IngestOutcome, Routes};
 use crate::engine::streams::DeadLetter;
 
@@ -29,6 +30,12 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
                 continue;
             }
         };
+        // (v1.6) A work package that waits for an approval or an event goes to no agent.
+        if spec.wait.is_some() {
+            targets.push(String::new());
+            specs.push((spec, e));
+            continue;
+        }
         // Routed once, now: to an agent or a role. Which agent of a role, given the load of
         // that moment, is decided at dispatch.
         let req =
@@ -63,12 +70,16 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version, at_once: &at_once }).await?;
     let claimed: HashSet<&str> = ingested.dispatched.iter().filter_map(|r| r.try_get::<&str, _>("wp_id").ok()).collect();
     let mut inserted = Vec::new();
+    let mut waits_for_events = Vec::new();
     let mut has_lanes = false;
     for ((spec, e), outcome) in specs.iter().zip(ingested.outcomes) {
         match outcome {
             IngestOutcome::Inserted if claimed.contains(spec.wp_id.as_str()) => {}
             IngestOutcome::Inserted => {
                 has_lanes |= spec.lane.is_some();
+                if spec.wait.as_ref().is_some_and(|w| w.key.is_some()) {
+                    waits_for_events.push(spec.wp_id.clone());
+                }
                 inserted.push(spec.wp_id.clone());
             }
             IngestOutcome::Duplicate => {
@@ -76,6 +87,11 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
             }
             IngestOutcome::Rejected(rej) => deadletters.push(dead(e, rej.reason, rej.detail)),
         }
+    }
+
+    // (v1.6) An event that came before the work package waiting for it was kept for it.
+    if !waits_for_events.is_empty() {
+        kept_events::settle(ctx, &waits_for_events).await?;
     }
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();

@@ -10,10 +10,12 @@ pub(crate) enum Input {
     Completed,
     Failed,
     Heartbeat,
+    /// (v1.6) Events that waiting work packages wait for.
+    Events,
 }
 
 impl Input {
-    pub(crate) const ALL: [Input; 4] = [Input::Incoming, Input::Completed, Input::Failed, Input::Heartbeat];
+    pub(crate) const ALL: [Input; 5] = [Input::Incoming, Input::Completed, Input::Failed, Input::Heartbeat, Input::Events];
 
     pub fn stream<'a>(&self, ctx: &'a Ctx) -> &'a str {
         self.stream_in(&ctx.settings.names)
@@ -25,6 +27,7 @@ impl Input {
             Input::Completed => &n.completed,
             Input::Failed => &n.failed,
             Input::Heartbeat => &n.heartbeat,
+            Input::Events => &n.events,
         }
     }
 
@@ -33,6 +36,7 @@ impl Input {
             Input::Incoming => "route_incoming",
             Input::Completed | Input::Failed => "process_completions",
             Input::Heartbeat => "process_heartbeats",
+            Input::Events => "process_events",
         }
     }
 }

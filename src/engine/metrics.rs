@@ -16,6 +16,8 @@ pub(crate) const TRIMMED: &str = "ge_stream_trimmed_entries_total";
 pub(crate) const REMOVED: &str = "ge_retention_removed_rows_total";
 pub(crate) const PUBLISH_REFUSED: &str = "ge_trigger_publish_refused_total";
 pub(crate) const SCHEDULE_FIRINGS: &str = "ge_schedule_firings_total";
+pub(crate) const WAITS_RESOLVED: &str = "ge_waits_resolved_total";
+pub(crate) const EVENTS_DROPPED: &str = "ge_events_dropped_total";
 
 /// Seconds from "may run" to "trigger published": sub-second normally, minutes when agents
 /// are full.
@@ -88,6 +90,15 @@ impl Metrics {
     /// so the label is bounded by what they define.
     pub(crate) fn schedule_firings(&self, schedule: &str, outcome: &str, n: u64) {
         self.counter(SCHEDULE_FIRINGS, &[("schedule", schedule), ("outcome", outcome)], n);
+    }
+    /// (v1.6) Waiting work packages ended `how`: approved, rejected, event, timeout.
+    pub(crate) fn waits_resolved(&self, how: &str, n: u64) {
+        self.counter(WAITS_RESOLVED, &[("how", how)], n);
+    }
+    /// (v1.6) Kept events dropped at a bound (`why`: age, count) before any work package
+    /// waited for them.
+    pub(crate) fn events_dropped(&self, why: &str, n: u64) {
+        self.counter(EVENTS_DROPPED, &[("why", why)], n);
     }
     pub(crate) fn dispatch_latency(&self, agent: &str, kind: &str, seconds: f64) {
         let labels = vec![Label::new("route", kind.to_string()), Label::new("agent", agent.to_string())];

@@ -11,6 +11,7 @@ use crate::engine::context::Ctx;
 use crate::engine::deadlines;
 use crate::engine::dispatch;
 use crate::engine::statistics;
+use crate::engine::waits;
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
     let mut tick = tokio::time::interval(ctx.settings.scheduler_interval);
@@ -30,6 +31,10 @@ pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
         }
         if let Err(e) = deadlines::expire_overdue(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "expiring overdue dispatches failed");
+            ctx.stats.note_error();
+        }
+        if let Err(e) = waits::sweep(&ctx).await {
+            tracing::warn!(error = format!("{e:#}"), "ending timed-out waits failed");
             ctx.stats.note_error();
         }
         if let Err(e) = statistics::keep_up(&ctx).await {

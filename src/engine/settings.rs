@@ -52,6 +52,9 @@ pub struct Names {
     /// Agents' heartbeats for a dispatch still running (contract v1.1).
     #[arg(long, env = "GE_STREAM_HEARTBEAT", default_value = "ge:work:heartbeat")]
     pub heartbeat: String,
+    /// (v1.6) Outside events that waiting work packages wait for, by key.
+    #[arg(long, env = "GE_STREAM_EVENTS", default_value = "ge:work:events")]
+    pub events: String,
     #[arg(long, env = "GE_RELOAD_CHANNEL", default_value = "ge:config:reload")]
     pub reload_channel: String,
     /// Prefix of each agent's trigger stream; the agent name follows it.
@@ -72,6 +75,7 @@ impl Default for Names {
             deadletter: "ge:work:deadletter".into(),
             health: "system.health".into(),
             heartbeat: "ge:work:heartbeat".into(),
+            events: "ge:work:events".into(),
             reload_channel: "ge:config:reload".into(),
             trigger_prefix: "triggers.".into(),
             dispatch_key_prefix: "ge:dispatched:".into(),
@@ -146,6 +150,13 @@ pub struct RunSettings {
     /// published again (idempotently) by whichever replica notices.
     #[arg(long, env = "GE_REPUBLISH_AFTER", default_value = "5s", value_parser = duration)]
     pub republish_after: Duration,
+    /// (v1.6) How long an event that no work package waited for is kept for one that comes to
+    /// wait for its key.
+    #[arg(long, env = "GE_EVENT_MAX_AGE", default_value = "1day", value_parser = duration)]
+    pub event_max_age: Duration,
+    /// (v1.6) The most events kept at once; beyond it the oldest are dropped (and counted).
+    #[arg(long, env = "GE_EVENT_MAX_KEPT", default_value_t = 10_000)]
+    pub event_max_kept: i64,
     /// Redis replicas that must acknowledge a trigger (Redis WAIT) before it is recorded as
     /// published; unconfirmed triggers are published again. Default: 1 with a Sentinel URL,
     /// else 0 (no WAIT).
@@ -231,6 +242,8 @@ impl RunSettings {
             postgres_lost_after: Duration::from_secs(2),
             scheduler_interval: Duration::from_millis(500),
             republish_after: Duration::from_secs(5),
+            event_max_age: Duration::from_secs(86_400),
+            event_max_kept: 10_000,
             dispatch_key_ttl: Duration::from_secs(7 * 24 * 3600),
             redis_wait_replicas: None,
             redis_wait_timeout: Duration::from_secs(1),

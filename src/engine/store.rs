@@ -75,6 +75,14 @@ macro_rules! delayed_reason {
     };
 }
 
+/// (v1.6) The wait reason of a waiting work package, from the SQL of its `wait_for` and
+/// `wait_key` (as `core::wait::reason` words it).
+macro_rules! waiting_reason {
+    ($for:literal, $key:literal) => {
+        concat!("CASE WHEN ", $for, " = 'event' THEN 'waiting for event ' || ", $key, " ELSE 'waiting for ' || ", $for, " END")
+    };
+}
+pub(crate) use waiting_reason;
 /// The unmet prerequisites of the work package `w`, counted from its edges: for a work package
 /// that opens again (an operator's retry), whose count no completion kept while it was closed.
 macro_rules! unmet_count {
@@ -275,25 +283,31 @@ async fn insert_many(
          INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
                                     target, routed_by, next_attempt_at, wait_reason, unmet_deps,
-                                    agent_id, route, attempts, dispatch_id, dispatched_at, timeout_ms, deadline_at)
+                                    agent_id, route, attempts, dispatch_id, dispatched_at, timeout_ms, deadline_at,
+                                    wait_for, wait_key, wait_timeout_ms, on_timeout, wait_due_at)
          SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
-                CASE WHEN s.status IN ('ready', 'dispatched') THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
+                CASE WHEN s.status IN ('ready', 'dispatched') THEN now() END, t.priority, t.plan, t.fkey, s.nb, nullif(t.target, ''), $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END,
                 CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
+        " WHEN s.status = 'waiting' THEN ",
+        waiting_reason!("t.wait_for", "t.wait_key"),
         " END, t.unmet,
                 CASE WHEN s.status = 'dispatched' THEN t.to_agent END, CASE WHEN s.status = 'dispatched' THEN t.to_route END,
                 CASE WHEN s.status = 'dispatched' THEN 1 ELSE 0 END, CASE WHEN s.status = 'dispatched' THEN t.wp_id || ':1' END,
                 CASE WHEN s.status = 'dispatched' THEN now() END, CASE WHEN s.status = 'dispatched' THEN t.to_timeout END,
-                CASE WHEN s.status = 'dispatched' THEN now() + make_interval(secs => t.to_timeout / 1000.0) END
+                CASE WHEN s.status = 'dispatched' THEN now() + make_interval(secs => t.to_timeout / 1000.0) END,
+                t.wait_for, t.wait_key, t.wait_ms, t.on_timeout,
+                CASE WHEN s.status = 'waiting' THEN now() + make_interval(secs => t.wait_ms / 1000.0) END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
                      $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[], $17::int4[],
-                     $18::text[], $19::text[], $20::int8[])
+                     $18::text[], $19::text[], $20::int8[], $21::text[], $22::text[], $23::int8[], $24::text[])
               AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target, unmet,
-                   to_agent, to_route, to_timeout)
+                   to_agent, to_route, to_timeout, wait_for, wait_key, wait_ms, on_timeout)
          CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
                                                WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN t.wait_for IS NOT NULL THEN 'waiting'
                                                WHEN t.to_agent IS NOT NULL AND NOT EXISTS (
                                                     SELECT 1 FROM dispatch_pauses p
                                                     WHERE (p.scope = 'agent' AND p.name = t.to_agent) OR (p.scope = 'plan' AND p.name = t.plan))
@@ -325,6 +339,10 @@ async fn insert_many(
     .bind(idx.iter().map(|i| at_once(i).map(|c| c.agent.as_str())).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| at_once(i).map(|c| c.route)).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| at_once(i).and_then(|c| c.timeout_ms)).collect::<Vec<_>>())
+    .bind(col(|s| s.wait.as_ref().map(|w| w.wait_for.as_str().to_string())))
+    .bind(col(|s| s.wait.as_ref().and_then(|w| w.key.clone())))
+    .bind(idx.iter().map(|i| specs[*i].wait.as_ref().and_then(|w| w.timeout_ms)).collect::<Vec<_>>())
+    .bind(col(|s| s.wait.as_ref().map(|w| w.on_timeout.as_str().to_string())))
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<String> = rows.iter().map(|r| r.try_get("wp_id")).collect::<Result<_, _>>()?;
@@ -458,14 +476,20 @@ async fn ingest_one(
     let inserted = sqlx::query(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps)
+                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps,
+                                    wait_for, wait_key, wait_timeout_ms, on_timeout, wait_due_at)
          SELECT $1, s.status, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN s.status = 'ready' THEN now() END, $10, $11, $12, s.nb,
-                $15, $16,
+                nullif($15, ''), $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END, CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END, $17
+        " WHEN s.status = 'waiting' THEN ",
+        waiting_reason!("$18::text", "$19::text"),
+        " END, $17,
+                $18, $19, $20, $21,
+                CASE WHEN s.status = 'waiting' THEN now() + make_interval(secs => $20::int8 / 1000.0) END
          FROM (SELECT to_timestamp($13::int8 / 1000.0) AS nb) n
-         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+         CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN $18::text IS NOT NULL THEN 'waiting' ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING"
     ))
     .bind(&spec.wp_id)
@@ -485,6 +509,10 @@ async fn ingest_one(
     .bind(target)
     .bind(routed_by)
     .bind(unmet(spec, &completed))
+    .bind(spec.wait.as_ref().map(|w| w.wait_for.as_str()))
+    .bind(spec.wait.as_ref().and_then(|w| w.key.as_deref()))
+    .bind(spec.wait.as_ref().and_then(|w| w.timeout_ms))
+    .bind(spec.wait.as_ref().map(|w| w.on_timeout.as_str()))
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -110,7 +110,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .merge(metrics)
         .with_state(ctx.clone())
         .merge(crate::ops::schedules::router(ctx.clone()))
-        .merge(crate::ops::admin::router(ctx))
+        .merge(crate::ops::admin::router(ctx.clone()))
+        .merge(crate::ops::waits_api::router(ctx))
         .layer(axum::middleware::from_fn(move |req, next| within(request_timeout, req, next)))
         .layer(axum::middleware::map_response(nosniff))
 }

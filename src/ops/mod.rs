@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod reads;
 pub(crate) mod schedules;
 pub mod status;
+pub(crate) mod waits_api;

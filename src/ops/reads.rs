@@ -43,6 +43,24 @@ pub struct WpView {
     pub priority: i16,
     /// RFC 3339, UTC: it may not run before (v1.4).
     pub not_before: Option<String>,
+    /// (v1.6) `approval` or `event`: it waits for that instead of an agent.
+    pub wait_for: Option<String>,
+    /// (v1.6) The key of the event it waits for.
+    pub wait_key: Option<String>,
+    /// (v1.6) RFC 3339, UTC: while waiting, when its `wait_timeout` ends the wait.
+    pub wait_due_at: Option<String>,
+    /// (v1.6) The latest progress its agent reported for the current dispatch.
+    pub progress: Option<Progress>,
+}
+
+/// (v1.6) An agent's latest report of how far a dispatch has come.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub text: Option<String>,
+    /// 0 to 1.
+    pub fraction: Option<f32>,
+    /// RFC 3339, UTC: when it was recorded.
+    pub at: String,
 }
 
 /// Which work packages a listing shows. Empty fields match everything.
@@ -141,8 +159,12 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                          '{}') AS depends_on,
                 w.work_type, w.route, w.source_id, w.source_ms, w.source_seq,
                 to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated,
-                w.plan, w.priority, to_char(w.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS not_before
+                w.plan, w.priority, to_char(w.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS not_before,
+                w.wait_for, w.wait_key, to_char(w.wait_due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS wait_due,
+                w.on_timeout, pr.text AS progress_text, pr.fraction AS progress_fraction,
+                to_char(pr.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS progress_at
          FROM work_packages w
+         LEFT JOIN work_package_progress pr ON pr.wp_id = w.wp_id AND pr.dispatch_id = w.dispatch_id
          WHERE ",
             matching!(),
             "
@@ -185,6 +207,23 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                     why.push(format!("running on {}", agent_id.as_deref().unwrap_or("?")));
                     // A trigger Redis refused says so (see `dispatch::publish`).
                     why.extend(wait_reason);
+                    // (v1.6) How far it has come, as its agent last said.
+                    let text: Option<String> = r.try_get("progress_text")?;
+                    let fraction: Option<f32> = r.try_get("progress_fraction")?;
+                    match (fraction, text) {
+                        (Some(f), Some(t)) => why.push(format!("progress {:.0}%: {t}", f * 100.0)),
+                        (Some(f), None) => why.push(format!("progress {:.0}%", f * 100.0)),
+                        (None, Some(t)) => why.push(format!("progress: {t}")),
+                        (None, None) => {}
+                    }
+                }
+                "waiting" => {
+                    why.extend(wait_reason);
+                    let due: Option<String> = r.try_get("wait_due")?;
+                    let then: Option<String> = r.try_get("on_timeout")?;
+                    if let Some(d) = due {
+                        why.push(format!("until {d}, then {}", if then.as_deref() == Some("complete") { "completes" } else { "fails" }));
+                    }
                 }
                 "failed" => why.push(format!(
                     "failed after {attempts} attempt(s): {}; retry or cancel it",
@@ -208,6 +247,13 @@ pub async fn list(pool: &PgPool, f: &Filter) -> Result<Vec<WpView>, sqlx::Error>
                 plan: r.try_get("plan")?,
                 priority: r.try_get("priority")?,
                 not_before: r.try_get("not_before")?,
+                wait_for: r.try_get("wait_for")?,
+                wait_key: r.try_get("wait_key")?,
+                wait_due_at: r.try_get("wait_due")?,
+                progress: match r.try_get::<Option<String>, _>("progress_at")? {
+                    Some(at) => Some(Progress { text: r.try_get("progress_text")?, fraction: r.try_get("progress_fraction")?, at }),
+                    None => None,
+                },
             })
         })
         .collect()

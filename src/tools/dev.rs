@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::routing_file;
-use crate::engine::{store, streams};
+use crate::engine::{store, streams, waits};
 use crate::ops::reads;
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::plan;
@@ -35,10 +35,12 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
     /// Shell command each demo agent runs per trigger.
-    /// (v1.6) It also writes some made-up usage to `$GE_USAGE_FILE`, so that spend shows.
+    /// (v1.6) It also reports progress through `$GE_PROGRESS_FILE` and writes some made-up usage
+    /// to `$GE_USAGE_FILE`, so that progress and spend show.
     #[arg(
         long,
-        default_value = "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); n=$(od -An -N1 -tu1 /dev/urandom | tr -d ' '); \
+        default_value = "echo \"50% working on $GE_WP_ID\" > \"$GE_PROGRESS_FILE\"; \
+                         sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); n=$(od -An -N1 -tu1 /dev/urandom | tr -d ' '); \
                          printf 'input_tokens=%s\\noutput_tokens=%s\\ncost=0.0%03d\\nmodel=demo-1\\n' $((n * 10)) $((n * 2)) $n > \"$GE_USAGE_FILE\"; \
                          echo \"done $GE_WP_ID\""
     )]
@@ -46,6 +48,11 @@ pub struct DevArgs {
     /// Stop the stack once the plan has finished instead of running until Ctrl-C.
     #[arg(long)]
     pub exit_when_done: bool,
+    /// (v1.6) Approve the plan's steps that wait for an approval, and send the events its
+    /// steps wait for, this long after they start waiting (as `dev`); without it an operator
+    /// does (dashboard, `approve`, `event`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub approve_after: Option<Duration>,
     /// Where replica and agent logs go.
     #[arg(long, default_value = ".dev")]
     pub log_dir: PathBuf,
@@ -173,7 +180,7 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
 
     add_sample_schedule(&pool, &args.schedule_plan).await?;
 
-    let code = watch(&pool, &plan.wp_ids(), &token, &mut stack, &args.log_dir).await;
+    let code = watch(&pool, &plan.wp_ids(), &token, &mut stack, &args).await;
     let code = match code {
         Ok(c) => c,
         Err(e) => {
@@ -201,10 +208,12 @@ async fn watch(
     ids: &[String],
     token: &CancellationToken,
     stack: &mut Stack,
-    log_dir: &std::path::Path,
+    args: &DevArgs,
 ) -> anyhow::Result<ExitCode> {
+    let log_dir = args.log_dir.as_path();
     let started = Instant::now();
     let mut last: HashMap<String, String> = HashMap::new();
+    let mut waiting_since: HashMap<String, Instant> = HashMap::new();
     let deadline = Duration::from_secs(300);
     loop {
         let views = reads::work_packages(pool, None, 100_000).await?;
@@ -221,12 +230,19 @@ async fn watch(
                 let t = started.elapsed().as_secs_f64();
                 let detail = match v.status.as_str() {
                     "dispatched" => format!("-> {} (attempt {})", v.agent_id.as_deref().unwrap_or("?"), v.attempts),
+                    "waiting" if v.wait_for.as_deref() == Some("approval") => {
+                        format!("{}: ge-orchestrator approve {} --comment ...", v.why, v.wp_id)
+                    }
+                    "waiting" => format!("{}: ge-orchestrator event {} NAME=VALUE", v.why, v.wait_key.as_deref().unwrap_or("?")),
                     _ => v.why.clone(),
                 };
                 let lane = v.lane.as_deref().map(|l| format!("[{l}] ")).unwrap_or_default();
                 println!("{t:7.2}s  {:<28} {:<10} {lane}{detail}", v.wp_id, v.status);
                 last.insert(v.wp_id.clone(), v.status.clone());
             }
+        }
+        if let Some(after) = args.approve_after {
+            stand_in(pool, &views, ids, after, &mut waiting_since).await?;
         }
         if finished == ids.len() {
             println!("\nplan finished in {:.1} s: {} completed, {failed} failed", started.elapsed().as_secs_f64(), finished - failed);
@@ -288,4 +304,36 @@ async fn watch_schedules(pool: &sqlx::PgPool, token: &CancellationToken) {
             _ = token.cancelled() => return,
         }
     }
+}
+
+/// (v1.6) `--approve-after`: stands in for the person and the outside system. The plan's steps
+/// waiting for an approval are approved, and the events its steps wait for are sent, once they
+/// have waited `after`.
+async fn stand_in(
+    pool: &sqlx::PgPool,
+    views: &[reads::WpView],
+    ids: &[String],
+    after: Duration,
+    since: &mut HashMap<String, Instant>,
+) -> anyhow::Result<()> {
+    for v in views.iter().filter(|v| v.status == "waiting" && ids.contains(&v.wp_id)) {
+        if since.entry(v.wp_id.clone()).or_insert_with(Instant::now).elapsed() < after {
+            continue;
+        }
+        let done = match (v.wait_for.as_deref(), v.wait_key.as_deref()) {
+            (Some("approval"), _) => {
+                waits::approve(pool, &v.wp_id, "dev", Some("approved by ge-orchestrator dev --approve-after")).await.map(|_| ())
+            }
+            (_, Some(key)) => {
+                let fields = serde_json::json!({ "key": key, "conclusion": "success", "sent_by": "ge-orchestrator dev" });
+                waits::deliver(pool, key, &fields, None).await.map(|_| ())
+            }
+            _ => Ok(()),
+        };
+        match done {
+            Ok(()) | Err(waits::WaitError::NotWaiting { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,9 @@
 //                       pause_agent, shared: directory where release-LANE lets the lane's
 //                       running step complete },
 //                spend: { plan, agent: one that reported usage, budget: USD to set for the plan
-//                         from the page, below what it spent } }
+//                         from the page, below what it spent },
+//                approve: { wp, by, comment } (v1.6): approved from the page,
+//                progress: { wp, text } (v1.6): a running step's progress, shown live }
 // Exits non-zero with a message on the first check that fails.
 import { chromium } from "playwright-core";
 import { mkdirSync, writeFileSync } from "node:fs";
@@ -93,11 +95,30 @@ try {
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
   if (spec.spend) await spendAndBudgets(page, spec.spend);
+  if (spec.approve) await approve(page, spec);
   await bigPlan(page, spec.big);
   if (spec.schedules) await schedules(page, spec.schedules);
   step("all checks passed");
 } finally {
   await browser.close();
+}
+
+/** (v1.6) A step waiting for an approval is listed with its buttons and approved from the page,
+ *  with a comment and a name; a running step's progress is shown live. */
+async function approve(page, spec) {
+  const row = `#approvals tr[data-wp="${spec.approve.wp}"]`;
+  await page.waitForSelector(`${row}[data-wait="approval"]`);
+  await page.waitForSelector(`#progress tr[data-wp="${spec.progress.wp}"] td.progress:has-text("${spec.progress.text}")`);
+  step(`${spec.approve.wp} waits for an approval; ${spec.progress.wp}'s progress shown live`);
+  await page.fill("#decision-by", spec.approve.by);
+  await page.dispatchEvent("#decision-by", "change");
+  await page.fill(`${row} input.comment`, spec.approve.comment);
+  mkdirSync(spec.screenshots, { recursive: true });
+  await page.screenshot({ path: join(spec.screenshots, "dashboard-approval.png"), fullPage: true });
+  await page.click(`${row} button.approve`);
+  await page.waitForSelector(row, { state: "detached" });
+  await page.waitForSelector('#action:has-text("approve: done")');
+  step(`${spec.approve.wp} approved from the page`);
 }
 
 /** The big plan: the view opens on the frontier, folds what is finished, shows each lane's

@@ -331,3 +331,34 @@ async def test_through_sentinel_across_a_failover(stack: Stack) -> None:
         await stop(agent, task)
         await sentinel.aclose()
     assert before["s.before"].ok and after["s.after"].ok, (before, after, log_tail(replica.log))
+
+
+async def test_a_handler_s_progress_goes_out_on_heartbeats_and_reaches_the_api(stack: Stack) -> None:
+    replica = stack.replica("r1")
+    release = asyncio.Event()
+
+    async def work(t: Trigger) -> str:
+        t.progress("half way", 0.5)
+        await release.wait()
+        return "done"
+
+    agent = Agent("writer", work, redis_url=stack.redis.url, heartbeat_interval="30s")
+    task = await start(agent)
+    r = client(stack)
+    try:
+        async with Producer(stack.redis.url, admin_url=replica.url) as p:
+            sub = await p.submit("prog-1", agent_id="writer")
+
+            async def sent() -> bool:
+                return any(f.get("progress") == "half way" and f.get("progress_fraction") == "0.5"
+                           for _, f in await r.xrange("ge:work:heartbeat"))
+
+            # Long before the 30 s heartbeat: a progress report goes out within a second or so.
+            await eventually(sent, "the progress on a heartbeat", timeout=10)
+            release.set()
+            out = await p.wait(sub, timeout=T)
+            assert out["prog-1"].ok
+    finally:
+        release.set()
+        await r.aclose()
+        await stop(agent, task)

@@ -57,7 +57,8 @@ fn decide_claims(candidates: &[(usize, Candidate)], routing: &RoutingTable, agen
 }
 
 fn may_run_at_once(spec: &WorkPackageSpec, target: &str, routing: &RoutingTable, now_ms: i64) -> bool {
-    if !spec.depends_on.is_empty() || spec.lane.is_some() || spec.not_before_ms.is_some_and(|nb| nb > now_ms) {
+    // (v1.6) A step that waits for an approval or an event goes to no agent.
+    if spec.wait.is_some() || !spec.depends_on.is_empty() || spec.lane.is_some() || spec.not_before_ms.is_some_and(|nb| nb > now_ms) {
         return false;
     }
     let Some(target) = Target::parse(target) else { return false };
@@ -83,5 +84,6 @@ fn candidate(spec: &WorkPackageSpec, target: &str, routing: &RoutingTable) -> Ca
         plan: spec.plan.clone(),
         delayed_until: None,
         eligible_since: 0.0,
+        wait_for: None,
     }
 }

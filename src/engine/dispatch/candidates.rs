@@ -75,7 +75,7 @@ macro_rules! candidates_sql {
             "),
              c AS MATERIALIZED (
                  SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.target, w.routed_by, w.lane,
-                        w.source_ms, w.source_seq, w.plan, w.priority, w.fairness_key, w.created_at, w.next_attempt_at,
+                        w.source_ms, w.source_seq, w.plan, w.priority, w.fairness_key, w.created_at, w.next_attempt_at, w.wait_for,
                         CASE WHEN w.not_before > now() THEN extract(epoch FROM w.not_before)::float8 END AS delayed_until,
                         row_number() OVER (PARTITION BY w.fairness_key, w.priority ORDER BY w.source_ms, w.source_seq) AS turn
                  FROM (SELECT DISTINCT ids.wp_id FROM ids) k
@@ -91,7 +91,7 @@ macro_rules! candidates_sql {
                  FROM (SELECT DISTINCT c.fairness_key AS key FROM c) k
                  WHERE (SELECT count(DISTINCT c.fairness_key) FROM c) > 1)
              SELECT w.wp_id, w.requested_agent, w.work_type, w.trigger_subject, w.target, w.routed_by, w.lane,
-                    w.source_ms, w.source_seq, w.plan, w.delayed_until, extract(epoch FROM ",
+                    w.source_ms, w.source_seq, w.plan, w.delayed_until, w.wait_for, extract(epoch FROM ",
             eligible_since!(),
             ")::float8 AS eligible_since
              FROM c w LEFT JOIN busy b ON b.key = w.fairness_key
@@ -177,6 +177,7 @@ pub(crate) async fn read(pool: &PgPool, scope: &Scope, open: &[(String, i64)]) -
                 order: (r.try_get("source_ms")?, r.try_get("source_seq")?),
                 plan: r.try_get("plan")?,
                 delayed_until: r.try_get("delayed_until")?,
+                wait_for: r.try_get("wait_for")?,
                 eligible_since: r.try_get("eligible_since")?,
             })
         })

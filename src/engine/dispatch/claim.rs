@@ -167,7 +167,9 @@ pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], 
                     updated_at = now(), timeout_ms = l.timeout_ms,
                     deadline_at = now() + make_interval(secs => l.timeout_ms / 1000.0)
              FROM locked l WHERE w.wp_id = l.wp_id
-             RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id),
+             RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id, ",
+        super::publish::upstream_of!(),
+        "),
          outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM claimed)
          SELECT * FROM claimed"
     );
@@ -183,6 +185,34 @@ pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], 
         .bind(&periods)
         .fetch_all(&mut **tx)
         .await
+}
+
+/// (v1.6) Puts the work packages that wait for an approval or an event, and may go when their
+/// rows are locked, into `waiting`, with the due time of their timeout. Returns those with an
+/// event key: an event kept for the key may be waiting for them.
+pub(super) async fn enter_waiting(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    if wp_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = concat!(
+        "WITH locked AS MATERIALIZED (
+             SELECT w.wp_id FROM unnest($1::text[]) AS c(wp_id)
+             JOIN work_packages w ON w.wp_id = c.wp_id
+             WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND w.wait_for IS NOT NULL
+               AND (w.status <> 'retry_wait' OR w.next_attempt_at <= now()) AND (w.not_before IS NULL OR w.not_before <= now())
+               AND ",
+        may_run_checked!(),
+        "
+             FOR UPDATE OF w SKIP LOCKED)
+         UPDATE work_packages w SET status = 'waiting', wait_reason = ",
+        crate::engine::store::waiting_reason!("w.wait_for", "w.wait_key"),
+        ", next_attempt_at = NULL, held_by = NULL, updated_at = now(),
+                wait_due_at = now() + make_interval(secs => w.wait_timeout_ms / 1000.0)
+         FROM locked l WHERE w.wp_id = l.wp_id
+         RETURNING w.wp_id, w.wait_key"
+    );
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sql).bind(wp_ids).fetch_all(&mut **tx).await?;
+    Ok(rows.into_iter().filter(|(_, k)| k.is_some()).map(|(w, _)| w).collect())
 }
 
 /// Takes a token from each rate-limited agent for every work package claimed for it: for

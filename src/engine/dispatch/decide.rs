@@ -29,6 +29,8 @@ pub(crate) struct Candidate {
     pub delayed_until: Option<f64>,
     /// Unix seconds since when it may run, for the dispatch-latency histogram.
     pub eligible_since: f64,
+    /// (v1.6) `approval` or `event`: it waits for that instead of going to an agent.
+    pub wait_for: Option<String>,
 }
 
 impl Candidate {
@@ -216,6 +218,8 @@ pub(crate) struct Decisions {
     pub waits: Vec<Wait>,
     /// Held at the lane gate: looked at again by this replica's next round.
     pub gated: Vec<String>,
+    /// (v1.6) Free to go, and waiting for an approval or an event: they become `waiting`.
+    pub awaits: Vec<String>,
 }
 
 /// Decides every candidate, best first (the order they come in), giving each agent no more
@@ -236,6 +240,12 @@ pub(crate) fn decide(candidates: &[Candidate], routing: &RoutingTable, agents: &
         if let Some(nb) = c.delayed_until {
             let at = chrono::DateTime::from_timestamp(nb as i64, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
             out.waits.push(Wait { due: Some(nb), ..wait(format!("delayed: not before {at}"), WaitAs::RetryWait) });
+            continue;
+        }
+        // (v1.6) No agent takes it, so neither routing nor an agent's or plan's pause holds it:
+        // it waits, visibly, for the person or event it names.
+        if c.wait_for.is_some() {
+            out.awaits.push(c.wp_id.clone());
             continue;
         }
         let pause = c
@@ -312,6 +322,7 @@ default_agent: free
             plan: None,
             delayed_until: None,
             eligible_since: 0.0,
+            wait_for: None,
         }
     }
 
@@ -407,6 +418,29 @@ default_agent: free
         assert_eq!(d.claims.iter().map(|c| c.wp_id.as_str()).collect::<Vec<_>>(), ["early"]);
         assert_eq!(d.gated, ["late"]);
         assert_eq!(d.waits[0].status, WaitAs::Blocked);
+    }
+
+    /// (v1.6) A step that waits for a person or an event needs no agent: it goes to waiting
+    /// even when nothing could route it and its plan is paused, but still after its delay and
+    /// behind the lane gate.
+    #[test]
+    fn a_wait_step_awaits_without_routing_or_capacity() {
+        let routing = table();
+        let mut agents = AgentsNow { paused: paused("plan", "p"), ..Default::default() };
+        let step = |wp: &str| Candidate {
+            requested_agent: None,
+            target: None,
+            plan: Some("p".into()),
+            wait_for: Some("approval".into()),
+            ..to("free", wp)
+        };
+        let delayed = Candidate { delayed_until: Some(4_102_444_800.0), ..step("later") };
+        let gated = Candidate { lane: Some("L".into()), order: (9, 0), ..step("gated") };
+        let d = decide(&[step("now"), delayed, gated], &routing, &mut agents, Some((8, 0)));
+        assert_eq!(d.awaits, ["now"]);
+        assert!(d.claims.is_empty());
+        assert_eq!(d.waits.len(), 2, "{:?}", d.waits);
+        assert_eq!(d.gated, ["gated"]);
     }
 
     #[test]

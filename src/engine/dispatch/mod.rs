@@ -154,7 +154,11 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
     let claimed = claim::claim(&mut tx, &decided.claims, &routing).await?;
     claim::take_tokens(&mut tx, &buckets, &claimed, clock).await?;
+    let awaiting_events = claim::enter_waiting(&mut tx, &decided.awaits).await?;
     tx.commit().await?;
+    if !awaiting_events.is_empty() {
+        crate::engine::kept_events::settle(ctx, &awaiting_events).await?;
+    }
     // Lost if a round fails before this point; the scheduler's sweep still finds them.
     ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(decided.gated);
 

@@ -46,6 +46,7 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
         }
     }
     out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
+    add_upstream(ctx, &wp_id, r, &mut out);
     tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
     Ok(Outgoing {
         trigger: Trigger {
@@ -57,6 +58,36 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
         wp_id,
         agent,
     })
+}
+
+/// (v1.6) The results of `w`'s prerequisites that waited for an approval or an event, by
+/// wp_id, as a JSON object column `upstream` (NULL when there are none): read with the claim
+/// and the republication, from the edges of `w` only.
+macro_rules! upstream_of {
+    () => {
+        "(SELECT jsonb_object_agg(p.wp_id, p.result) FROM work_package_deps d JOIN work_packages p ON p.wp_id = d.depends_on
+           WHERE d.wp_id = w.wp_id AND p.wait_for IS NOT NULL AND p.result IS NOT NULL) AS upstream"
+    };
+}
+pub(super) use upstream_of;
+
+/// (v1.6) The results of the prerequisites that waited for an approval or an event, as
+/// `upstream.{wp_id}` fields (the claim reads them, `upstream_of!`). Bounded: no more of them
+/// than `GE_MAX_FIELDS` allows beside the entry's own, and at most `GE_MAX_PAYLOAD_BYTES`
+/// together; what does not fit is left out and logged.
+fn add_upstream(ctx: &Ctx, wp_id: &str, r: &PgRow, out: &mut Vec<(String, String)>) {
+    let Ok(Some(serde_json::Value::Object(up))) = r.try_get::<Option<serde_json::Value>, _>("upstream") else { return };
+    let mut room = ctx.settings.limits.max_payload_bytes;
+    for (prereq, result) in up {
+        let value = result.as_str().map(str::to_string).unwrap_or_else(|| result.to_string());
+        let name = format!("upstream.{prereq}");
+        if out.len() >= ctx.settings.limits.max_fields + 6 || value.len() > room || out.iter().any(|(k, _)| *k == name) {
+            tracing::warn!(wp_id = %wp_id, prerequisite = %prereq, "the result of a prerequisite does not fit in the trigger; left out");
+            continue;
+        }
+        room -= value.len();
+        out.push((name, value));
+    }
 }
 
 /// Publishes the triggers and forgets the outbox rows of those Redis now holds. Those Redis
@@ -126,13 +157,15 @@ async fn forget_claims(ctx: &Ctx, dispatch_ids: &[String]) -> Result<(), sqlx::E
 /// publication, or Redis refused the trigger). Idempotent: a trigger already in Redis is not
 /// added again.
 pub(crate) async fn republish_stale(ctx: &Ctx) -> anyhow::Result<usize> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT o.dispatch_id AS claimed, w.status = 'dispatched' AND w.dispatch_id = o.dispatch_id AS current,
-                w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id
+                w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id, ",
+        upstream_of!(),
+        "
          FROM dispatch_outbox o LEFT JOIN work_packages w ON w.wp_id = o.wp_id
          WHERE o.claimed_at < now() - make_interval(secs => $1::float8)
-         ORDER BY o.claimed_at LIMIT 500",
-    )
+         ORDER BY o.claimed_at LIMIT 500"
+    ))
     .bind(ctx.settings.republish_after.as_secs_f64())
     .fetch_all(&ctx.pool)
     .await?;

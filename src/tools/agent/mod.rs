@@ -17,6 +17,7 @@ use crate::engine::streams::{self, Reader, Trouble};
 
 mod command;
 mod liveness;
+mod progress;
 mod report;
 mod usage;
 
@@ -77,6 +78,7 @@ fn enabled(d: Duration) -> Option<Duration> {
 async fn run_one(
     args: &AgentArgs,
     fields: &BTreeMap<String, String>,
+    progress_file: Option<&std::path::Path>,
     stop: &CancellationToken,
 ) -> Option<(bool, Vec<(&'static str, String)>)> {
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
@@ -87,6 +89,7 @@ async fn run_one(
     let mut env = command::field_env(fields);
     env.retain(|(k, _)| k != usage::VAR);
     env.extend(usage.as_ref().map(usage::UsageFile::env));
+    env.extend(progress_file.map(|p| ("GE_PROGRESS_FILE".to_string(), p.display().to_string())));
     let run = command::Run {
         program: &args.command,
         env,
@@ -149,11 +152,22 @@ impl Agent {
                 let beats =
                     liveness::heartbeats(self.con.clone(), &self.args.names.heartbeat, &beat, enabled(self.args.heartbeat_interval));
                 let keep = liveness::keep_claimed(self.con.clone(), &self.stream, &self.group, &self.consumer, &e.id, self.touch_every());
+                // (v1.6) What the command writes to GE_PROGRESS_FILE goes out on heartbeats.
+                let file = progress::ProgressFile::new().map_err(|e| tracing::warn!(error = %e, "no progress file")).ok();
+                let path = file.as_ref().map(|f| f.path.clone());
+                let forward = async {
+                    match &path {
+                        Some(p) => progress::forward(self.con.clone(), &self.args.names.heartbeat, &beat, p).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let outcome = tokio::select! {
-                    outcome = run_one(&self.args, &fields, token) => outcome,
+                    outcome = run_one(&self.args, &fields, path.as_deref(), token) => outcome,
                     never = beats => match never {},
                     never = keep => match never {},
+                    never = forward => match never {},
                 };
+                drop(file);
                 let Some((ok, report)) = outcome else {
                     tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
                     return false;

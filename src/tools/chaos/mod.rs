@@ -8,6 +8,7 @@
 mod aof;
 mod check;
 mod links;
+mod waits;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -394,6 +395,10 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     let load_token = CancellationToken::new();
     let loader = tokio::spawn(load(endpoint.clone(), args.clone(), submitted.clone(), load_token.clone()));
+    // (v1.6) Approvals and events among the load, decided while the faults go on.
+    let waiting = Arc::new(Mutex::new(waits::Waits::default()));
+    let wait_loader = tokio::spawn(waits::load(endpoint.clone(), submitted.clone(), waiting.clone(), load_token.clone()));
+    tasks.push(tokio::spawn(waits::decide(endpoint.clone(), database_url.clone(), work.clone())));
 
     let mut faults: HashMap<&'static str, u32> = HashMap::new();
     let mut takeovers = Vec::new();
@@ -486,15 +491,18 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     load_token.cancel();
     let _ = loader.await;
+    let _ = wait_loader.await;
 
     // Let the work drain.
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
     let settle_start = Instant::now();
     loop {
-        let mut done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
+        let mut done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%' AND wait_for IS NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
         if args.retention.is_some() {
             // Completed work is removed as it goes: done once nothing is open and the agents
             // completed every work package.
@@ -531,6 +539,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         }
         let mut invariants = check::check_history(&sub, &log);
         invariants.extend(check::check(&sub, &log, &observed));
+        invariants.extend(waits::check(&waiting.lock().unwrap_or_else(|p| p.into_inner()), &observed));
         (invariants, sub.wp_ids.len(), sub.bad.len(), log.redelivered)
     };
     let (times, unmeasured) = joined(takeovers).await;

@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union, cast
 
 import redis.asyncio as aioredis
@@ -91,6 +91,23 @@ class Trigger:
     id: str
     fields: Mapping[str, str]
     stream: str = ""
+    # The latest progress the handler reported (contract v1.6), sent on the next heartbeat.
+    _progress: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def progress(self, text: Optional[str] = None, fraction: Optional[float] = None) -> None:
+        """Reports how far the handler has come: ``text`` (at most 200 bytes are kept) and/or
+        ``fraction`` (0 to 1). Sent on a heartbeat soon after (at most once a second; needs
+        ``heartbeat_interval``); operators see the latest in ``status``, the API and the
+        dashboard. Safe to call from a synchronous handler's thread."""
+        fields: Dict[str, str] = {}
+        if text is not None:
+            fields["progress"] = text.encode("utf-8")[:200].decode("utf-8", "ignore")
+        if fraction is not None:
+            if not 0.0 <= float(fraction) <= 1.0:
+                raise ValueError("fraction must be between 0 and 1")
+            fields["progress_fraction"] = repr(float(fraction))
+        self._progress["fields"] = fields
+        self._progress["version"] = self._progress.get("version", 0) + 1
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return self.fields.get(name, default)
@@ -582,10 +599,24 @@ class Agent:
 
     async def _heartbeats(self, trigger: Trigger, every: float, finished: asyncio.Event) -> None:
         beat = {"wp_id": trigger.wp_id, "dispatch_id": trigger.dispatch_id, "agent_id": self.name}
-        while not await _set_within(finished, every):
+        # Every `every`, and (v1.6) soon after the handler reports progress, at most once a second.
+        last_beat = last_progress = time.monotonic()
+        sent_version = 0
+        while not await _set_within(finished, min(every, 0.25)):
+            now = time.monotonic()
+            version = trigger._progress.get("version", 0)
+            fresh = version != sent_version and now - last_progress >= 1.0
+            if not fresh and now - last_beat < every:
+                continue
+            fields = dict(beat)
+            if version:
+                fields.update(trigger._progress.get("fields", {}))
             try:
-                await self.redis.xadd(self.names.heartbeat, cast(Any, beat))
+                await self.redis.xadd(self.names.heartbeat, cast(Any, fields))
                 self.stats.heartbeats += 1
+                last_beat = now
+                if fresh:
+                    sent_version, last_progress = version, now
             except (ResponseError, *CONNECTION_ERRORS) as e:
                 if not finished.is_set():
                     log.warning("cannot send a heartbeat for %s: %s", trigger.dispatch_id, e)
