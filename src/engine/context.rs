@@ -88,6 +88,8 @@ pub struct Ctx {
     /// On duty, or standing down (PostgreSQL lost) with the reason; drives the reading loops,
     /// the lease and `/readyz`.
     pub duty: crate::engine::duty::Duty,
+    /// Spans of traced work (v1.6), or nothing when no OTLP endpoint is set.
+    pub traces: crate::engine::traces::Traces,
 }
 
 impl Ctx {

@@ -24,4 +24,5 @@ pub(crate) mod statistics;
 pub mod store;
 pub mod streams;
 pub mod takeover;
+pub mod traces;
 pub(crate) mod trimming;

@@ -143,6 +143,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     // 4. Publication.
     let outgoing = claimed.iter().map(|r| publish::trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
+    publish::waited(ctx, &outgoing, &since);
     let observed: Vec<(String, String, f64)> = claimed
         .iter()
         .filter_map(|r| {

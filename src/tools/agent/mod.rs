@@ -18,6 +18,7 @@ use crate::engine::streams::{self, Reader, Trouble};
 mod command;
 mod liveness;
 mod report;
+mod trace_env;
 
 use command::Outcome;
 use report::{Captured, fit};
@@ -83,7 +84,7 @@ async fn run_one(
     let cap = args.max_report_bytes;
     let run = command::Run {
         program: &args.command,
-        env: command::field_env(fields),
+        env: command::field_env(fields).into_iter().chain(trace_env::vars(fields)).collect(),
         pass_env: &args.pass_env,
         stdin: payload.as_bytes(),
         keep: cap,
