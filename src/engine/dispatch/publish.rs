@@ -52,7 +52,7 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
     // The claim's row has the claim's time; a republication's has none.
     let claimed_at = r.try_get::<chrono::DateTime<chrono::Utc>, _>("dispatched_at").ok().map(std::time::SystemTime::from);
     let span =
-        ctx.traces.dispatch(&mut out, claimed_at, [("ge.wp_id", &wp_id), ("ge.dispatch_id", &dispatch_id), ("ge.agent_id", &agent)]);
+        ctx.traces.dispatch(&mut out, claimed_at, [("ge.wp_id", wp_id.as_str()), ("ge.dispatch_id", dispatch_id.as_str()), ("ge.agent_id", agent.as_str())]);
     tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
     Ok(Outgoing {
         trigger: Trigger {

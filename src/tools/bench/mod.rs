@@ -244,7 +244,7 @@ async fn route(
             )));
         }
     } else {
-        procs = Some(stack.replicas_with(args, client, "bench-route", variant.map_or(&[][..], |v| &v.env)).await?);
+        procs = Some(stack.replicas_with(args, client, "bench-route", variant.map_or(&[][..], |v| v.env.as_slice())).await?);
     }
     let log = Arc::new(Mutex::new(AgentLog::default()));
     let agents = load::agents(client, &AGENTS, false, &log, &token);
