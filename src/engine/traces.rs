@@ -213,7 +213,10 @@ impl Dispatch {
     pub(crate) fn waited(&self, tracer: &Traces, since: f64) {
         let Some(on) = &tracer.on else { return };
         let Some(from) = Duration::try_from_secs_f64(since).ok().map(|d| UNIX_EPOCH + d) else { return };
-        let b = SpanBuilder::from_name("wait").with_kind(SpanKind::Internal).with_start_time(from.min(self.start)).with_attributes(self.attrs.clone());
+        let b = SpanBuilder::from_name("wait")
+            .with_kind(SpanKind::Internal)
+            .with_start_time(from.min(self.start))
+            .with_attributes(self.attrs.clone());
         on.tracer.build_with_context(b, &self.parent).end_with_timestamp(self.start);
     }
 
@@ -233,9 +236,8 @@ mod tests {
 
     #[test]
     fn wanted_only_with_an_endpoint_and_not_disabled() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-        };
+        let env =
+            |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
         assert!(!wanted(env(&[])));
         assert!(!wanted(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])));
         assert!(wanted(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")])));

@@ -51,8 +51,11 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
     out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
     // The claim's row has the claim's time; a republication's has none.
     let claimed_at = r.try_get::<chrono::DateTime<chrono::Utc>, _>("dispatched_at").ok().map(std::time::SystemTime::from);
-    let span =
-        ctx.traces.dispatch(&mut out, claimed_at, [("ge.wp_id", wp_id.as_str()), ("ge.dispatch_id", dispatch_id.as_str()), ("ge.agent_id", agent.as_str())]);
+    let span = ctx.traces.dispatch(
+        &mut out,
+        claimed_at,
+        [("ge.wp_id", wp_id.as_str()), ("ge.dispatch_id", dispatch_id.as_str()), ("ge.agent_id", agent.as_str())],
+    );
     tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
     Ok(Outgoing {
         trigger: Trigger {
