@@ -50,7 +50,11 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
     }
     out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
     // The claim's row has the claim's time; a republication's has none.
-    let claimed_at = r.try_get::<chrono::DateTime<chrono::Utc>, _>("dispatched_at").ok().map(std::time::SystemTime::from);
+    let claimed_at = ctx
+        .traces
+        .is_on()
+        .then(|| r.try_get::<chrono::DateTime<chrono::Utc>, _>("dispatched_at").ok().map(std::time::SystemTime::from))
+        .flatten();
     let span = ctx.traces.dispatch(
         &mut out,
         claimed_at,
