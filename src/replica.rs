@@ -57,6 +57,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     settings.validate()?;
     let routing = routing_file::load(&settings.config)?;
     let consumer = settings.consumer_name();
+    let traces = crate::engine::traces::Traces::from_env()?;
     let Some((pool, endpoint, mut manager)) = connect(&settings, &token).await? else { return Ok(()) };
     let ops_pool = reads::pool(&settings.conn.database_url, settings.db_ops_pool, settings.statement_timeout)?;
     for input in Input::ALL {
@@ -84,6 +85,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         metrics: crate::engine::metrics::Metrics::new(),
         duty: Default::default(),
         plan_budgets: Default::default(),
+        traces,
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
@@ -131,5 +133,9 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracing::info!(consumer = %ctx.consumer, "replica stopped");
     ctx.pool.close().await;
     ctx.ops_pool.close().await;
+    let ctx2 = ctx.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || ctx2.traces.shutdown()).await {
+        tracing::warn!(error = %e, "exporting the last spans failed");
+    }
     Ok(())
 }

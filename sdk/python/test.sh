@@ -24,7 +24,7 @@ mkdir -p "$(dirname "$venv")"
     say "creating a virtualenv in $venv"
     python3 -m venv "$venv"
   fi
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' 'redis>=5' 'PyYAML>=6' 'pytest>=8' 'pytest-asyncio>=0.23' 'opentelemetry-sdk>=1.20'
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' 'redis>=5' 'PyYAML>=6' 'pytest>=8' 'pytest-asyncio>=0.23' 'opentelemetry-sdk>=1.20' 'opentelemetry-exporter-otlp-proto-http>=1.20'
 ) 9>"$venv.lock"
 # This checkout's package, built and installed into a directory of this run's own.
 site="$(mktemp -d)"

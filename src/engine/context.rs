@@ -91,6 +91,8 @@ pub struct Ctx {
     /// (v1.6) Whether plans have budgets, as this replica last saw: rounds skip the budget
     /// locks while none has.
     pub plan_budgets: crate::engine::budgets::PlanBudgetsSeen,
+    /// Spans of traced work (v1.6), or nothing when no OTLP endpoint is set.
+    pub traces: crate::engine::traces::Traces,
 }
 
 impl Ctx {

@@ -15,6 +15,7 @@ use crate::engine::streams::DeadLetter;
 
 pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let names = &ctx.settings.names;
+    let traced = ctx.traces.ingest(&names.incoming, entries);
     let routing = ctx.routing.get();
     let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
     let mut targets = Vec::with_capacity(entries.len());
@@ -94,6 +95,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         kept_events::settle(ctx, &waits_for_events).await?;
     }
 
+    traced.end(&deadletters);
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     // Already durable: a failed round only delays dispatch until the scheduler's next sweep.
     // A batch with lane members is acknowledged first, since the lane gate of the round holds

@@ -29,5 +29,6 @@ pub(crate) mod statistics;
 pub mod store;
 pub mod streams;
 pub mod takeover;
+pub mod traces;
 pub(crate) mod trimming;
 pub mod waits;

@@ -104,9 +104,14 @@ fn fields_json(fields: &BTreeMap<String, String>) -> serde_json::Value {
     serde_json::Value::Object(fields.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect())
 }
 
+/// Fields a producer's retry may change without making it other work (v1.6): the W3C trace
+/// context, whose span id is new at each attempt of a traced producer.
+const NOT_COMPARED: [&str; 2] = ["traceparent", "tracestate"];
+
 fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
     let (Some(a), Some(b)) = (old.as_object(), new.as_object()) else { return vec!["(all)".into()] };
-    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    let mut keys: Vec<String> =
+        a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k) && !NOT_COMPARED.contains(&k.as_str())).cloned().collect();
     keys.sort();
     keys.dedup();
     keys
@@ -315,7 +320,7 @@ async fn insert_many(
                                                     THEN 'dispatched'
                                                ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING
-         RETURNING wp_id, status, agent_id, route, attempts, dispatch_id, fields, source_id),
+         RETURNING wp_id, status, agent_id, route, attempts, dispatch_id, fields, source_id, dispatched_at),
          outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM ins WHERE status = 'dispatched')
          SELECT * FROM ins"
     ))
@@ -427,7 +432,7 @@ fn unmet(spec: &WorkPackageSpec, completed: &HashSet<String>) -> i32 {
 
 /// A wp_id seen before: the same fields are a producer's retry, others a conflict.
 fn resubmission(spec: &WorkPackageSpec, existing: &serde_json::Value, fields: &serde_json::Value) -> IngestOutcome {
-    if existing == fields {
+    if existing == fields || differing_keys(existing, fields).is_empty() {
         return IngestOutcome::Duplicate;
     }
     IngestOutcome::Rejected(Rejection::new(
@@ -860,6 +865,18 @@ mod tests {
 
     fn spec(wp_id: &str, deps: &[&str]) -> WorkPackageSpec {
         WorkPackageSpec { wp_id: wp_id.into(), depends_on: deps.iter().map(|d| d.to_string()).collect(), ..WorkPackageSpec::default() }
+    }
+
+    #[test]
+    fn a_retry_with_another_trace_context_is_the_same_work() {
+        let old = serde_json::json!({"agent_id": "ada", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"});
+        let retry = serde_json::json!({"agent_id": "ada", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01", "tracestate": "k=v"});
+        assert_eq!(resubmission(&spec("a", &[]), &old, &retry), IngestOutcome::Duplicate);
+        let other = serde_json::json!({"agent_id": "turing", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"});
+        match resubmission(&spec("a", &[]), &old, &other) {
+            IngestOutcome::Rejected(r) => assert!(r.detail.contains("differs in: agent_id)"), "{}", r.detail),
+            o => panic!("{o:?}"),
+        }
     }
 
     #[test]

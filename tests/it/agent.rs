@@ -331,3 +331,13 @@ async fn heartbeats_flow_while_the_command_runs_and_stop_when_it_ends() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.entries("ge:work:heartbeat").await.len(), after, "no heartbeat once the command has ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_gets_the_trigger_s_trace_context_as_traceparent() {
+    let env = TestEnv::start(ROUTING).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh("echo \"$TRACEPARENT|$TRACESTATE\"")));
+    trigger(&env, "dolly", "tp-1", &[("traceparent", tp), ("tracestate", "congo=t61rcWkgMzE")]).await;
+    let (_, report) = report_of(&env, &mut agent, "tp-1").await;
+    assert_eq!(report["result"], format!("{tp}|congo=t61rcWkgMzE"));
+}

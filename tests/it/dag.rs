@@ -120,7 +120,7 @@ agents:
 work_types:
   implement: developer
 default_agent: dolly
-retry: { max_attempts: 2, backoff: { initial: 300ms, factor: 2, max: 1s } }
+retry: { max_attempts: 2, backoff: { initial: 2s, factor: 2, max: 4s } }
 "#;
 
 #[tokio::test]
@@ -139,7 +139,8 @@ async fn retries_with_backoff_then_fails_holding_dependents_until_an_operator_re
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    assert!((250.0..=400.0).contains(&wait_ms), "first backoff is the initial 300ms, got {wait_ms}");
+    // Long enough that a loaded machine's poll still sees `retry_wait` before attempt 2 starts.
+    assert!((1_900.0..=2_200.0).contains(&wait_ms), "first backoff is the initial 2s, got {wait_ms}");
 
     let x2 = trigger_of(&env, "x", 2).await;
     assert_eq!(x2["attempt"], "2");

@@ -44,3 +44,4 @@ mod security;
 mod security_http;
 mod self_contained;
 mod settings;
+mod traces;

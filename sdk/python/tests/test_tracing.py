@@ -1,6 +1,6 @@
 """With OpenTelemetry installed: one trace from the producer through the orchestrator (which
-passes the fields through) to the agents of a two-step plan, and on to work a handler
-submits. (The orchestrator's own spans are the second part of issue 22.)"""
+passes the fields through, having no OTLP endpoint) to the agents of a two-step plan, and on
+to work a handler submits. The orchestrator's own spans, exported over OTLP: test_otlp.py."""
 
 from __future__ import annotations
 

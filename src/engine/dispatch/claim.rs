@@ -167,7 +167,7 @@ pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], 
                     updated_at = now(), timeout_ms = l.timeout_ms,
                     deadline_at = now() + make_interval(secs => l.timeout_ms / 1000.0)
              FROM locked l WHERE w.wp_id = l.wp_id
-             RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id, ",
+             RETURNING w.wp_id, w.agent_id, w.route, w.attempts, w.dispatch_id, w.fields, w.source_id, w.dispatched_at, ",
         super::publish::upstream_of!(),
         "),
          outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM claimed)

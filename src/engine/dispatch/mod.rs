@@ -174,6 +174,7 @@ pub(crate) async fn publish_claimed(ctx: &Ctx, claimed: &[PgRow], since: impl Fn
         return Ok(0);
     }
     let outgoing = claimed.iter().map(|r| publish::trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
+    publish::waited(ctx, &outgoing, &since);
     let observed: Vec<(String, String, f64)> = claimed
         .iter()
         .filter_map(|r| {

@@ -9,6 +9,7 @@ use sqlx::postgres::PgRow;
 
 use crate::engine::context::Ctx;
 use crate::engine::streams::{self, Published, Trigger};
+use crate::engine::traces::Dispatch;
 
 /// A trigger to publish, with what it is for.
 pub(super) struct Outgoing {
@@ -16,6 +17,8 @@ pub(super) struct Outgoing {
     pub wp_id: String,
     pub agent: String,
     pub trigger: Trigger,
+    /// Its `dispatch` span, when the work carries a trace context and tracing is on (v1.6).
+    pub span: Option<Dispatch>,
 }
 
 /// Builds the trigger entry of a claimed row: every incoming field, then the orchestrator's
@@ -47,6 +50,17 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
     }
     out.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
     add_upstream(ctx, &wp_id, r, &mut out);
+    // The claim's row has the claim's time; a republication's has none.
+    let claimed_at = ctx
+        .traces
+        .is_on()
+        .then(|| r.try_get::<chrono::DateTime<chrono::Utc>, _>("dispatched_at").ok().map(std::time::SystemTime::from))
+        .flatten();
+    let span = ctx.traces.dispatch(
+        &mut out,
+        claimed_at,
+        [("ge.wp_id", wp_id.as_str()), ("ge.dispatch_id", dispatch_id.as_str()), ("ge.agent_id", agent.as_str())],
+    );
     tracing::info!(wp_id = %wp_id, dispatch_id = %dispatch_id, agent_id = %agent, "dispatching");
     Ok(Outgoing {
         trigger: Trigger {
@@ -57,6 +71,7 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
         dispatch_id,
         wp_id,
         agent,
+        span,
     })
 }
 
@@ -90,6 +105,15 @@ fn add_upstream(ctx: &Ctx, wp_id: &str, r: &PgRow, out: &mut Vec<(String, String
     }
 }
 
+/// The `wait` spans of traced claims: from when each could run (`since`, by wp_id) to its claim.
+pub(super) fn waited(ctx: &Ctx, outgoing: &[Outgoing], since: &impl Fn(&str) -> Option<f64>) {
+    for o in outgoing {
+        if let (Some(span), Some(s)) = (&o.span, since(o.wp_id.as_str())) {
+            span.waited(&ctx.traces, s);
+        }
+    }
+}
+
 /// Publishes the triggers and forgets the outbox rows of those Redis now holds. Those Redis
 /// refused stay in the outbox; their work packages say why, the log and a metric count them.
 /// Returns how many Redis holds.
@@ -103,10 +127,19 @@ pub(super) async fn publish(ctx: &Ctx, outgoing: Vec<Outgoing>) -> anyhow::Resul
         streams::publish_triggers(&mut redis, &triggers, ctx.settings.dispatch_key_lifetime()).await.context("publishing triggers")?;
     let mut held = Vec::new();
     let (mut refused, mut refused_wp, mut refused_why) = (Vec::new(), Vec::new(), Vec::new());
-    for (o, outcome) in outgoing.iter().zip(outcomes) {
+    for (mut o, outcome) in outgoing.into_iter().zip(outcomes) {
+        let span = o.span.take();
         match outcome {
-            Published::New | Published::Already => held.push(o.dispatch_id.clone()),
+            Published::New | Published::Already => {
+                if let Some(s) = span {
+                    s.end(None);
+                }
+                held.push(o.dispatch_id.clone())
+            }
             Published::Refused(e) => {
+                if let Some(s) = span {
+                    s.end(Some(&e));
+                }
                 tracing::warn!(wp_id = %o.wp_id, dispatch_id = %o.dispatch_id, stream = %o.trigger.stream, error = %e,
                     "Redis refused the trigger; it is published again later");
                 ctx.metrics.publish_refused(&o.agent);

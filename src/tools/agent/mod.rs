@@ -19,6 +19,7 @@ mod command;
 mod liveness;
 mod progress;
 mod report;
+mod trace_env;
 mod usage;
 
 use command::Outcome;
@@ -90,6 +91,7 @@ async fn run_one(
     env.retain(|(k, _)| k != usage::VAR);
     env.extend(usage.as_ref().map(usage::UsageFile::env));
     env.extend(progress_file.map(|p| ("GE_PROGRESS_FILE".to_string(), p.display().to_string())));
+    env.extend(trace_env::vars(fields));
     let run = command::Run {
         program: &args.command,
         env,

@@ -8,6 +8,7 @@ mod held;
 pub(crate) mod load;
 mod peer;
 mod report;
+mod traces;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +34,7 @@ pub struct BenchArgs {
     /// Use this PostgreSQL database instead of starting one. Its work packages are wiped.
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Workloads to run, in this order; `chains`, `held-backlog` and `peer` run only when named.
+    /// Workloads to run, in this order; `chains`, `held-backlog`, `peer` and `traces` run only when named.
     #[arg(long, value_delimiter = ',', default_value = "route,ceiling,dag,dag-paced,takeover,capped,capped-controls,fair-wait")]
     pub workloads: Vec<String>,
     #[arg(long, default_value_t = 2)]
@@ -151,11 +152,23 @@ impl Stack {
 
     /// Starts the replicas and waits until each has joined the group.
     async fn replicas(&self, args: &BenchArgs, client: &redis::Client, name: &str) -> anyhow::Result<ReplicaProcs> {
-        let env = vec![
+        self.replicas_with(args, client, name, &[]).await
+    }
+
+    /// `replicas`, with `extra` in their environment.
+    async fn replicas_with(
+        &self,
+        args: &BenchArgs,
+        client: &redis::Client,
+        name: &str,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<ReplicaProcs> {
+        let mut env = vec![
             ("REDIS_URL".into(), self.redis_url.clone()),
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("GE_ROUTING_CONFIG".into(), self.config.to_string_lossy().into_owned()),
         ];
+        env.extend(extra.iter().cloned());
         let batch = args.batch_size.to_string();
         let flags = ["--block", "1s", "--http-addr", "off", "--log-format", "json", "--batch-size", batch.as_str()];
         let mut procs = ReplicaProcs::new(env, &flags, self.dir.clone(), name)?;
@@ -205,8 +218,15 @@ async fn wait_completed(log: &Arc<Mutex<AgentLog>>, pool: &sqlx::PgPool, n: usiz
 }
 
 /// Route or ceiling: `n` independent work packages sent as fast as Redis takes them, timed from
-/// the first send to the last trigger seen.
-async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling: bool) -> anyhow::Result<Run> {
+/// the first send to the last trigger seen. A `variant` (the traces workload) names the run,
+/// may give each entry a trace context and the replicas an environment of their own.
+async fn route(
+    args: &BenchArgs,
+    stack: &Stack,
+    client: &redis::Client,
+    ceiling: bool,
+    variant: Option<&traces::Variant>,
+) -> anyhow::Result<Run> {
     stack.reset(client).await?;
     let token = CancellationToken::new();
     let mut procs = None;
@@ -224,17 +244,23 @@ async fn route(args: &BenchArgs, stack: &Stack, client: &redis::Client, ceiling:
             )));
         }
     } else {
-        procs = Some(stack.replicas(args, client, "bench-route").await?);
+        procs = Some(stack.replicas_with(args, client, "bench-route", variant.map_or(&[][..], |v| v.env.as_slice())).await?);
     }
     let log = Arc::new(Mutex::new(AgentLog::default()));
     let agents = load::agents(client, &AGENTS, false, &log, &token);
-    let wps = load::independent(args.route, "r");
+    let mut wps = load::independent(args.route, "r");
+    if variant.is_some_and(|v| v.traced) {
+        for (i, w) in wps.iter_mut().enumerate() {
+            w.fields.push(("traceparent", traces::traceparent(i)));
+        }
+    }
     let mut con = streams::blocking(client).await?;
     let (_, first) = load::produce(&mut con, &stack.names.incoming, &wps, None, &token).await?;
     let n = wps.len();
     load::wait_for(&log, args.timeout, |l| l.seen.len() >= n).await;
     token.cancel();
-    let mut run = Run { workload: if ceiling { "ceiling" } else { "route" }.into(), work_packages: n, ..Default::default() };
+    let name = variant.map_or(if ceiling { "ceiling" } else { "route" }, |v| v.name);
+    let mut run = Run { workload: name.into(), work_packages: n, ..Default::default() };
     if let Some(p) = procs.as_mut() {
         run.peak_rss_mb = rss_mb(p);
         p.stop_all(Duration::from_secs(10)).await;
@@ -452,8 +478,8 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
             break;
         }
         let done = match w.as_str() {
-            "route" => vec![route(&args, &stack, &client, false).await?],
-            "ceiling" => vec![route(&args, &stack, &client, true).await?],
+            "route" => vec![route(&args, &stack, &client, false, None).await?],
+            "ceiling" => vec![route(&args, &stack, &client, true, None).await?],
             "dag" => vec![dag(&args, &stack, &client, None).await?],
             "dag-paced" => vec![dag(&args, &stack, &client, Some(args.rate)).await?],
             "takeover" => vec![takeover(&args, &stack, &client).await?],
@@ -463,9 +489,10 @@ pub async fn run(args: BenchArgs, token: CancellationToken) -> anyhow::Result<Ex
             "fair-wait" => vec![controls::fair_wait(&args, &stack, &client).await?],
             "held-backlog" => vec![held::held_backlog(&args, &stack, &client).await?],
             "peer" => peer::peer(&args, &stack, &client).await?,
+            "traces" => traces::traces(&args, &stack, &client).await?,
             other => anyhow::bail!(
                 "unknown workload {other:?} (route, ceiling, dag, dag-paced, takeover, chains, capped, capped-controls, fair-wait, \
-                 held-backlog, peer)"
+                 held-backlog, peer, traces)"
             ),
         };
         for run in done {

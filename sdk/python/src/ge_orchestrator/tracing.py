@@ -12,7 +12,8 @@ reach the agent. What this module does:
   puts the context of the handler (its span's, else the trigger's) on its report.
 
 Without ``opentelemetry-api`` nothing is recorded and nothing costs anything beyond copying
-two strings. (The orchestrator's own spans are a later part of issue 22.)
+two strings. A replica that exports traces hands the agent the context of its own ``dispatch``
+span, under the producer's; one that does not passes the producer's through.
 """
 
 from __future__ import annotations
