@@ -6,6 +6,7 @@ mod args;
 mod cluster;
 mod controls;
 mod deadletter;
+mod door;
 mod routing;
 mod submit;
 mod work;
@@ -46,10 +47,14 @@ enum Command {
     Status(work::Status),
     /// Retry a failed or cancelled work package.
     Retry(work::Retry),
-    /// Cancel a work package and every work package that depends on it.
+    /// Cancel a work package (running work included: its agent is told to stop) or a plan's
+    /// open work, and every work package that depends on them.
     Cancel(work::Cancel),
     /// Mark a work package completed without running it, so its dependents and lane go on.
     Skip(work::Skip),
+    /// Run a completed, failed or cancelled work package again (with --downstream, what
+    /// depends on it too), as a new attempt.
+    Rerun(work::Rerun),
     /// Pause an agent, a lane or a plan: its work waits until it is resumed.
     Pause(controls::PauseCmd),
     /// Resume a paused agent, lane or plan.
@@ -120,6 +125,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(c) => c.run().await,
         Command::Cancel(c) => c.run().await,
         Command::Skip(c) => c.run().await,
+        Command::Rerun(c) => c.run().await,
         Command::Pause(c) => c.run().await,
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,

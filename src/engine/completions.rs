@@ -80,7 +80,13 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             out
         }
     };
+    // Reports that changed nothing; those of cancelled work go into its history (v1.6).
+    let mut late: Vec<(String, Option<String>, &str)> = Vec::new();
+    let kind = if input == Input::Completed { "completion" } else { "failure report" };
     for (Report { wp_id, dispatch_id, entry: e, .. }, outcome) in reports.iter().zip(outcomes) {
+        if matches!(outcome, ReportOutcome::Stale(_)) {
+            late.push((wp_id.clone(), dispatch_id.clone(), kind));
+        }
         let dispatch_id = dispatch_id.as_deref();
         match outcome {
             ReportOutcome::Completed => {
@@ -111,6 +117,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             )),
         }
     }
+    store::record_late_reports(&mut tx, &late).await?;
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
     let routes = routes_of(&mut tx, &reported).await?;
     tx.commit().await?;

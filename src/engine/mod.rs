@@ -25,3 +25,4 @@ pub mod store;
 pub mod streams;
 pub mod takeover;
 pub(crate) mod trimming;
+pub(crate) mod wake;

@@ -19,6 +19,12 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use crate::core::entry::{Rejection, WorkPackageSpec};
 use crate::core::routing_file::RetryPolicy;
 
+mod cancel;
+mod rerun;
+pub(crate) use cancel::record_late_reports;
+pub use cancel::{Cancelled, Roots, cancel_many};
+pub use rerun::{RerunRefused, rerun};
+
 /// Guards the DAG against cycles closed by concurrent batches: batches that cannot close one
 /// take it shared and run side by side; a batch that might takes it exclusively and is checked
 /// against everything committed before it.
@@ -640,21 +646,9 @@ pub async fn retry(pool: &PgPool, wp_id: &str) -> Result<bool, sqlx::Error> {
 
 /// Cancels a work package and, transitively, every work package that depends on it and has
 /// not completed. Returns the ids cancelled (empty when the wp does not exist or is done).
+/// See `cancel_many` for running work and plans.
 pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH RECURSIVE down(id) AS (
-             SELECT $1::text
-             UNION
-             SELECT d.wp_id FROM work_package_deps d JOIN down ON d.depends_on = down.id)
-         UPDATE work_packages w SET status = 'cancelled', cancelled_at = now(), updated_at = now(),
-                wait_reason = CASE WHEN w.wp_id = $1 THEN 'cancelled by an operator'
-                                   ELSE 'cancelled because ' || $1 || ' was cancelled' END
-         FROM down WHERE w.wp_id = down.id AND w.status NOT IN ('completed', 'cancelled')
-         RETURNING w.wp_id",
-    )
-    .bind(wp_id)
-    .fetch_all(pool)
-    .await
+    Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
 /// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.

@@ -6,5 +6,6 @@ pub mod activity;
 pub mod admin;
 pub mod http;
 pub mod metrics;
+pub(crate) mod operations;
 pub mod reads;
 pub mod status;

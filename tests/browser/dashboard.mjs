@@ -91,6 +91,7 @@ try {
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
   await bigPlan(page, spec.big);
+  await cancelAndRerun(page, spec.ops);
   step("all checks passed");
 } finally {
   await browser.close();
@@ -190,4 +191,29 @@ async function bigPlan(page, big) {
   await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`, { state: "detached" });
   await page.waitForSelector('#pause-plan[data-paused="false"]:has-text("pause plan")');
   step(`plan ${big.plan} paused and resumed from the page`);
+}
+
+/** (v1.6) Cancel a running step from its detail (its lane goes on), and rerun a completed work
+ *  package, which runs again as a new attempt with its earlier run kept in its history. */
+async function cancelAndRerun(page, ops) {
+  await page.selectOption("#plan", ops.cancel_plan);
+  await page.click(`#dag g.wp[data-wp="${ops.cancel}"]`);
+  await page.waitForSelector(`#detail h2:has-text("${ops.cancel}")`);
+  await page.click('#detail button[data-act="cancel"]');
+  await page.waitForSelector(`#dag g.wp[data-wp="${ops.cancel}"][data-status="cancelled"]`);
+  await page.waitForSelector('#detail td:has-text("while running")');
+  await page.waitForSelector(`#dag g.wp[data-wp="${ops.next}"][data-status="dispatched"]`);
+  await page.screenshot({ path: join(ops.screenshots, "dashboard-cancelled.png"), fullPage: true });
+  step(`${ops.cancel} cancelled while running; ${ops.next}, next in its lane, went; screenshot taken`);
+
+  await page.selectOption("#plan", ops.rerun_plan);
+  await page.click(`#dag g.wp[data-wp="${ops.rerun}"]`);
+  await page.waitForSelector(`#detail h2:has-text("${ops.rerun}")`);
+  await page.click('#detail button[data-act="rerun"]');
+  await page.waitForSelector('#detail td:has-text("rerun by an operator")');
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("#detail tbody tr")].filter((r) => r.children[1]?.textContent.trim() === "completed").length >= 2,
+  );
+  await page.screenshot({ path: join(ops.screenshots, "dashboard-rerun.png"), fullPage: true });
+  step(`${ops.rerun} rerun from the page: completed again, both runs in its history; screenshot taken`);
 }

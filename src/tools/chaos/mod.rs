@@ -8,6 +8,7 @@
 mod aof;
 mod check;
 mod links;
+mod operator;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -69,6 +70,10 @@ pub struct ChaosArgs {
     /// Longest wait for the work to finish after the faults stop.
     #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// (v1.6) An operator's cancel of a recent work package (waiting, running or done) this
+    /// often on average; `off` for none.
+    #[arg(long, default_value = "2s", value_parser = duration_or_off)]
+    pub cancel_every: Duration,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -394,6 +399,9 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     let load_token = CancellationToken::new();
     let loader = tokio::spawn(load(endpoint.clone(), args.clone(), submitted.clone(), load_token.clone()));
+    let canceller = (!args.cancel_every.is_zero()).then_some(args.cancel_every).map(|every| {
+        tokio::spawn(operator::cancel_now_and_then(pool.clone(), endpoint.clone(), submitted.clone(), every, load_token.clone()))
+    });
 
     let mut faults: HashMap<&'static str, u32> = HashMap::new();
     let mut takeovers = Vec::new();
@@ -486,15 +494,20 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     load_token.cancel();
     let _ = loader.await;
+    if let Some(c) = canceller {
+        let _ = c.await;
+    }
 
     // Let the work drain.
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
     let settle_start = Instant::now();
     loop {
-        let mut done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%'")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
+        // Cancelled work (v1.6) is as finished as completed work.
+        let mut done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM work_packages WHERE status IN ('completed', 'cancelled') AND wp_id NOT LIKE 'bad-%'")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
         if args.retention.is_some() {
             // Completed work is removed as it goes: done once nothing is open and the agents
             // completed every work package.
@@ -522,6 +535,11 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
 
     let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries();
     let mut observed = observe(&pool, &endpoint, &received).await?;
+    {
+        let roots = submitted.lock().unwrap_or_else(|p| p.into_inner()).cancel_roots.clone();
+        let reached = operator::cancelled(&pool, &roots).await?;
+        submitted.lock().unwrap_or_else(|p| p.into_inner()).cancelled = reached;
+    }
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
@@ -718,4 +736,9 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("ge-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// A duration, or `off` (zero).
+fn duration_or_off(s: &str) -> Result<Duration, humantime::DurationError> {
+    if s == "off" { Ok(Duration::ZERO) } else { humantime::parse_duration(s) }
 }
