@@ -651,7 +651,10 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
     Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
-/// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor.
+/// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor,
+/// the next member of its lane that is still open (a rerun member's next one may be done,
+/// and so may a member cancelled or skipped ahead of its turn), found in the index of open
+/// lane members (migration 0002).
 pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT d.wp_id FROM unnest($1::text[]) AS k(id)
@@ -660,6 +663,7 @@ pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[S
          SELECT n.wp_id FROM work_packages w
            CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
                                WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                                 AND x.status NOT IN ('completed', 'cancelled')
                                ORDER BY x.source_ms, x.source_seq LIMIT 1) n
          WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
     )

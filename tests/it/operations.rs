@@ -75,9 +75,9 @@ async fn the_cli_and_the_api_wake_dispatch_alike() {
     assert!(cli(&env, &["pause", "agent", "turing"]).status.success());
     env.submit(&[("wp_id", "d-held"), ("agent_id", "turing")]).await;
     eventually(T, "d-held waiting for the pause", || async {
-        let r: Option<String> =
-            sqlx::query_scalar("SELECT wait_reason FROM work_packages WHERE wp_id = 'd-held'").fetch_one(&env.pool).await.unwrap();
-        r.filter(|r| r.starts_with("paused"))
+        let r: Option<Option<String>> =
+            sqlx::query_scalar("SELECT wait_reason FROM work_packages WHERE wp_id = 'd-held'").fetch_optional(&env.pool).await.unwrap();
+        r.flatten().filter(|r| r.starts_with("paused"))
     })
     .await;
     let out = cli(&env, &["resume", "agent", "turing"]);
