@@ -41,7 +41,7 @@ pub(crate) struct PauseCmd {
     #[arg(long)]
     reason: Option<String>,
     #[command(flatten)]
-    door: DoorArgs,
+    db: DatabaseArg,
 }
 
 impl PauseCmd {
@@ -49,8 +49,7 @@ impl PauseCmd {
         if self.name.is_empty() || self.name.chars().count() > 128 || self.name.contains('\0') {
             anyhow::bail!("the name must be 1 to 128 characters, without NUL");
         }
-        let opened = self.door.open().await?;
-        outcome(operations::pause(&mut opened.door(), self.scope.into(), &self.name, self.reason.as_deref()).await, |p| show(&p))
+        outcome(operations::pause(&self.db.connect().await?, self.scope.into(), &self.name, self.reason.as_deref()).await, |p| show(&p))
     }
 }
 

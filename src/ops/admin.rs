@@ -382,7 +382,7 @@ async fn pause(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name):
     if body.reason.as_ref().is_some_and(|r| r.chars().count() > 1000 || r.contains('\0')) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "reason must be at most 1000 characters, without NUL".into()));
     }
-    ok(operations::pause(&mut Door::of(&ctx), scope, &name, body.reason.as_deref()).await?)
+    ok(operations::pause(&ctx.pool, scope, &name, body.reason.as_deref()).await?)
 }
 
 async fn resume(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name): P2) -> ApiResult {

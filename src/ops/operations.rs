@@ -138,9 +138,9 @@ pub(crate) async fn skip(door: &mut Door<'_>, wp_id: &str) -> Result<Vec<String>
 }
 
 /// Pauses an agent, a lane or a plan; what is paused already keeps its first pause. Nothing to
-/// wake: a pause only holds work back.
-pub(crate) async fn pause(door: &mut Door<'_>, scope: PauseScope, name: &str, reason: Option<&str>) -> Result<Pause, OpError> {
-    let p = controls::pause(door.pool, scope, name, reason).await?;
+/// wake and no agent to tell (a pause only holds work back), so it needs PostgreSQL alone.
+pub(crate) async fn pause(pool: &PgPool, scope: PauseScope, name: &str, reason: Option<&str>) -> Result<Pause, OpError> {
+    let p = controls::pause(pool, scope, name, reason).await?;
     tracing::info!(scope = scope.as_str(), name = %name, "paused by an operator");
     Ok(p)
 }
