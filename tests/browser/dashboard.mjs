@@ -200,7 +200,10 @@ async function cancelAndRerun(page, ops) {
   await page.click(`#dag g.wp[data-wp="${ops.cancel}"]`);
   await page.waitForSelector(`#detail h2:has-text("${ops.cancel}")`);
   await page.click('#detail button[data-act="cancel"]');
-  await page.waitForSelector(`#dag g.wp[data-wp="${ops.cancel}"][data-status="cancelled"]`);
+  await page.waitForSelector(`#action:has-text("/api/work-packages/${ops.cancel}/cancel: done")`);
+  // Finished, it may fold into its lane's stretch of finished steps.
+  const own = `#dag g.wp[data-wp="${ops.cancel}"][data-status="cancelled"]`;
+  await page.waitForSelector(`${own}, #dag g.group[data-group="done"][data-members~="${ops.cancel}"]`);
   await page.waitForSelector('#detail td:has-text("while running")');
   await page.waitForSelector(`#dag g.wp[data-wp="${ops.next}"][data-status="dispatched"]`);
   await page.screenshot({ path: join(ops.screenshots, "dashboard-cancelled.png"), fullPage: true });
