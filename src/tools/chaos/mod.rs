@@ -494,9 +494,10 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     }
     load_token.cancel();
     let _ = loader.await;
-    if let Some(c) = canceller {
-        let _ = c.await;
-    }
+    let cancels = match canceller {
+        Some(c) => c.await.unwrap_or_default(),
+        None => operator::Cancels::default(),
+    };
 
     // Let the work drain.
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
@@ -621,6 +622,10 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         );
     }
     println!("  agent redeliveries after Redis restarts: {redelivered}");
+    println!(
+        "  operator cancels (v1.6): {} tried, {} work packages cancelled, {} of them while dispatched",
+        cancels.tried, cancels.cancelled, cancels.running
+    );
     if args.appendfsync != "always" {
         println!("  Redis appendfsync: {}", args.appendfsync);
     }

@@ -17,6 +17,14 @@ use crate::engine::store::Roots;
 use crate::engine::streams::{Endpoint, MasterConnection};
 use crate::ops::operations::{self, Door};
 
+/// What the operator did: cancels tried, work packages they cancelled, of which running.
+#[derive(Debug, Default)]
+pub(super) struct Cancels {
+    pub tried: usize,
+    pub cancelled: usize,
+    pub running: usize,
+}
+
 /// Cancels one of the last `RECENT` work packages submitted every `every` (on average) until
 /// `token`. Each one tried is kept as a root: a cancel whose answer a fault cut off may have
 /// been committed all the same.
@@ -26,15 +34,16 @@ pub(super) async fn cancel_now_and_then(
     submitted: Arc<Mutex<Submitted>>,
     every: Duration,
     token: CancellationToken,
-) {
+) -> Cancels {
     const RECENT: usize = 200;
     let names = Names::default();
     let mut redis: Option<MasterConnection> = None;
+    let mut done = Cancels::default();
     loop {
         let wait = every.mul_f64(rand::rng().random_range(0.5..1.5));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = token.cancelled() => return,
+            _ = token.cancelled() => return done,
         }
         if redis.is_none() {
             redis = MasterConnection::connect(&endpoint).await.ok();
@@ -55,8 +64,13 @@ pub(super) async fn cancel_now_and_then(
             wp
         };
         let mut door = Door { pool: &pool, redis: con, names: &names, replica: None };
+        done.tried += 1;
         match operations::cancel(&mut door, Roots::One(&wp)).await {
-            Ok(out) => tracing::info!(wp_id = %wp, cancelled = out.cancelled.len(), running = out.running.len(), "chaos: cancelled"),
+            Ok(out) => {
+                done.cancelled += out.cancelled.len();
+                done.running += out.running.len();
+                tracing::info!(wp_id = %wp, cancelled = out.cancelled.len(), running = out.running.len(), "chaos: cancelled");
+            }
             Err(e) => tracing::info!(wp_id = %wp, error = %e, "chaos: cancel did nothing"),
         }
     }
