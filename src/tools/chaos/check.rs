@@ -273,7 +273,7 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
             "{} of {} completed or cancelled by the operator ({} cancelled)",
             sub.wp_ids.len() - lost.len(),
             sub.wp_ids.len(),
-            sub.cancelled.len()
+            sub.cancelled.iter().filter(|w| obs.states.get(*w).is_some_and(|(s, _)| s == "cancelled")).count()
         ),
     );
     if !lost.is_empty() {

@@ -35,7 +35,8 @@ pub(super) async fn cancel_now_and_then(
     every: Duration,
     token: CancellationToken,
 ) -> Cancels {
-    const RECENT: usize = 200;
+    // The last second or so of work at the usual rates: most of it still waiting or running.
+    const RECENT: usize = 30;
     let names = Names::default();
     let mut redis: Option<MasterConnection> = None;
     let mut done = Cancels::default();
