@@ -162,6 +162,9 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Route
     }
     let all: Vec<usize> = (0..specs.len()).collect();
     let out = insert_many(&mut tx, specs, &all, routes).await?;
+    if !deps.is_empty() {
+        cancel::cancel_late_dependents(&mut tx, specs, &out).await?;
+    }
     tx.commit().await?;
     Ok(Some(out))
 }
@@ -220,8 +223,10 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
             out[i] = Some(ingest_one(&mut tx, spec, &routes.targets[i], routes.version).await?);
         }
     }
+    let out: Vec<IngestOutcome> = out.into_iter().flatten().collect();
+    cancel::cancel_late_dependents(&mut tx, specs, &out).await?;
     tx.commit().await?;
-    Ok(out.into_iter().flatten().collect())
+    Ok(out)
 }
 
 /// One INSERT for the specs at `idx` and one for their edges, then one SELECT for those that

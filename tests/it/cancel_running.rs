@@ -69,7 +69,8 @@ async fn a_running_command_is_killed_its_slot_freed_and_a_late_report_ignored() 
     env.submit(&[("wp_id", "after-1"), ("agent_id", "dolly"), ("depends_on", "run-1")]).await;
     let (pid, child) = (pid_of(&dir, "run-1.pid").await, pid_of(&dir, "run-1.child").await);
     assert!(alive(pid) && alive(child));
-    assert_eq!(env.status("run-2").await.as_deref(), Some("ready"), "solo's one slot is taken");
+    // solo's one slot is taken: run-2 waits for it.
+    status_is(&env, "run-2", "ready").await;
 
     let asked = std::time::Instant::now();
     let out = cli(&env, &["cancel", "run-1"]);
@@ -121,5 +122,24 @@ async fn a_plan_is_cancelled_whole_and_its_running_agents_are_told() {
     assert_eq!(env.status("day.y").await.as_deref(), Some("dispatched"), "another plan is untouched");
     let (code, v) = http(port, "POST", "/api/plans/night/cancel", Some(TOKEN), None).await;
     assert_eq!(code, 409, "nothing left to cancel: {v}");
+    replica.stop().await;
+}
+
+/// A dependent that arrives after its dependency was cancelled is cancelled as it arrives, with
+/// what depends on it in the same batch: cancellation reaches dependents whenever they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependent_submitted_after_the_cancel_is_cancelled_too() {
+    let env = TestEnv::start(&routing()).await;
+    let (replica, _port) = sweepless_replica(&env, "cancel-3").await;
+    env.submit(&[("wp_id", "early"), ("agent_id", "solo")]).await;
+    status_is(&env, "early", "dispatched").await;
+    assert!(cli(&env, &["cancel", "early"]).status.success());
+    env.submit(&[("wp_id", "late"), ("agent_id", "dolly"), ("depends_on", "early")]).await;
+    env.submit(&[("wp_id", "later"), ("agent_id", "dolly"), ("depends_on", "late")]).await;
+    status_is(&env, "late", "cancelled").await;
+    status_is(&env, "later", "cancelled").await;
+    let why: Option<String> =
+        sqlx::query_scalar("SELECT wait_reason FROM work_packages WHERE wp_id = 'late'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(why.as_deref(), Some("cancelled because early was cancelled"));
     replica.stop().await;
 }

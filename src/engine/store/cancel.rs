@@ -101,3 +101,41 @@ pub(crate) async fn record_late_reports(
     .await?;
     Ok(())
 }
+
+/// (v1.6) Cancels the work packages just ingested whose dependency is `cancelled` already, and
+/// what in the batch depends on them: cancellation reaches a dependent whenever it arrives,
+/// not only those stored at the cancel (a plan cancelled while its producer still submits
+/// it). Called in the ingest transaction, only for batches with dependencies; one statement.
+pub(crate) async fn cancel_late_dependents(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    specs: &[crate::core::entry::WorkPackageSpec],
+    outcomes: &[super::IngestOutcome],
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = specs
+        .iter()
+        .zip(outcomes)
+        .filter(|(s, o)| !s.depends_on.is_empty() && **o == super::IngestOutcome::Inserted)
+        .map(|(s, _)| s.wp_id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH RECURSIVE doomed(id, root) AS (
+             SELECT d.wp_id, d.depends_on FROM unnest($1::text[]) AS k(id)
+             CROSS JOIN LATERAL (SELECT x.wp_id, x.depends_on FROM work_package_deps x WHERE x.wp_id = k.id OFFSET 0) d
+             JOIN work_packages p ON p.wp_id = d.depends_on
+             WHERE p.status COLLATE \"C\" = 'cancelled'
+             UNION
+             SELECT d.wp_id, doomed.id FROM work_package_deps d JOIN doomed ON d.depends_on = doomed.id
+             WHERE d.wp_id = ANY($1)),
+         one AS (SELECT DISTINCT ON (id) id, root FROM doomed ORDER BY id, root)
+         UPDATE work_packages w SET status = 'cancelled', cancelled_at = now(), updated_at = now(), next_attempt_at = NULL,
+                wait_reason = 'cancelled because ' || one.root || ' was cancelled'
+         FROM one WHERE w.wp_id = one.id AND w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait')",
+    )
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -78,15 +78,32 @@ pub(super) async fn cancel_now_and_then(
 }
 
 /// The work packages the operator's cancels reached, from PostgreSQL once the run is over:
-/// the roots tried, and each work package cancelled because one of them was.
+/// the roots tried, and each work package cancelled because one of them was, directly or
+/// through a chain of dependents.
 pub(super) async fn cancelled(pool: &sqlx::PgPool, roots: &HashSet<String>) -> anyhow::Result<HashSet<String>> {
     let rows: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT wp_id, wait_reason FROM work_packages WHERE status = 'cancelled'").fetch_all(pool).await?;
+    // Each names the one it was cancelled with; a chain leads back to a root (a dependent
+    // ingested after its dependency was cancelled names that dependency).
+    let cause: std::collections::HashMap<String, String> = rows
+        .into_iter()
+        .filter_map(|(wp, reason)| {
+            let by = reason.as_deref()?.strip_prefix("cancelled because ")?.strip_suffix(" was cancelled")?.to_string();
+            Some((wp, by))
+        })
+        .collect();
     let mut out: HashSet<String> = roots.clone();
-    for (wp, reason) in rows {
-        let root = reason.as_deref().and_then(|r| r.strip_prefix("cancelled because ")).and_then(|r| r.strip_suffix(" was cancelled"));
-        if root.is_some_and(|r| roots.contains(r)) {
-            out.insert(wp);
+    for wp in cause.keys() {
+        let mut at = wp;
+        for _ in 0..cause.len() {
+            match cause.get(at) {
+                _ if out.contains(at) => {
+                    out.insert(wp.clone());
+                    break;
+                }
+                Some(next) => at = next,
+                None => break,
+            }
         }
     }
     Ok(out)
