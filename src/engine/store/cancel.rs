@@ -31,6 +31,11 @@ pub async fn cancel_many(pool: &PgPool, roots: Roots<'_>) -> Result<(Vec<Cancell
         Roots::Plan(p) => (None, Some(p)),
     };
     let mut tx = pool.begin().await?;
+    // Exclusive against the ingest of dependents (which takes this lock, shared or exclusive,
+    // for every batch with dependencies): a dependent ingested at the same moment is either
+    // committed before this reads the edges, and cancelled with the rest, or ingested after
+    // this commits, and then sees its dependency cancelled (`cancel_late_dependents`).
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(super::DAG_LOCK).execute(&mut *tx).await?;
     let rows = sqlx::query(
         "WITH RECURSIVE roots(id) AS (
              SELECT $1::text WHERE $1::text IS NOT NULL
