@@ -83,6 +83,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         rerouted_for: std::sync::Mutex::new(None),
         metrics: crate::engine::metrics::Metrics::new(),
         duty: Default::default(),
+        plan_budgets: Default::default(),
     });
 
     takeover::acquire(&ctx).await.context("taking the replica's lease")?;
@@ -102,6 +103,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracker.spawn(scheduler::run(ctx.clone(), token.clone()));
     tracker.spawn(takeover::run(ctx.clone(), token.clone()));
     tracker.spawn(retention::run(ctx.clone(), token.clone()));
+    tracker.spawn(crate::engine::schedules::run(ctx.clone(), token.clone()));
     if let Some(l) = listener {
         tracker.spawn(http::serve(l, ctx.clone(), token.clone()));
     }

@@ -5,7 +5,8 @@
 //! and a reload, until it completes. Then a big plan (8 lanes of 25 steps, each lane at a
 //! different point, one failed): the view opens on its frontier with finished stretches folded,
 //! shows each lane's progress, sums up what waits, and pauses and resumes a lane, an agent and
-//! the plan.
+//! the plan. Last, the schedules section (v1.6): next firings, a paused schedule, and a pause and
+//! resume from the page.
 //! The test plays the big plan's agent itself, so each lane stops where it should. The replica
 //! has a read token, which the page asks for before it shows anything. Screenshots go to
 //! `$GE_SCREENSHOTS` (the docs use `GE_SCREENSHOTS=docs/screenshots`), else to a temporary
@@ -28,7 +29,15 @@ const READ_TOKEN: &str = "browser-read-token";
 
 fn agent(env: &TestEnv, name: &str) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
-        .args(["agent", name, "--", "sh", "-c", "sleep 0.2; echo ok"])
+        // (v1.6) Each run costs 0.25 USD and some tokens, so that spend shows.
+        .args([
+            "agent",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.2; printf 'cost=0.25\\ninput_tokens=1000\\noutput_tokens=200\\n' > \"$GE_USAGE_FILE\"; echo ok",
+        ])
         .env("REDIS_URL", env.redis.url())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -178,6 +187,30 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
             "cancel_plan": "big", "cancel": big_wp(7, PROGRESS[7]), "next": big_wp(7, PROGRESS[7] + 1),
             "rerun_plan": "e2e", "rerun": "e2e.hotfix", "screenshots": shots,
         },
+        // (v1.6) The sample plan's spend, and a budget set from the page below it.
+        "spend": { "plan": "e2e", "agent": "dolly", "budget": "0.50" },
+    });
+
+    // Schedules (v1.6) that do not fire while the test runs: one at 02:00 in Berlin, one paused.
+    let scheduled = std::fs::read_to_string(root.join("examples/scheduled.yaml")).expect("the sample scheduled plan");
+    let define = |cron: &str, paused| ge_orchestrator::engine::schedule_store::Definition {
+        cron: cron.into(),
+        timezone: "Europe/Berlin".into(),
+        plan: scheduled.clone(),
+        plan_source: Some("examples/scheduled.yaml".into()),
+        missed: "catch_up:1".into(),
+        overlap: "skip".into(),
+        paused,
+    };
+    ge_orchestrator::engine::schedule_store::put(&env.pool, "nightly", &define("0 2 * * *", false), false).await.expect("add nightly");
+    ge_orchestrator::engine::schedule_store::put(&env.pool, "weekly", &define("0 6 * * MON", true), false).await.expect("add weekly");
+    let next = ge_orchestrator::engine::schedule_store::list(&env.pool).await.unwrap()[0].next_firing.expect("nightly's next firing");
+    let mut spec = spec;
+    spec["schedules"] = serde_json::json!({
+        "name": "nightly",
+        "paused": "weekly",
+        "next": next.format("%Y-%m-%d %H:%M:%S").to_string(),
+        "screenshots": shots,
     });
 
     // The fix, on disk; the browser presses "reload routing" before it requeues.
@@ -202,6 +235,11 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
     let attempts: i32 =
         sqlx::query_scalar("SELECT attempts FROM work_packages WHERE wp_id = 'e2e.hotfix'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(attempts, 2, "the rerun ran as a second attempt");
+    assert!(shots.join("dashboard-schedules.png").exists());
+    assert!(shots.join("dashboard-spend.png").exists());
+    let limit: String =
+        sqlx::query_scalar("SELECT ge_usd(limit_usd) FROM plan_budgets WHERE plan = 'e2e'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(limit, "0.50", "the budget set from the page");
     // The paused lane's step went once it was resumed, and not before: the browser saw it wait.
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE])).await.as_deref(), Some("completed"));
     assert_eq!(env.status(&big_wp(PAUSED_LANE, PROGRESS[PAUSED_LANE] + 1)).await.as_deref(), Some("dispatched"));

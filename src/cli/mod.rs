@@ -3,11 +3,13 @@
 //! this file only parses, sets up logging and hands over.
 
 mod args;
+mod budget;
 mod cluster;
 mod controls;
 mod deadletter;
 mod door;
 mod routing;
+mod schedule;
 mod submit;
 mod work;
 
@@ -61,6 +63,16 @@ enum Command {
     Resume(controls::ResumeCmd),
     /// List what is paused.
     Pauses(controls::PausesCmd),
+    /// Schedules (v1.6): add, remove, pause, resume, list.
+    Schedule {
+        #[command(subcommand)]
+        action: schedule::Action,
+    },
+    /// (v1.6) Set or remove a plan's budget; show spend and budgets.
+    Budget {
+        #[command(subcommand)]
+        action: budget::Action,
+    },
     /// List or requeue dead letters.
     Deadletter {
         #[command(subcommand)]
@@ -129,6 +141,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(c) => c.run().await,
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,
+        Command::Schedule { action } => action.run().await,
+        Command::Budget { action } => action.run().await,
         Command::Deadletter { action } => action.run().await,
         Command::Agents(c) => c.run().await,
         Command::Replicas(c) => c.run().await,

@@ -39,11 +39,15 @@ pub(crate) struct Status {
     json: bool,
     #[command(flatten)]
     names: Names,
+    /// (v1.6) The routing file, for the agents' budgets in the spend shown.
+    #[arg(long = "config", env = "GE_ROUTING_CONFIG")]
+    config: Option<std::path::PathBuf>,
 }
 
 impl Status {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let pool = self.db.connect().await?;
+        let spend = self.spend(&pool).await?;
         let (deadletters, retention) = match &self.redis_url {
             Some(url) => {
                 let mut con = redis_con(url).await?;
@@ -67,6 +71,8 @@ impl Status {
             work_packages: reads::list(&pool, &filter).await?,
             deadletters,
             retention,
+            schedules: crate::engine::schedule_store::list(&pool).await?,
+            spend: Some(spend),
         };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&overview)?);
@@ -74,6 +80,14 @@ impl Status {
             print!("{}", status::render(&overview));
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl Status {
+    /// Spend and budgets (v1.6); the agents' budgets when the routing file can be read.
+    async fn spend(&self, pool: &sqlx::PgPool) -> anyhow::Result<crate::engine::budgets::Overview> {
+        let routing = self.config.as_deref().and_then(|p| crate::core::routing_file::load(p).ok());
+        Ok(crate::engine::budgets::overview(pool, routing.as_ref(), 0.8, 20).await?)
     }
 }
 

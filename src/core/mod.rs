@@ -5,8 +5,11 @@
 pub mod entry;
 pub mod fnmatch;
 pub(crate) mod limits;
+pub mod plan;
 pub(crate) mod redact;
 pub mod retention;
 pub(crate) mod router;
 pub mod routing_file;
+pub mod schedule;
 pub mod status;
+pub mod usage;

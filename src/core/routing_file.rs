@@ -40,6 +40,32 @@ pub struct AgentSpec {
     pub timeout: Option<Duration>,
     /// How many dispatches may start per minute, across replicas (v1.4); None: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// What the agent may spend per UTC day or month (v1.6); None: no budget.
+    pub budget: Option<AgentBudget>,
+}
+
+/// An agent's budget (v1.6): once its reported spend in the current period reaches `usd`, no
+/// more of its work is dispatched until the next period or a larger budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentBudget {
+    /// Canonical decimal text (`core::usage::parse_usd`).
+    pub usd: String,
+    pub period: BudgetPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
 }
 
 /// A token bucket (v1.4): `per_minute` tokens a minute, at most `burst` saved up. A dispatch
@@ -131,6 +157,38 @@ struct RawAgent {
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     rate_limit: Option<Spanned<RawRateLimit>>,
+    #[serde(default)]
+    budget: Option<Spanned<RawBudget>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    #[serde(default)]
+    per_day: Option<Spanned<RawAmount>>,
+    #[serde(default)]
+    per_month: Option<Spanned<RawAmount>>,
+}
+
+/// An amount written as a number (`25.5`) or a string (`"25.50"`). A number is read as YAML
+/// reads it and written back in its shortest form, which is its literal for any amount of at
+/// most 15 significant digits.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAmount {
+    Int(u64),
+    Num(f64),
+    Text(String),
+}
+
+impl RawAmount {
+    fn text(&self) -> String {
+        match self {
+            RawAmount::Int(n) => n.to_string(),
+            RawAmount::Num(f) => f.to_string(),
+            RawAmount::Text(s) => s.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -269,9 +327,26 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
                 Some(RateLimit { per_minute: r.value.per_minute.value, burst: r.value.burst.as_ref().map_or(1, |b| b.value) })
             }
         };
+        let budget = match &spec.value.budget {
+            None => None,
+            Some(b) => {
+                let (amount, period) = match (&b.value.per_day, &b.value.per_month) {
+                    (Some(d), None) => (d, BudgetPeriod::Day),
+                    (None, Some(m)) => (m, BudgetPeriod::Month),
+                    _ => return Err(err_at(at(b), format!("agents.{name}.budget takes one of per_day or per_month (USD)"))),
+                };
+                let what = format!("agents.{name}.budget.per_{}", period.as_str());
+                let usd = crate::core::usage::parse_usd(&amount.value.text()).map_err(|e| err_at(at(amount), format!("{what}: {e}")))?;
+                if usd == "0" {
+                    return Err(err_at(at(amount), format!("{what} must be more than 0 (disable the agent to stop it)")));
+                }
+                Some(AgentBudget { usd, period })
+            }
+        };
         agents.insert(
             name.clone(),
             AgentSpec {
+                budget,
                 roles: spec.value.roles.clone(),
                 max_in_flight: spec.value.max_in_flight.as_ref().map(|c| c.value),
                 enabled: spec.value.enabled,
@@ -383,7 +458,7 @@ pub fn parse(source_text: &str, origin: &str) -> Result<RoutingTable, ConfigErro
 }
 
 /// serde-saphyr appends " at line L column C" to some messages; the prefix says it already.
-fn strip_location(message: &str) -> String {
+pub(crate) fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].trim_end_matches(',').to_string(),
         None => message.to_string(),
@@ -415,7 +490,8 @@ impl RoutingTable {
             let state = if a.enabled { "enabled" } else { "DISABLED" };
             let timeout = a.timeout.map(|t| format!("  timeout {}", humantime::format_duration(t))).unwrap_or_default();
             let rate = a.rate_limit.map(|r| format!("  rate_limit {}/min burst {}", r.per_minute, r.burst)).unwrap_or_default();
-            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}{timeout}{rate}\n", a.roles.join(", ")));
+            let budget = a.budget.as_ref().map(|b| format!("  budget {} USD per {}", b.usd, b.period.as_str())).unwrap_or_default();
+            out.push_str(&format!("  {name:<16} roles [{}]  max_in_flight {cap}  {state}{timeout}{rate}{budget}\n", a.roles.join(", ")));
         }
         out.push_str("\nwork_types:\n");
         for (wt, role) in &self.work_types {
@@ -452,6 +528,24 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text, "r.yaml").expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn budgets_are_exact_amounts_per_day_or_month_and_errors_say_where() {
+        let t = parse(
+            "version: 1\nagents:\n  a: { roles: [r], budget: { per_day: 25.03 } }\n  b: { roles: [r], budget: { per_month: \"1000.50\" } }\n  c: { roles: [r], budget: { per_day: 7 } }\n",
+            "r.yaml",
+        )
+        .unwrap();
+        assert_eq!(t.agents["a"].budget, Some(AgentBudget { usd: "25.03".into(), period: BudgetPeriod::Day }));
+        assert_eq!(t.agents["b"].budget, Some(AgentBudget { usd: "1000.5".into(), period: BudgetPeriod::Month }));
+        assert_eq!(t.agents["c"].budget.as_ref().map(|b| b.usd.as_str()), Some("7"));
+        let both = err("version: 1\nagents:\n  a:\n    budget: { per_day: 1, per_month: 2 }\n");
+        assert!(both.starts_with("r.yaml:4:") && both.contains("one of per_day or per_month"), "{both}");
+        let bad = err("version: 1\nagents:\n  a:\n    budget:\n      per_day: lots\n");
+        assert!(bad.starts_with("r.yaml:5:") && bad.contains("not an amount of USD"), "{bad}");
+        assert!(err("version: 1\nagents:\n  a:\n    budget: { per_day: 0 }\n").contains("more than 0"));
+        assert!(err("version: 1\nagents:\n  a:\n    budget: { per_week: 3 }\n").starts_with("r.yaml:4:"));
     }
 
     #[test]

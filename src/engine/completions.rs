@@ -2,6 +2,8 @@
 //! what they unblock (dependents, the lane's next work package, work waiting for a slot).
 
 use crate::core::entry::{self, StreamEntry};
+use crate::core::usage::{self, Usage};
+use crate::engine::budgets;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::dispatch::{self, Ready, Scope};
 use crate::engine::input::Input;
@@ -14,6 +16,8 @@ struct Report<'a> {
     dispatch_id: Option<String>,
     entry: &'a StreamEntry,
     fields: std::collections::BTreeMap<String, String>,
+    /// (v1.6) What it says it used; None when it says nothing, or nothing valid.
+    usage: Option<Usage>,
 }
 
 pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow::Result<()> {
@@ -57,7 +61,16 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             ));
             continue;
         }
-        reports.push(Report { wp_id, dispatch_id, entry: e, fields });
+        // Malformed usage never costs the report: it applies without its usage, and the usage
+        // is dead-lettered with what is wrong with it (the reason `invalid_usage`).
+        let usage = match usage::parse(&fields) {
+            Ok(u) => u,
+            Err(why) => {
+                deadletters.push(dead("invalid_usage", format!("{why}; the report was applied without its usage")));
+                None
+            }
+        };
+        reports.push(Report { wp_id, dispatch_id, entry: e, fields, usage });
     }
 
     let mut tx = ctx.pool.begin().await?;
@@ -118,6 +131,11 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         }
     }
     store::record_late_reports(&mut tx, &late).await?;
+    // Usage counts whatever became of its report, a stale one included: the money was spent.
+    let used: Vec<(&str, Option<&str>, &Usage)> =
+        reports.iter().filter_map(|r| Some((r.wp_id.as_str(), r.dispatch_id.as_deref(), r.usage.as_ref()?))).collect();
+    let (plans, agents) = budgets::record(&mut tx, &used).await?;
+    budgets::warn(&mut tx, &routing, ctx.settings.budget_warn_ratio(), &plans, &agents).await?;
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
     let routes = routes_of(&mut tx, &reported).await?;
     tx.commit().await?;

@@ -88,6 +88,9 @@ pub struct Ctx {
     /// On duty, or standing down (PostgreSQL lost) with the reason; drives the reading loops,
     /// the lease and `/readyz`.
     pub duty: crate::engine::duty::Duty,
+    /// (v1.6) Whether plans have budgets, as this replica last saw: rounds skip the budget
+    /// locks while none has.
+    pub plan_budgets: crate::engine::budgets::PlanBudgetsSeen,
 }
 
 impl Ctx {

@@ -1,6 +1,10 @@
 //! route_incoming: validate entries of `ge:work:incoming`, persist the work packages and
 //! their edges, dead-letter what cannot be taken, acknowledge, then dispatch what may run.
 
+use std::collections::HashSet;
+
+use sqlx::Row;
+
 use crate::core::entry::{self, StreamEntry, WorkPackageSpec};
 use crate::core::router::{self, RouteRequest};
 use crate::engine::context::Ctx;
@@ -14,6 +18,8 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     let mut specs: Vec<(WorkPackageSpec, &StreamEntry)> = Vec::with_capacity(entries.len());
     let mut targets = Vec::with_capacity(entries.len());
     let mut deadletters = Vec::new();
+    // (v1.6) (plan, USD) of the entries that carry a plan's budget.
+    let mut budgets: Vec<(String, String)> = Vec::new();
     let dead = |e: &StreamEntry, reason: &str, detail: String| DeadLetter::of(&names.incoming, e, reason, detail);
     for e in entries {
         let spec = match entry::parse_incoming(e, &ctx.settings.limits) {
@@ -34,15 +40,33 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
                 continue;
             }
         }
+        match crate::core::usage::budget_of(&spec) {
+            Ok(b) => budgets.extend(b),
+            Err(detail) => {
+                deadletters.push(dead(e, "invalid", detail));
+                continue;
+            }
+        }
         specs.push((spec, e));
     }
 
     let plain: Vec<WorkPackageSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
-    let outcomes = store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version }).await?;
+    // (v1.6) Before the work itself, so that no round sees a plan's work without its budget;
+    // a redelivered entry sets nothing twice.
+    crate::engine::budgets::set_from_entries(&ctx.pool, &budgets).await?;
+    if !budgets.is_empty() {
+        ctx.plan_budgets.forget();
+    }
+    let read_at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let at_once = dispatch::at_ingest::claims(&ctx.pool, &routing, &plain, &targets).await?;
+    let ingested =
+        store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version, at_once: &at_once }).await?;
+    let claimed: HashSet<&str> = ingested.dispatched.iter().filter_map(|r| r.try_get::<&str, _>("wp_id").ok()).collect();
     let mut inserted = Vec::new();
     let mut has_lanes = false;
-    for ((spec, e), outcome) in specs.iter().zip(outcomes) {
+    for ((spec, e), outcome) in specs.iter().zip(ingested.outcomes) {
         match outcome {
+            IngestOutcome::Inserted if claimed.contains(spec.wp_id.as_str()) => {}
             IngestOutcome::Inserted => {
                 has_lanes |= spec.lane.is_some();
                 inserted.push(spec.wp_id.clone());
@@ -59,8 +83,12 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     // A batch with lane members is acknowledged first, since the lane gate of the round holds
     // work behind entries still pending, these included; other batches are acknowledged and
     // dispatched together.
+    // What the ingest claimed at once is published with the round over the rest.
     let scope = Scope::ids(inserted);
-    let round = dispatch::round(ctx, &scope);
+    let round = async {
+        let at_once = dispatch::publish_claimed(ctx, &ingested.dispatched, |_| Some(read_at)).await?;
+        Ok::<usize, anyhow::Error>(at_once + dispatch::round(ctx, &scope).await?)
+    };
     let dispatched = if has_lanes {
         ctx.ack(&names.incoming, &ids, &deadletters).await?;
         round.await

@@ -15,6 +15,7 @@ pub(crate) const DISPATCH_LATENCY: &str = "ge_dispatch_latency_seconds";
 pub(crate) const TRIMMED: &str = "ge_stream_trimmed_entries_total";
 pub(crate) const REMOVED: &str = "ge_retention_removed_rows_total";
 pub(crate) const PUBLISH_REFUSED: &str = "ge_trigger_publish_refused_total";
+pub(crate) const SCHEDULE_FIRINGS: &str = "ge_schedule_firings_total";
 
 /// Seconds from "may run" to "trigger published": sub-second normally, minutes when agents
 /// are full.
@@ -81,6 +82,12 @@ impl Metrics {
     /// A trigger Redis refused to add (it stays claimed and is published again later).
     pub(crate) fn publish_refused(&self, agent: &str) {
         self.counter(PUBLISH_REFUSED, &[("agent", agent)], 1);
+    }
+    /// Firings of a schedule decided by this replica (v1.6), by outcome: `submitted`,
+    /// `skipped_overlap`, `missed`. Schedules are operators' (at most `MAX_SCHEDULES` at once),
+    /// so the label is bounded by what they define.
+    pub(crate) fn schedule_firings(&self, schedule: &str, outcome: &str, n: u64) {
+        self.counter(SCHEDULE_FIRINGS, &[("schedule", schedule), ("outcome", outcome)], n);
     }
     pub(crate) fn dispatch_latency(&self, agent: &str, kind: &str, seconds: f64) {
         let labels = vec![Label::new("route", kind.to_string()), Label::new("agent", agent.to_string())];

@@ -3,6 +3,7 @@
 //! take over dead replicas, report health, and remove what retention allows.
 
 pub mod backoff;
+pub mod budgets;
 pub(crate) mod completions;
 pub(crate) mod config_watch;
 pub(crate) mod consume;
@@ -18,7 +19,9 @@ pub mod metrics;
 pub(crate) mod postgres_probe;
 pub(crate) mod recover;
 pub mod retention;
+pub mod schedule_store;
 pub(crate) mod scheduler;
+pub(crate) mod schedules;
 pub mod settings;
 pub(crate) mod statistics;
 pub mod store;

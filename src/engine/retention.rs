@@ -63,6 +63,7 @@ pub(crate) async fn remove_batch(ctx: &Ctx, period: std::time::Duration, limit: 
              FOR UPDATE OF w SKIP LOCKED),
          events AS (DELETE FROM work_package_events e USING doomed d WHERE e.wp_id = d.wp_id RETURNING 1),
          outbox AS (DELETE FROM dispatch_outbox o USING doomed d WHERE o.wp_id = d.wp_id RETURNING 1),
+         usage AS (DELETE FROM dispatch_usage u USING doomed d WHERE u.wp_id = d.wp_id RETURNING 1),
          edges AS (SELECT count(*) AS n FROM work_package_deps p JOIN doomed d ON p.wp_id = d.wp_id),
          gone AS (DELETE FROM work_packages w USING doomed d WHERE w.wp_id = d.wp_id RETURNING 1)
          SELECT (SELECT count(*) FROM gone) AS wps, (SELECT count(*) FROM events) AS events,

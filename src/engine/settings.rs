@@ -217,6 +217,10 @@ pub struct RunSettings {
     /// a longer one is cancelled and fails like a lost connection.
     #[arg(long, env = "GE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub statement_timeout: Duration,
+    /// (v1.6) The share of a budget, in percent, at which its spend is warned about (log,
+    /// metric, dashboard).
+    #[arg(long, env = "GE_BUDGET_WARN_AT", default_value_t = 80)]
+    pub budget_warn_at: u64,
 }
 
 impl RunSettings {
@@ -256,7 +260,13 @@ impl RunSettings {
             http_max_connections: 64,
             admin_token: None,
             admin_read_token: None,
+            budget_warn_at: 80,
         }
+    }
+
+    /// The warning threshold of budgets as a fraction.
+    pub(crate) fn budget_warn_ratio(&self) -> f64 {
+        self.budget_warn_at as f64 / 100.0
     }
 
     /// Refuses settings that cannot work, each problem naming its flag and variable: zero or
@@ -303,6 +313,7 @@ impl RunSettings {
             ("health_maxlen", self.health_maxlen, 1, u64::MAX),
             ("db_pool", u64::from(self.db_pool), 1, 1_000),
             ("db_ops_pool", u64::from(self.db_ops_pool), 1, 1_000),
+            ("budget_warn_at", self.budget_warn_at, 1, 100),
             ("http_max_connections", self.http_max_connections as u64, 1, 100_000),
             ("max_payload_bytes", self.limits.max_payload_bytes as u64, 1, MIB_512),
             ("max_field_bytes", self.limits.max_field_bytes as u64, 1, MIB_512),

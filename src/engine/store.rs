@@ -19,12 +19,6 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use crate::core::entry::{Rejection, WorkPackageSpec};
 use crate::core::routing_file::RetryPolicy;
 
-mod cancel;
-mod rerun;
-pub(crate) use cancel::record_late_reports;
-pub use cancel::{Cancelled, Roots, cancel_many};
-pub use rerun::{RerunRefused, rerun};
-
 /// Guards the DAG against cycles closed by concurrent batches: batches that cannot close one
 /// take it shared and run side by side; a batch that might takes it exclusively and is checked
 /// against everything committed before it.
@@ -81,6 +75,22 @@ macro_rules! delayed_reason {
     };
 }
 
+/// The unmet prerequisites of the work package `w`, counted from its edges: for a work package
+/// that opens again (an operator's retry), whose count no completion kept while it was closed.
+macro_rules! unmet_count {
+    () => {
+        "(SELECT count(*) FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
+           WHERE d.wp_id = w.wp_id AND p.status IS DISTINCT FROM 'completed')"
+    };
+}
+
+// After the macros, which they use.
+mod cancel;
+mod rerun;
+pub(crate) use cancel::record_late_reports;
+pub use cancel::{Cancelled, Roots, cancel_many};
+pub use rerun::{RerunRefused, rerun};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestOutcome {
     Inserted,
@@ -111,7 +121,7 @@ fn differing_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 ///
 /// `routes` gives each spec's target (`router::Target::key`) under the routing file whose
 /// version `routes.version` is: work is routed once, when it arrives.
-pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Ingested, sqlx::Error> {
     if let Some(out) = ingest_acyclic(pool, specs, routes).await? {
         return Ok(out);
     }
@@ -119,10 +129,31 @@ pub async fn ingest(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_
 }
 
 /// Where each work package of an ingest batch goes, in the batch's order, and under which
-/// routing file's version.
+/// routing file's version; and which of them are claimed in the transaction that stores them
+/// (`at_once`, in the same order; missing or None: stored to wait for a dispatch round).
 pub struct Routes<'a> {
     pub targets: &'a [String],
     pub version: &'a str,
+    pub at_once: &'a [Option<AtOnce>],
+}
+
+/// A claim made at ingest: the agent a work package that may run at once goes to, decided
+/// before its batch is stored (see `dispatch::at_ingest`). It is stored `dispatched`, attempt 1,
+/// with its outbox row, in the statement that inserts it, unless a pause of its agent or plan
+/// is committed by then: then it is stored `ready`, and the round after the ingest decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtOnce {
+    pub agent: String,
+    pub route: &'static str,
+    pub timeout_ms: Option<i64>,
+}
+
+/// What an ingest batch became: each entry's outcome, in the batch's order, and the rows it
+/// claimed at once (wp_id, agent_id, route, attempts, dispatch_id, fields, source_id, as a
+/// dispatch round's claim returns them), to be published once the batch is committed.
+pub struct Ingested {
+    pub outcomes: Vec<IngestOutcome>,
+    pub dispatched: Vec<sqlx::postgres::PgRow>,
 }
 
 /// The batch in one INSERT of work packages and one of edges, under the shared DAG lock, when
@@ -134,7 +165,7 @@ pub struct Routes<'a> {
 /// commits) there is none stored, the batch has none among its own work packages, and every
 /// dependency is stored or in the batch: so no edge into this batch's work packages can come
 /// from a concurrent shared batch either, whose dependencies must be stored or its own.
-async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Option<Vec<IngestOutcome>>, sqlx::Error> {
+async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Option<Ingested>, sqlx::Error> {
     let mut seen = HashSet::with_capacity(specs.len());
     // A batch that names one wp_id twice keeps strict stream order, so the first of the two wins.
     if !specs.iter().all(|s| seen.insert(s.wp_id.as_str())) || batch_has_cycle(specs) {
@@ -163,7 +194,7 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Route
     let all: Vec<usize> = (0..specs.len()).collect();
     let out = insert_many(&mut tx, specs, &all, routes).await?;
     if !deps.is_empty() {
-        cancel::cancel_late_dependents(&mut tx, specs, &out).await?;
+        cancel::cancel_late_dependents(&mut tx, specs, &out.outcomes).await?;
     }
     tx.commit().await?;
     Ok(Some(out))
@@ -204,7 +235,7 @@ fn batch_has_cycle(specs: &[WorkPackageSpec]) -> bool {
 
 /// Under the exclusive DAG lock: work without dependencies in one statement, then each work
 /// package with dependencies checked against the whole graph and inserted, in stream order.
-async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Routes<'_>) -> Result<Ingested, sqlx::Error> {
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
@@ -212,11 +243,14 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
     let mut seen = HashSet::with_capacity(specs.len());
     let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
     let mut out: Vec<Option<IngestOutcome>> = vec![None; specs.len()];
+    let mut dispatched = Vec::new();
     if !repeats {
         let plain: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].depends_on.is_empty()).collect();
-        for (i, outcome) in plain.iter().zip(insert_many(&mut tx, specs, &plain, routes).await?) {
+        let ingested = insert_many(&mut tx, specs, &plain, routes).await?;
+        for (i, outcome) in plain.iter().zip(ingested.outcomes) {
             out[*i] = Some(outcome);
         }
+        dispatched = ingested.dispatched;
     }
     for (i, spec) in specs.iter().enumerate() {
         if out[i].is_none() {
@@ -226,41 +260,62 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
     let out: Vec<IngestOutcome> = out.into_iter().flatten().collect();
     cancel::cancel_late_dependents(&mut tx, specs, &out).await?;
     tx.commit().await?;
-    Ok(out)
+    Ok(Ingested { outcomes: out, dispatched })
 }
 
-/// One INSERT for the specs at `idx` and one for their edges, then one SELECT for those that
-/// were there already, to tell a producer's retry from a conflicting resubmission. The caller
-/// has made sure none of them can close a cycle.
+/// One INSERT for the specs at `idx` (with the outbox rows of those claimed at once) and one
+/// for their edges, then one SELECT for those that were there already, to tell a producer's
+/// retry from a conflicting resubmission. The caller has made sure none of them can close a
+/// cycle.
 async fn insert_many(
     tx: &mut Transaction<'_, Postgres>,
     specs: &[WorkPackageSpec],
     idx: &[usize],
     routes: &Routes<'_>,
-) -> Result<Vec<IngestOutcome>, sqlx::Error> {
+) -> Result<Ingested, sqlx::Error> {
     if idx.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Ingested { outcomes: Vec::new(), dispatched: Vec::new() });
     }
+    let at_once = |i: &usize| routes.at_once.get(*i).and_then(Option::as_ref);
     let col = |f: fn(&WorkPackageSpec) -> Option<String>| idx.iter().map(|i| f(&specs[*i])).collect::<Vec<_>>();
     let fields: Vec<serde_json::Value> = idx.iter().map(|i| fields_json(&specs[*i].fields)).collect();
-    let inserted: Vec<String> = sqlx::query_scalar(concat!(
-        "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
+    let deps: Vec<&str> = idx.iter().flat_map(|i| specs[*i].depends_on.iter().map(String::as_str)).collect();
+    let completed = lock_prerequisites(tx, &deps).await?;
+    let unmet: Vec<i32> = idx.iter().map(|i| unmet(&specs[*i], &completed)).collect();
+    let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(concat!(
+        "WITH ins AS (
+         INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps,
+                                    agent_id, route, attempts, dispatch_id, dispatched_at, timeout_ms, deadline_at)
          SELECT t.wp_id, s.status, t.agent, t.work_type, t.trig, t.lane, t.fields, t.source_id, t.ms, t.seq,
-                CASE WHEN s.status = 'ready' THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
+                CASE WHEN s.status IN ('ready', 'dispatched') THEN now() END, t.priority, t.plan, t.fkey, s.nb, t.target, $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END,
                 CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END
+        " END, t.unmet,
+                CASE WHEN s.status = 'dispatched' THEN t.to_agent END, CASE WHEN s.status = 'dispatched' THEN t.to_route END,
+                CASE WHEN s.status = 'dispatched' THEN 1 ELSE 0 END, CASE WHEN s.status = 'dispatched' THEN t.wp_id || ':1' END,
+                CASE WHEN s.status = 'dispatched' THEN now() END, CASE WHEN s.status = 'dispatched' THEN t.to_timeout END,
+                CASE WHEN s.status = 'dispatched' THEN now() + make_interval(secs => t.to_timeout / 1000.0) END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::int8[], $9::int8[],
-                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[])
-              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target)
+                     $10::bool[], $11::int2[], $12::text[], $13::text[], $14::int8[], $15::text[], $17::int4[],
+                     $18::text[], $19::text[], $20::int8[])
+              AS t(wp_id, agent, work_type, trig, lane, fields, source_id, ms, seq, has_deps, priority, plan, fkey, nb_ms, target, unmet,
+                   to_agent, to_route, to_timeout)
          CROSS JOIN LATERAL (SELECT to_timestamp(t.nb_ms / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN t.lane IS NOT NULL OR t.has_deps THEN 'blocked'
-                                               WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
+                                               WHEN n.nb > now() THEN 'retry_wait'
+                                               WHEN t.to_agent IS NOT NULL AND NOT EXISTS (
+                                                    SELECT 1 FROM dispatch_pauses p
+                                                    WHERE (p.scope = 'agent' AND p.name = t.to_agent) OR (p.scope = 'plan' AND p.name = t.plan))
+                                                    AND NOT EXISTS (SELECT 1 FROM plan_budgets b WHERE b.plan = t.plan AND b.limit_usd IS NOT NULL)
+                                                    THEN 'dispatched'
+                                               ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING
-         RETURNING wp_id"
+         RETURNING wp_id, status, agent_id, route, attempts, dispatch_id, fields, source_id),
+         outbox AS (INSERT INTO dispatch_outbox (dispatch_id, wp_id) SELECT dispatch_id, wp_id FROM ins WHERE status = 'dispatched')
+         SELECT * FROM ins"
     ))
     .bind(col(|s| Some(s.wp_id.clone())))
     .bind(col(|s| s.agent_id.clone()))
@@ -278,9 +333,19 @@ async fn insert_many(
     .bind(idx.iter().map(|i| specs[*i].not_before_ms).collect::<Vec<_>>())
     .bind(idx.iter().map(|i| routes.targets[*i].as_str()).collect::<Vec<_>>())
     .bind(routes.version)
+    .bind(&unmet)
+    .bind(idx.iter().map(|i| at_once(i).map(|c| c.agent.as_str())).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| at_once(i).map(|c| c.route)).collect::<Vec<_>>())
+    .bind(idx.iter().map(|i| at_once(i).and_then(|c| c.timeout_ms)).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
-    let inserted: HashSet<String> = inserted.into_iter().collect();
+    let inserted: HashSet<String> = rows.iter().map(|r| r.try_get("wp_id")).collect::<Result<_, _>>()?;
+    let mut dispatched = Vec::new();
+    for r in rows {
+        if r.try_get::<String, _>("status")? == "dispatched" {
+            dispatched.push(r);
+        }
+    }
     let (edge_from, edge_to): (Vec<&str>, Vec<&str>) = idx
         .iter()
         .map(|i| &specs[*i])
@@ -307,7 +372,7 @@ async fn insert_many(
             .into_iter()
             .collect()
     };
-    Ok(idx
+    let outcomes = idx
         .iter()
         .zip(fields)
         .map(|(i, f)| {
@@ -324,7 +389,34 @@ async fn insert_many(
                 )),
             }
         })
-        .collect())
+        .collect();
+    Ok(Ingested { outcomes, dispatched })
+}
+
+/// Locks the rows of the prerequisites `deps` that exist (FOR SHARE, in key order) and returns
+/// those completed. The lock is what keeps the count of unmet prerequisites exact: a
+/// completion of one of them that runs meanwhile either committed before the lock was granted
+/// (and is counted as done here) or waits for this transaction, and then the statement after
+/// it, which decrements the dependents, sees the new edges.
+async fn lock_prerequisites(tx: &mut Transaction<'_, Postgres>, deps: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+    if deps.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT p.wp_id, p.done FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS k(id) ORDER BY id) k
+         CROSS JOIN LATERAL (SELECT x.wp_id, x.status COLLATE \"C\" = 'completed' AS done FROM work_packages x
+                             WHERE x.wp_id = k.id FOR SHARE) p",
+    )
+    .bind(deps)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().filter(|(_, done)| *done).map(|(w, _)| w).collect())
+}
+
+/// How many of a spec's distinct prerequisites are not completed.
+fn unmet(spec: &WorkPackageSpec, completed: &HashSet<String>) -> i32 {
+    let distinct: HashSet<&str> = spec.depends_on.iter().map(String::as_str).collect();
+    distinct.iter().filter(|d| !completed.contains(**d)).count() as i32
 }
 
 /// A wp_id seen before: the same fields are a producer's retry, others a conflict.
@@ -373,15 +465,17 @@ async fn ingest_one(
         }
     }
     let blocked = !spec.depends_on.is_empty() || spec.lane.is_some();
+    let deps: Vec<&str> = spec.depends_on.iter().map(String::as_str).collect();
+    let completed = lock_prerequisites(tx, &deps).await?;
     let inserted = sqlx::query(concat!(
         "INSERT INTO work_packages (wp_id, status, requested_agent, work_type, trigger_subject, lane, fields,
                                     source_id, source_ms, source_seq, ready_at, priority, plan, fairness_key, not_before,
-                                    target, routed_by, next_attempt_at, wait_reason)
+                                    target, routed_by, next_attempt_at, wait_reason, unmet_deps)
          SELECT $1, s.status, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN s.status = 'ready' THEN now() END, $10, $11, $12, s.nb,
                 $15, $16,
                 CASE WHEN s.status = 'retry_wait' THEN s.nb END, CASE WHEN s.status = 'retry_wait' THEN ",
         delayed_reason!("s.nb"),
-        " END
+        " END, $17
          FROM (SELECT to_timestamp($13::int8 / 1000.0) AS nb) n
          CROSS JOIN LATERAL (SELECT n.nb, CASE WHEN $14 THEN 'blocked' WHEN n.nb > now() THEN 'retry_wait' ELSE 'ready' END AS status) s
          ON CONFLICT (wp_id) DO NOTHING"
@@ -402,6 +496,7 @@ async fn ingest_one(
     .bind(blocked)
     .bind(target)
     .bind(routed_by)
+    .bind(unmet(spec, &completed))
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -637,16 +732,39 @@ pub(crate) async fn extend_deadlines(pool: &PgPool, wp_ids: &[String], dispatch_
 /// Operator retry of a `failed` or `cancelled` work package: it gets a fresh attempt budget
 /// and waits to be dispatched again. Returns false when it was in no such state.
 pub async fn retry(pool: &PgPool, wp_id: &str) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query(
-        "UPDATE work_packages SET status = 'blocked', retry_base = attempts, next_attempt_at = NULL,
-                failed_at = NULL, cancelled_at = NULL, wait_reason = 'retried by an operator', updated_at = now()
-         WHERE wp_id = $1 AND status IN ('failed', 'cancelled')",
-    )
+    let mut tx = pool.begin().await?;
+    let ids = [wp_id.to_string()];
+    lock_prerequisites_of(&mut tx, &ids).await?;
+    let n = sqlx::query(concat!(
+        "UPDATE work_packages w SET status = 'blocked', retry_base = attempts, next_attempt_at = NULL,
+                failed_at = NULL, cancelled_at = NULL, wait_reason = 'retried by an operator', updated_at = now(),
+                unmet_deps = ",
+        unmet_count!(),
+        "
+         WHERE wp_id = $1 AND status IN ('failed', 'cancelled')"
+    ))
     .bind(wp_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    tx.commit().await?;
     Ok(n == 1)
+}
+
+/// Locks the prerequisites of work packages about to open again, before their unmet
+/// prerequisites are counted in a later statement (`unmet_count!`): for the reason
+/// `lock_prerequisites` gives.
+pub(crate) async fn lock_prerequisites_of(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT 1 FROM (SELECT DISTINCT d.depends_on FROM unnest($1::text[]) AS k(id)
+                        CROSS JOIN LATERAL (SELECT d.depends_on FROM work_package_deps d WHERE d.wp_id = k.id OFFSET 0) d
+                        ORDER BY d.depends_on) d
+         CROSS JOIN LATERAL (SELECT 1 FROM work_packages x WHERE x.wp_id = d.depends_on FOR SHARE) p",
+    )
+    .bind(wp_ids)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Cancels a work package and, transitively, every work package that depends on it and has
@@ -656,14 +774,22 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
     Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
-/// Work packages that a change to `wp_id` may unblock: its dependents and its lane successor,
-/// the next member of its lane that is still open (a rerun member's next one may be done,
-/// and so may a member cancelled or skipped ahead of its turn), found in the index of open
-/// lane members (migration 0002).
-pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+/// Work packages that the completion of `completed` may let go: the dependents whose last
+/// unmet prerequisite they were (each dependent's count decremented, in this statement, by
+/// how many of them it waited for) and each one's lane successor. Call it once, in the
+/// transaction that completed them, and only with work packages that became `completed` in
+/// it: the count is exact only if every completion decrements it once.
+pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: &[String]) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT d.wp_id FROM unnest($1::text[]) AS k(id)
-           CROSS JOIN LATERAL (SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d
+        "WITH met AS MATERIALIZED (
+             SELECT d.wp_id, count(*)::int AS n FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS k(id)) k
+             CROSS JOIN LATERAL (SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d
+             GROUP BY d.wp_id),
+         counted AS (
+             UPDATE work_packages w SET unmet_deps = w.unmet_deps - met.n
+             FROM met WHERE w.wp_id = met.wp_id AND w.status COLLATE \"C\" = 'blocked'
+             RETURNING w.wp_id, w.unmet_deps)
+         SELECT wp_id FROM counted WHERE unmet_deps <= 0
          UNION
          SELECT n.wp_id FROM work_packages w
            CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
@@ -672,7 +798,23 @@ pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, wp_ids: &[S
                                ORDER BY x.source_ms, x.source_seq LIMIT 1) n
          WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
     )
-    .bind(wp_ids)
+    .bind(completed)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// (v1.6) The next open member of each one's lane: what the end of `ended` (cancelled, not
+/// completed) may let go. No prerequisite is met by it, so no count changes.
+pub(crate) async fn lane_successors(tx: &mut Transaction<'_, Postgres>, ended: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT n.wp_id FROM work_packages w
+           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
+                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                                 AND x.status NOT IN ('completed', 'cancelled')
+                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
+         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
+    )
+    .bind(ended)
     .fetch_all(&mut **tx)
     .await
 }

@@ -22,14 +22,14 @@ use crate::core::status::STATUSES;
 use crate::engine::context::Ctx;
 use crate::engine::controls::{self, PauseScope};
 use crate::engine::dispatch::{self, Scope};
-use crate::engine::{config_watch, store, streams};
+use crate::engine::{budgets, config_watch, store, streams};
 use crate::ops::operations::{self, Door, OpError};
 use crate::ops::{actions, activity, reads};
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// An error answer: a status and a sentence for the operator.
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -69,7 +69,7 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// `Query` whose rejection is a JSON error like every other answer of the API.
 pub(crate) struct Q<T>(T);
@@ -85,7 +85,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Q<T
 }
 
 /// One path parameter, with a JSON rejection.
-pub(crate) struct P(String);
+pub(crate) struct P(pub(crate) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for P {
     type Rejection = ApiError;
@@ -122,7 +122,7 @@ fn check_limit(limit: Option<i64>, max: i64) -> Result<(), ApiError> {
     }
 }
 
-fn ok(v: impl serde::Serialize) -> ApiResult {
+pub(crate) fn ok(v: impl serde::Serialize) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
@@ -156,7 +156,7 @@ fn unauthorized(which: &str) -> ApiError {
     ApiError(StatusCode::UNAUTHORIZED, format!("send Authorization: Bearer <{which}>"))
 }
 
-fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = ctx.settings.admin_token.as_deref() else {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -435,6 +435,49 @@ async fn cancel_plan(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(plan): P
     ok(json!({ "plan": plan, "cancelled": out.cancelled, "running": out.running, "not_told": out.not_told }))
 }
 
+/// (v1.6) Spend per agent and plan and every budget, as `status` shows them.
+async fn spend(State(ctx): State<Arc<Ctx>>) -> ApiResult {
+    let routing = ctx.routing.get();
+    ok(budgets::overview(&ctx.ops_pool, Some(&routing), ctx.settings.budget_warn_ratio(), 100).await?)
+}
+
+#[derive(Deserialize)]
+struct BudgetBody {
+    usd: String,
+}
+
+/// The plan of a budget route, checked.
+fn budget_plan(plan: &str) -> Result<(), ApiError> {
+    if plan.is_empty() || plan.len() > 128 || plan.contains('\0') {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "a plan is 1 to 128 bytes, without NUL".into()));
+    }
+    Ok(())
+}
+
+/// (v1.6) Sets a plan's budget; work it held goes at once when the new budget allows it.
+async fn set_budget(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(plan): P, body: axum::body::Bytes) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    budget_plan(&plan)?;
+    let body: BudgetBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("the body must be {{\"usd\": \"25.00\"}}: {e}")))?;
+    let usd = crate::core::usage::parse_usd(&body.usd).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("usd {e}")))?;
+    let now = budgets::set_plan(&ctx.pool, &plan, Some(&usd)).await?;
+    ctx.plan_budgets.forget();
+    tracing::info!(plan = %plan, usd = %usd, "budget set by an operator");
+    nudge(&ctx, None).await;
+    ok(now)
+}
+
+/// (v1.6) Removes a plan's budget; work it held goes at once.
+async fn remove_budget(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(plan): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    budget_plan(&plan)?;
+    budgets::set_plan(&ctx.pool, &plan, None).await?;
+    tracing::info!(plan = %plan, "budget removed by an operator");
+    nudge(&ctx, None).await;
+    ok(json!({ "plan": plan, "limit": null }))
+}
+
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     let reads = Router::new()
         .route("/api/overview", get(overview))
@@ -445,6 +488,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/agents", get(agents))
         .route("/api/replicas", get(replicas))
         .route("/api/pauses", get(list_pauses))
+        .route("/api/spend", get(spend))
         .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), require_read_token));
     // Each change checks the admin token itself; the API document is public anyway.
     Router::new()
@@ -459,6 +503,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/reload", post(reload))
         .route("/api/pauses/{scope}/{name}", post(pause))
         .route("/api/pauses/{scope}/{name}", delete(resume))
+        .route("/api/budgets/{plan}", post(set_budget))
+        .route("/api/budgets/{plan}", delete(remove_budget))
         .merge(reads)
         .with_state(ctx)
 }

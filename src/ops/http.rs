@@ -109,6 +109,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/readyz", get(readyz))
         .merge(metrics)
         .with_state(ctx.clone())
+        .merge(crate::ops::schedules::router(ctx.clone()))
         .merge(crate::ops::admin::router(ctx))
         .layer(axum::middleware::from_fn(move |req, next| within(request_timeout, req, next)))
         .layer(axum::middleware::map_response(nosniff))

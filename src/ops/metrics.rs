@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use crate::core::entry::stream_id_parts;
 use crate::core::status::STATUSES;
+use crate::engine::budgets;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::input::Input;
 use crate::engine::streams;
@@ -83,6 +84,64 @@ async fn retention_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
     errors
 }
 
+/// Every schedule's next firing and whether it is paused (v1.6), read now, so a removed
+/// schedule leaves no series behind. Returns the sources that did not answer.
+async fn schedule_gauges(ctx: &Ctx, out: &mut Out) -> u32 {
+    let Ok(all) = crate::engine::schedule_store::list(&ctx.ops_pool).await else { return 1 };
+    out.family("ge_schedule_next_firing_seconds", "gauge", "Unix time of a schedule's next firing (absent while paused).");
+    for s in &all {
+        if let Some(t) = s.next_firing {
+            out.sample("ge_schedule_next_firing_seconds", &[("schedule", &s.name)], t.timestamp_millis() as f64 / 1000.0);
+        }
+    }
+    out.family("ge_schedule_paused", "gauge", "1 while a schedule is paused.");
+    for s in &all {
+        out.sample("ge_schedule_paused", &[("schedule", &s.name)], if s.paused { 1.0 } else { 0.0 });
+    }
+    0
+}
+
+/// (v1.6) Spend and budgets. Labels stay bounded: agents of the routing file only; plans,
+/// which are unbounded, are counted by how near their budget they are.
+async fn budget_gauges(ctx: &Ctx, routing: &crate::core::routing_file::RoutingTable, out: &mut Out) -> u32 {
+    let warn_at = ctx.settings.budget_warn_ratio();
+    let usd = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+    let mut errors = 0;
+    match budgets::overview(&ctx.ops_pool, Some(routing), warn_at, 0).await {
+        Ok(o) => {
+            out.family("ge_spend_usd_total", "counter", "USD an agent's reports said they cost, all time.");
+            out.family("ge_spend_tokens_total", "counter", "Tokens an agent's reports said they used, all time.");
+            for t in &o.agents {
+                out.sample("ge_spend_usd_total", &[("agent", &t.name)], usd(&t.cost));
+                out.sample("ge_spend_tokens_total", &[("agent", &t.name), ("kind", "input")], t.input_tokens as f64);
+                out.sample("ge_spend_tokens_total", &[("agent", &t.name), ("kind", "output")], t.output_tokens as f64);
+            }
+            out.family("ge_budget_spent_usd", "gauge", "USD an agent with a budget has spent in its current UTC day or month.");
+            out.family("ge_budget_limit_usd", "gauge", "An agent's budget per UTC day or month.");
+            for b in o.budgets.iter().filter(|b| b.scope == "agent") {
+                let labels = [("agent", b.name.as_str()), ("period", b.period.as_str())];
+                out.sample("ge_budget_spent_usd", &labels, usd(&b.spent));
+                out.sample("ge_budget_limit_usd", &labels, usd(b.limit.as_deref().unwrap_or("NaN")));
+            }
+        }
+        Err(_) => errors += 1,
+    }
+    match budgets::plan_states(&ctx.ops_pool, warn_at).await {
+        Ok(states) => {
+            out.family(
+                "ge_budget_plans",
+                "gauge",
+                "Plans with a budget: below the warning, past it (GE_BUDGET_WARN_AT), or at the budget.",
+            );
+            for (state, n) in states {
+                out.sample("ge_budget_plans", &[("state", state)], n as f64);
+            }
+        }
+        Err(_) => errors += 1,
+    }
+    errors
+}
+
 /// The whole exposition: recorded counters and histograms, then gauges read now. A source
 /// that does not answer leaves its families out and sets `ge_scrape_errors`.
 pub(crate) async fn render(ctx: &Ctx) -> String {
@@ -134,6 +193,8 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
         Err(_) => errors += 1,
     }
 
+    errors += schedule_gauges(ctx, &mut out).await;
+
     let routing = ctx.routing.get();
     match reads::in_flight(&ctx.ops_pool).await {
         Ok(in_flight) => {
@@ -149,6 +210,8 @@ pub(crate) async fn render(ctx: &Ctx) -> String {
         let cap = if !spec.enabled { 0.0 } else { spec.max_in_flight.map(f64::from).unwrap_or(f64::INFINITY) };
         out.sample("ge_agent_capacity", &[("agent", agent)], cap);
     }
+
+    errors += budget_gauges(ctx, &routing, &mut out).await;
 
     out.family("ge_config_info", "gauge", "The routing file in force (1 for its config_version).");
     out.sample("ge_config_info", &[("config_version", &routing.config_version)], 1.0);

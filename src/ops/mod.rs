@@ -8,4 +8,5 @@ pub mod http;
 pub mod metrics;
 pub(crate) mod operations;
 pub mod reads;
+pub(crate) mod schedules;
 pub mod status;

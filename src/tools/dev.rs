@@ -29,10 +29,19 @@ pub struct DevArgs {
     pub config: PathBuf,
     #[arg(long, default_value = "examples/plan.yaml")]
     pub plan: PathBuf,
+    /// The plan of the sample schedule `every-minute` (v1.6), which fires once a minute.
+    #[arg(long, default_value = "examples/scheduled.yaml")]
+    pub schedule_plan: PathBuf,
     #[arg(long, default_value_t = 2)]
     pub replicas: usize,
     /// Shell command each demo agent runs per trigger.
-    #[arg(long, default_value = "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); echo \"done $GE_WP_ID\"")]
+    /// (v1.6) It also writes some made-up usage to `$GE_USAGE_FILE`, so that spend shows.
+    #[arg(
+        long,
+        default_value = "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 8 + 2 )); n=$(od -An -N1 -tu1 /dev/urandom | tr -d ' '); \
+                         printf 'input_tokens=%s\\noutput_tokens=%s\\ncost=0.0%03d\\nmodel=demo-1\\n' $((n * 10)) $((n * 2)) $n > \"$GE_USAGE_FILE\"; \
+                         echo \"done $GE_WP_ID\""
+    )]
     pub agent_command: String,
     /// Stop the stack once the plan has finished instead of running until Ctrl-C.
     #[arg(long)]
@@ -162,6 +171,8 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
     plan::submit(&mut con, &crate::engine::settings::Names::default().incoming, &plan).await.context("submitting the plan")?;
     println!("submitted {} work packages of {} (wp_ids prefixed {prefix})\n", plan.work_packages.len(), args.plan.display());
 
+    add_sample_schedule(&pool, &args.schedule_plan).await?;
+
     let code = watch(&pool, &plan.wp_ids(), &token, &mut stack, &args.log_dir).await;
     let code = match code {
         Ok(c) => c,
@@ -170,9 +181,14 @@ pub async fn run(args: DevArgs, token: CancellationToken) -> anyhow::Result<Exit
             ExitCode::FAILURE
         }
     };
+    // (v1.6) What the plan cost, as `status` shows it.
+    match crate::engine::budgets::overview(&pool, Some(&routing), 0.8, 10).await {
+        Ok(o) => print!("{}", crate::ops::status::render_spend(&o)),
+        Err(e) => eprintln!("cannot read the spend: {e}"),
+    }
     if !args.exit_when_done && !token.is_cancelled() {
         println!("\nthe stack keeps running (REDIS_URL={redis_url} DATABASE_URL={database_url}); Ctrl-C stops it");
-        token.cancelled().await;
+        watch_schedules(&pool, &token).await;
     }
     println!("stopping the stack");
     stack.stop().await;
@@ -226,6 +242,50 @@ async fn watch(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = token.cancelled() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// The sample schedule: `schedule_plan` every minute, so that a new user sees a firing.
+async fn add_sample_schedule(pool: &sqlx::PgPool, schedule_plan: &std::path::Path) -> anyhow::Result<()> {
+    use crate::engine::schedule_store::{self, Definition};
+    let text = std::fs::read_to_string(schedule_plan).with_context(|| format!("reading {}", schedule_plan.display()))?;
+    let def = Definition {
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+        plan: text,
+        plan_source: Some(schedule_plan.display().to_string()),
+        missed: "skip".into(),
+        overlap: "skip".into(),
+        paused: false,
+    };
+    schedule_store::put(pool, "every-minute", &def, true).await?;
+    let next = schedule_store::list(pool).await?.into_iter().find(|s| s.name == "every-minute").and_then(|s| s.next_firing);
+    println!(
+        "schedule every-minute submits {} once a minute; next firing {} (`ge-orchestrator schedule list`)\n",
+        schedule_plan.display(),
+        next.map(|t| t.format("%H:%M:%S UTC").to_string()).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Prints each firing of a schedule until `token` is cancelled.
+async fn watch_schedules(pool: &sqlx::PgPool, token: &CancellationToken) {
+    let mut seen: HashMap<String, Option<chrono::DateTime<chrono::Utc>>> = HashMap::new();
+    loop {
+        if let Ok(all) = crate::engine::schedule_store::list(pool).await {
+            for s in all {
+                let before = seen.insert(s.name.clone(), s.last_firing);
+                if before.is_some_and(|b| b != s.last_firing) {
+                    let outcome = s.last_outcome.as_deref().unwrap_or("?");
+                    let prefix = s.last_prefix.as_deref().unwrap_or("");
+                    println!("schedule {} fired ({outcome}): its work packages are {prefix}*", s.name);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = token.cancelled() => return,
         }
     }
 }

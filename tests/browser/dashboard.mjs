@@ -7,7 +7,9 @@
 //                big: { plan, lanes: [{lane, done, total}], frontier: [wp_id], failed: wp_id,
 //                       pause_lane, after_pause: the wp_id that must wait while its lane is paused,
 //                       pause_agent, shared: directory where release-LANE lets the lane's
-//                       running step complete } }
+//                       running step complete },
+//                spend: { plan, agent: one that reported usage, budget: USD to set for the plan
+//                         from the page, below what it spent } }
 // Exits non-zero with a message on the first check that fails.
 import { chromium } from "playwright-core";
 import { mkdirSync, writeFileSync } from "node:fs";
@@ -90,8 +92,10 @@ try {
   await page.waitForSelector('#detail td:has-text("completed")');
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
+  if (spec.spend) await spendAndBudgets(page, spec.spend);
   await bigPlan(page, spec.big);
   await cancelAndRerun(page, spec.ops);
+  if (spec.schedules) await schedules(page, spec.schedules);
   step("all checks passed");
 } finally {
   await browser.close();
@@ -219,4 +223,46 @@ async function cancelAndRerun(page, ops) {
   );
   await page.screenshot({ path: join(ops.screenshots, "dashboard-rerun.png"), fullPage: true });
   step(`${ops.rerun} rerun from the page: completed again, both runs in its history; screenshot taken`);
+/** The schedules section (v1.6): each schedule with its next firing, a paused one as paused;
+ *  pause and resume one from its row. */
+async function schedules(page, sch) {
+  const row = `#schedules tr[data-schedule="${sch.name}"]`;
+  await page.waitForSelector(`${row}[data-paused="false"] td.next:has-text("UTC")`);
+  await page.waitForSelector(`#schedules tr[data-schedule="${sch.paused}"][data-paused="true"] td.next:has-text("paused")`);
+  const next = await page.textContent(`${row} td.next`);
+  if (!next.startsWith(sch.next)) throw new Error(`${sch.name}: next firing ${next}, expected ${sch.next}`);
+  await page.locator("#schedules-section").screenshot({ path: join(sch.screenshots, "dashboard-schedules.png") });
+  step(`schedules listed with their next firing (${next.trim()}); screenshot taken`);
+  await page.click(`${row} button.schedule-toggle`);
+  await page.waitForSelector(`${row}[data-paused="true"] td.next:has-text("paused")`);
+  await page.click(`${row} button.schedule-toggle`);
+  await page.waitForSelector(`${row}[data-paused="false"] td.next:has-text("UTC")`);
+  step(`schedule ${sch.name} paused and resumed from the page`);
+}
+
+/** (v1.6) Spend per agent and plan, and a plan's budget set from the page: below what the plan
+ *  spent, it shows as reached. */
+async function spendAndBudgets(page, sp) {
+  const nonZero = async (sel) => {
+    await page.waitForFunction((s) => Number(document.querySelector(s)?.textContent) > 0, sel);
+    return page.textContent(sel);
+  };
+  const planSpent = await nonZero(`#spend-plans tr[data-name="${sp.plan}"] td.cost`);
+  await nonZero(`#spend-agents tr[data-name="${sp.agent}"] td.cost`);
+  if (!/^\d+\.\d{2,}$/.test(planSpent)) throw new Error(`plan ${sp.plan} spent ${planSpent}: not an exact amount`);
+  step(`spend shown: plan ${sp.plan} ${planSpent} USD`);
+  await page.fill("#budget-plan", sp.plan);
+  await page.fill("#budget-usd", sp.budget);
+  await page.click("#budget-set");
+  const row = `#budgets tr.budget[data-scope="plan"][data-name="${sp.plan}"]`;
+  await page.waitForSelector(`${row} .pill:has-text("reached")`);
+  // The budget's spend is the plan's, to the cent (read in one refresh of the panel).
+  await page.waitForFunction(([r, p]) => {
+    const a = document.querySelector(`${r} td.spent`)?.textContent, b = document.querySelector(`#spend-plans tr[data-name="${p}"] td.cost`)?.textContent;
+    return a && a === b;
+  }, [row, sp.plan]);
+  const spent = await page.textContent(`${row} td.spent`);
+  await page.locator("#spend").scrollIntoViewIfNeeded();
+  await page.locator("#spend").screenshot({ path: join(spec.screenshots, "dashboard-spend.png") });
+  step(`budget of plan ${sp.plan} set from the page to ${sp.budget}: reached at ${spent}; screenshot taken`);
 }

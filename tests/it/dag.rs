@@ -270,25 +270,30 @@ async fn mutual_dependencies_across_two_replicas_refuse_one_of_each_pair() {
 }
 
 /// The scheduler's sweep looks at blocked work a page at a time, from where the last sweep
-/// stopped: work that became free to run without an event (here, its dependency appears as
-/// completed straight in PostgreSQL, as when another replica's dispatch after a completion
-/// failed) is found even behind more blocked work than one round looks at.
+/// stopped: work that became free to run without an event this replica saw (here, its
+/// dependency appears as completed straight in PostgreSQL, its count of unmet prerequisites
+/// zero, as when another replica's dispatch after a completion failed) is found even behind
+/// more blocked work than one round looks at (a lane whose head waits for ever).
 #[tokio::test]
 async fn the_sweep_reaches_work_behind_a_backlog_larger_than_a_round() {
     let env = TestEnv::start(ROUTING).await;
     let replica = env.replica("r1");
+    env.submit(&[("wp_id", "head"), ("agent_id", "dolly"), ("lane", "long"), ("depends_on", "never")]).await;
     for i in 0..1_200 {
-        env.submit(&[("wp_id", &format!("waits-{i}")), ("agent_id", "dolly"), ("depends_on", "never")]).await;
+        env.submit(&[("wp_id", &format!("waits-{i}")), ("agent_id", "dolly"), ("lane", "long")]).await;
     }
     env.submit(&[("wp_id", "late"), ("agent_id", "dolly"), ("depends_on", "elsewhere")]).await;
     wait_status(&env, "late", "blocked").await;
+    let mut tx = env.pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO work_packages (wp_id, status, fields, source_id, source_ms, source_seq, completed_at)
          VALUES ('elsewhere', 'completed', '{}', '0-1', 0, 1, now())",
     )
-    .execute(&env.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    sqlx::query("UPDATE work_packages SET unmet_deps = 0 WHERE wp_id = 'late'").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
     let late = trigger_of(&env, "late", 1).await;
     assert_eq!(late["agent_id"], "dolly");
     assert_eq!(env.status("waits-0").await.as_deref(), Some("blocked"), "what still waits is left waiting");

@@ -10,6 +10,8 @@ fn dev_runs_the_sample_plan_to_completion() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("9 completed, 0 failed"), "{stdout}");
+    // (v1.6) The sample schedule, with its next firing.
+    assert!(stdout.contains("schedule every-minute submits examples/scheduled.yaml once a minute; next firing "), "{stdout}");
     // The transitions were shown as they happened, lanes included.
     assert!(stdout.contains("[backend]") && stdout.contains("dispatched"), "{stdout}");
     let order: Vec<&str> = ["api-schema", "api-endpoint", "api-tests"]

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use ge_orchestrator::core::entry::WorkPackageSpec;
-use ge_orchestrator::engine::store::{self, IngestOutcome, Routes};
+use ge_orchestrator::engine::controls::{self, PauseScope};
+use ge_orchestrator::engine::store::{self, AtOnce, IngestOutcome, Routes};
 
 use crate::harness::{ROUTING, TestEnv};
 
@@ -31,7 +32,7 @@ fn spec(wp: &str, seq: i64, payload: &str, deps: &[&str]) -> WorkPackageSpec {
 /// Every spec goes to dolly, under a routing file of version "v".
 async fn ingest(pool: &sqlx::PgPool, specs: &[WorkPackageSpec]) -> Vec<IngestOutcome> {
     let targets = vec!["explicit/agent:dolly".to_string(); specs.len()];
-    store::ingest(pool, specs, &Routes { targets: &targets, version: "v" }).await.unwrap()
+    store::ingest(pool, specs, &Routes { targets: &targets, version: "v", at_once: &[] }).await.unwrap().outcomes
 }
 
 fn reason(o: &IngestOutcome) -> &str {
@@ -68,4 +69,46 @@ async fn batched_ingest_decides_like_one_by_one() {
     assert_eq!(ready, ["a", "w", "x", "y", "z"], "no lane, no dependency: ready at once");
     let b: String = sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = 'b'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(b, "blocked");
+}
+
+/// Work claimed at ingest is stored `dispatched` by the statement that inserts it: attempt 1,
+/// its dispatch_id, its outbox row, its agent's in-flight count, one history row; unless a
+/// pause of its agent or plan is committed by then, when it is stored `ready` for the round.
+#[tokio::test]
+async fn work_claimed_at_ingest_is_stored_dispatched_with_its_outbox_row_unless_paused() {
+    let env = TestEnv::start(ROUTING).await;
+    controls::pause(&env.pool, PauseScope::Plan, "held", None).await.unwrap();
+    let mut held = spec("h", 3, "p", &[]);
+    held.plan = Some("held".into());
+    let specs = [spec("go", 1, "p", &[]), spec("stays", 2, "p", &[]), held];
+    let claim = Some(AtOnce { agent: "dolly".into(), route: "explicit", timeout_ms: Some(60_000) });
+    let at_once = [claim.clone(), None, claim];
+    let targets = vec!["explicit/agent:dolly".to_string(); specs.len()];
+    let ingested = store::ingest(&env.pool, &specs, &Routes { targets: &targets, version: "v", at_once: &at_once }).await.unwrap();
+    assert_eq!(ingested.outcomes.iter().map(reason).collect::<Vec<_>>(), ["inserted", "inserted", "inserted"]);
+    let claimed: Vec<String> = ingested.dispatched.iter().map(|r| sqlx::Row::get(r, "wp_id")).collect();
+    assert_eq!(claimed, ["go"], "only the claim whose plan is not paused");
+
+    let (status, attempts, dispatch_id, agent, deadline): (String, i32, Option<String>, Option<String>, bool) =
+        sqlx::query_as("SELECT status, attempts, dispatch_id, agent_id, deadline_at > now() FROM work_packages WHERE wp_id = 'go'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts, dispatch_id.as_deref(), agent.as_deref(), deadline),
+        ("dispatched", 1, Some("go:1"), Some("dolly"), true)
+    );
+    let outbox: Vec<String> = sqlx::query_scalar("SELECT dispatch_id FROM dispatch_outbox").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(outbox, ["go:1"]);
+    let history: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM work_package_events WHERE wp_id = 'go' ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(history, ["dispatched"], "one row version, one history row");
+    let in_flight: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(n), 0) FROM agent_in_flight WHERE agent_id = 'dolly'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(in_flight, 1);
+    for wp in ["stays", "h"] {
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM work_packages WHERE wp_id = $1").bind(wp).fetch_one(&env.pool).await.unwrap();
+        assert_eq!(status, "ready", "{wp} waits for a round");
+    }
 }

@@ -129,3 +129,23 @@ async fn a_rerun_keeps_its_lane_place_and_refuses_what_it_cannot_finish() {
     assert_eq!(http(port, "POST", "/api/work-packages/nothing/rerun", Some(TOKEN), None).await.0, 404);
     replica.stop().await;
 }
+
+/// An open dependent of a rerun work package waits for it again: its count of unmet
+/// prerequisites (migration 0014) grows with the rerun, so it goes only once both are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_dependent_waits_for_the_rerun() {
+    let env = TestEnv::start(ROUTING).await;
+    let (replica, _port) = sweepless_replica(&env, "rerun-3").await;
+    env.submit(&[("wp_id", "up"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "other"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "down"), ("agent_id", "dolly"), ("depends_on", "up,other")]).await;
+    complete(&env, "up:1").await;
+    trigger(&env, "other:1").await;
+    assert!(cli(&env, &["rerun", "up"]).status.success());
+    trigger(&env, "up:2").await;
+    complete(&env, "other:1").await;
+    assert_eq!(env.status("down").await.as_deref(), Some("blocked"), "down waits for the rerun of up");
+    complete(&env, "up:2").await;
+    trigger(&env, "down:1").await;
+    replica.stop().await;
+}

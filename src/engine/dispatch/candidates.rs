@@ -6,23 +6,39 @@ use sqlx::{PgPool, Row};
 use super::Scope;
 use super::decide::{Candidate, ROUND_LIMIT};
 
-/// Conditions under which a held work package `w` may go: every dependency completed and
-/// every earlier work package of its lane completed or cancelled, that is, `w` is the first
-/// open one of its lane. Asked that way, the lane's head is one step down the index of open
-/// lane members (migration 0002) instead of a walk over the lane's whole history. Used both to
-/// find candidates and, again, in the claim itself. A macro so the queries stay static strings.
+/// Conditions under which a held work package `w` may go: every dependency completed (its
+/// count of unmet prerequisites is zero: see migration 0014) and every earlier work package of
+/// its lane completed or cancelled, that is, `w` is the first open one of its lane. Asked that
+/// way, the lane's head is one step down the index of open lane members (migration 0002)
+/// instead of a walk over the lane's whole history. A macro so the queries stay static strings.
 macro_rules! may_run {
     () => {
-        "
-    NOT EXISTS (SELECT 1 FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
-                WHERE d.wp_id = w.wp_id AND p.status IS DISTINCT FROM 'completed')
-    AND (w.lane IS NULL OR (w.source_ms, w.source_seq) <= (
+        concat!("w.unmet_deps = 0 AND ", lane_head!())
+    };
+}
+
+/// The same, with the prerequisites checked edge by edge: the claim's test, under the row's
+/// lock, so that the count only ever decides what is read, never what runs.
+macro_rules! may_run_checked {
+    () => {
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM work_package_deps d LEFT JOIN work_packages p ON p.wp_id = d.depends_on
+                         WHERE d.wp_id = w.wp_id AND p.status IS DISTINCT FROM 'completed')
+             AND ",
+            lane_head!()
+        )
+    };
+}
+
+macro_rules! lane_head {
+    () => {
+        "(w.lane IS NULL OR (w.source_ms, w.source_seq) <= (
                 SELECT e.source_ms, e.source_seq FROM work_packages e
                 WHERE e.lane = w.lane AND e.status NOT IN ('completed', 'cancelled')
                 ORDER BY e.source_ms, e.source_seq LIMIT 1))"
     };
 }
-pub(super) use may_run;
+pub(super) use {lane_head, may_run_checked};
 
 /// When a held work package `w` became free to run: the latest of its ingest, its last
 /// dependency's completion, its lane predecessor's end and its retry timer.
@@ -120,7 +136,7 @@ pub(crate) async fn read(pool: &PgPool, scope: &Scope, open: &[(String, i64)]) -
     // looks them up by key instead of filtering the whole backlog.
     let query = match scope.sweep_from {
         Some((ms, seq)) => sqlx::query(candidates_sql!(concat!(
-            "(SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($5, $6)
+            "(SELECT x.wp_id FROM work_packages x WHERE x.status = 'blocked' AND x.unmet_deps = 0 AND (x.source_ms, x.source_seq) > ($5, $6)
               ORDER BY x.source_ms, x.source_seq LIMIT $1)
              UNION ALL ",
             ready_of_targets!(),

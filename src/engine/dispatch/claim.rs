@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::candidates::may_run;
+use super::candidates::{lane_head, may_run_checked};
 use super::decide::{AgentsNow, Claim, Wait};
 use crate::core::routing_file::RoutingTable;
+use crate::engine::budgets;
 use crate::engine::controls::{self, Bucket, Pause, Paused};
 
 /// Namespace of the per-agent locks (`pg_advisory_xact_lock(AGENT_LOCKS, hashtext(agent))`).
@@ -129,24 +130,34 @@ pub(super) async fn record_waits(tx: &mut Transaction<'_, Postgres>, waits: &[Wa
 }
 
 /// Claims the work packages that may still go when their rows are locked (skipping rows
-/// another round holds), and writes their outbox rows in the same statement. The rows are
+/// another round holds; not paused; their plan's and agent's budgets not reached), and writes their outbox rows in the same statement. The rows are
 /// found by key, locked and checked in one step; each plan is a loop over the batch with a
 /// primary-key lookup, whatever the statistics say (see `store`).
-pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], routed_by: &str) -> Result<Vec<PgRow>, sqlx::Error> {
+pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], routing: &RoutingTable) -> Result<Vec<PgRow>, sqlx::Error> {
     if claims.is_empty() {
         return Ok(Vec::new());
     }
+    let routed_by = routing.config_version.as_str();
+    let (budgeted, limits, periods) = budgets::agent_budget_columns(routing);
     let claim_sql = concat!(
         "WITH locked AS MATERIALIZED (
              SELECT w.wp_id, c.agent, c.route, c.timeout_ms, c.target
              FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS c(wp_id, agent, route, timeout_ms, target)
              JOIN work_packages w ON w.wp_id = c.wp_id
              WHERE w.status COLLATE \"C\" IN ('blocked', 'ready', 'retry_wait') AND ",
-        may_run!(),
+        may_run_checked!(),
         "
                AND NOT EXISTS (SELECT 1 FROM dispatch_pauses p
                                WHERE (p.scope = 'agent' AND p.name = c.agent) OR (p.scope = 'lane' AND p.name = w.lane)
                                   OR (p.scope = 'plan' AND p.name = w.plan))
+               AND NOT EXISTS (SELECT 1 FROM plan_budgets b WHERE b.plan = w.plan AND b.limit_usd <=
+                               (SELECT coalesce(sum(s.cost), 0) FROM spend_totals s WHERE s.scope = 'plan' AND s.name = b.plan))
+               AND NOT EXISTS (SELECT 1 FROM unnest($7::text[], $8::text[], $9::text[]) AS g(agent, lim, period)
+                               WHERE g.agent = c.agent AND g.lim::numeric <=
+                               (SELECT coalesce(sum(s.cost), 0) FROM spend_totals s
+                                WHERE s.scope = 'agent' AND s.name = g.agent AND s.day >= ",
+        budgets::period_start!("g.period"),
+        "))
              FOR UPDATE OF w SKIP LOCKED),
          claimed AS (
              UPDATE work_packages w SET status = 'dispatched', agent_id = l.agent, route = l.route,
@@ -167,6 +178,9 @@ pub(super) async fn claim(tx: &mut Transaction<'_, Postgres>, claims: &[Claim], 
         .bind(claims.iter().map(|c| c.timeout_ms).collect::<Vec<_>>())
         .bind(claims.iter().map(|c| c.target.as_str()).collect::<Vec<_>>())
         .bind(routed_by)
+        .bind(&budgeted)
+        .bind(&limits)
+        .bind(&periods)
         .fetch_all(&mut **tx)
         .await
 }

@@ -43,6 +43,10 @@ pub(crate) struct AgentsNow {
     pub in_flight: HashMap<String, u32>,
     pub paused: Paused,
     pub buckets: HashMap<String, Bucket>,
+    /// (v1.6) Agents whose budget is reached, and plans (of the round's candidates) whose
+    /// budget is reached, each with why its work waits.
+    pub agents_over_budget: HashMap<String, String>,
+    pub plans_over_budget: HashMap<String, String>,
 }
 
 impl AgentState for AgentsNow {
@@ -52,6 +56,9 @@ impl AgentState for AgentsNow {
     fn held(&self, agent: &str) -> Option<String> {
         if let Some(p) = self.paused.get(PauseScope::Agent, Some(agent)) {
             return Some(p.wait_reason());
+        }
+        if let Some(reason) = self.agents_over_budget.get(agent) {
+            return Some(reason.clone());
         }
         self.buckets.get(agent).and_then(|b| b.held(agent))
     }
@@ -141,7 +148,9 @@ pub(crate) fn limited_agents(routing: &RoutingTable, candidates: &[Candidate]) -
             target
                 .agents(routing)
                 .into_iter()
-                .filter(|a| routing.agents.get(*a).is_some_and(|s| s.max_in_flight.is_some() || s.rate_limit.is_some()))
+                .filter(|a| {
+                    routing.agents.get(*a).is_some_and(|s| s.max_in_flight.is_some() || s.rate_limit.is_some() || s.budget.is_some())
+                })
                 .map(str::to_string),
         );
     }
@@ -236,6 +245,12 @@ pub(crate) fn decide(candidates: &[Candidate], routing: &RoutingTable, agents: &
             .or_else(|| c.lane.as_deref().and_then(|l| agents.paused.get(PauseScope::Lane, Some(l)).map(|x| (x, format!("lane:{l}")))));
         if let Some((p, hold)) = pause {
             out.waits.push(Wait { held_by: Some(hold), ..wait(p.wait_reason(), WaitAs::Ready) });
+            continue;
+        }
+        // A plan whose budget is reached holds its work as a pause does, until an operator
+        // raises or removes the budget.
+        if let Some((plan, reason)) = c.plan.as_deref().and_then(|p| agents.plans_over_budget.get(p).map(|r| (p, r))) {
+            out.waits.push(Wait { held_by: Some(crate::engine::budgets::held_by(plan)), ..wait(reason.clone(), WaitAs::Ready) });
             continue;
         }
         let current = c.routed_by.as_deref() == Some(routing.config_version.as_str());
@@ -363,6 +378,23 @@ default_agent: free
         let c = Candidate { lane: Some("L".into()), ..to("free", "l1") };
         let d = decide(&[c], &routing, &mut agents, None);
         assert_eq!(d.waits[0].held_by.as_deref(), Some("lane:L"));
+    }
+
+    #[test]
+    fn a_reached_budget_holds_its_plan_row_by_row_and_its_agent_s_targets() {
+        let routing = table();
+        let mut agents = AgentsNow::default();
+        agents.plans_over_budget.insert("nightly".into(), "budget of plan nightly reached: 25.03 of 25.00 USD".into());
+        agents.agents_over_budget.insert("ada".into(), "budget of agent ada reached: 3 of 3 USD per day".into());
+        let held = Candidate { plan: Some("nightly".into()), ..to("free", "n1") };
+        let other = Candidate { plan: Some("daily".into()), ..to("free", "d1") };
+        let d = decide(&[held, other, to("ada", "a1")], &routing, &mut agents, None);
+        assert_eq!(d.claims.iter().map(|c| c.wp_id.as_str()).collect::<Vec<_>>(), ["d1"]);
+        assert_eq!(d.waits[0].held_by.as_deref(), Some("budget:nightly"));
+        assert_eq!(d.waits[0].reason, "budget of plan nightly reached: 25.03 of 25.00 USD");
+        assert_eq!((d.waits[1].held_by.as_deref(), d.waits[1].reason.as_str()), (None, "budget of agent ada reached: 3 of 3 USD per day"));
+        let open: HashMap<String, i64> = open_targets(&routing, &agents, &Ready::All).into_iter().collect();
+        assert!(!open.contains_key("explicit/agent:ada"), "{open:?}");
     }
 
     #[test]

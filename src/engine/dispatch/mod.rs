@@ -9,12 +9,17 @@
 //!    claim writes both with the outbox rows;
 //! 4. `publish`: the triggers, then the outbox rows of those Redis holds.
 //!
+//! Work that may run at once (no dependencies, lane or delay; agents without caps or rate
+//! limits) skips 1-3: `at_ingest` decides it before its batch is stored, and the ingest's own
+//! INSERT claims it.
+//!
 //! Exactly-once rests on two things. The claim (status `dispatched`, attempt + 1, a new
 //! `dispatch_id`) is one UPDATE of rows it locks first, skipping rows another round holds, so
 //! only one round can claim a given attempt. Publication is a Redis script that adds the
 //! trigger only if its `dispatch_id` key is new, so publishing a claimed dispatch again (after a
 //! crash, or by a replica that was paused) is harmless.
 
+pub(crate) mod at_ingest;
 mod candidates;
 mod claim;
 mod decide;
@@ -25,8 +30,10 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use sqlx::Row;
+use sqlx::postgres::PgRow;
 
 use crate::core::entry::parse_stream_id;
+use crate::engine::budgets;
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::streams;
 
@@ -62,13 +69,16 @@ pub(crate) const SWEEP_START: (i64, i64) = (-1, -1);
 /// due, slots freed, gates opened and dependencies completed on another replica, operators'
 /// actions). Blocked work is looked at a page per sweep, from where the last one stopped,
 /// so a sweep costs the same however large the backlog; a page shorter than a round starts
-/// the next sweep from the beginning again.
+/// the next sweep from the beginning again. Only blocked work whose prerequisites are all met
+/// is paged through (work behind its lane's head): what waits for a prerequisite comes back
+/// from the completion that meets its last one (`store::unblocked_by`), so however much of it
+/// there is, no sweep reads it.
 pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     let from = *ctx.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
     let n = round(ctx, &Scope::sweep(from)).await?;
     let next: Option<(i64, i64)> = sqlx::query_as(
         "SELECT x.source_ms, x.source_seq FROM work_packages x
-         WHERE x.status = 'blocked' AND (x.source_ms, x.source_seq) > ($1, $2)
+         WHERE x.status = 'blocked' AND x.unmet_deps = 0 AND (x.source_ms, x.source_seq) > ($1, $2)
          ORDER BY x.source_ms, x.source_seq OFFSET $3 - 1 LIMIT 1",
     )
     .bind(from.0)
@@ -102,7 +112,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let open = if scope.ready == Ready::None {
         Vec::new()
     } else {
-        let (agents, _) = claim::agents_now(&ctx.pool, &routing, &[]).await?;
+        let (mut agents, _) = claim::agents_now(&ctx.pool, &routing, &[]).await?;
+        agents.agents_over_budget = budgets::agents_held(&ctx.pool, &routing).await?;
         decide::open_targets(&routing, &agents, &scope.ready)
     };
     let candidates = candidates::read(&ctx.pool, scope, &open).await?;
@@ -131,23 +142,39 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let limited = decide::limited_agents(&routing, &candidates);
     claim::lock(&mut tx, &limited).await?;
     let (mut agents, clock) = claim::agents_now(&mut *tx, &routing, &limited).await?;
+    // Budgets (v1.6): read in the claim's transaction, the plans' under their budget locks,
+    // and checked again by the claim itself, so no replica claims work after the spend that
+    // reached its budget was recorded.
+    agents.agents_over_budget = budgets::agents_held(&mut *tx, &routing).await?;
+    let plans: Vec<String> =
+        candidates.iter().filter_map(|c| c.plan.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    agents.plans_over_budget = budgets::plans_held(&mut tx, &plans, &ctx.plan_budgets).await?;
     let buckets = agents.buckets.clone();
     let decided = decide::decide(&candidates, &routing, &mut agents, gate);
     claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
-    let claimed = claim::claim(&mut tx, &decided.claims, &routing.config_version).await?;
+    let claimed = claim::claim(&mut tx, &decided.claims, &routing).await?;
     claim::take_tokens(&mut tx, &buckets, &claimed, clock).await?;
     tx.commit().await?;
     // Lost if a round fails before this point; the scheduler's sweep still finds them.
     ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()).extend(decided.gated);
 
     // 4. Publication.
-    let outgoing = claimed.iter().map(|r| publish::trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
+    publish_claimed(ctx, &claimed, |wp| since.get(wp).copied()).await
+}
+
+/// Publishes what a round or an ingest claimed (rows as the claim returns them) and counts
+/// it, with the time each became free to run (`since`, Unix seconds) for the latency metric.
+pub(crate) async fn publish_claimed(ctx: &Ctx, claimed: &[PgRow], since: impl Fn(&str) -> Option<f64>) -> anyhow::Result<usize> {
+    if claimed.is_empty() {
+        return Ok(0);
+    }
+    let outgoing = claimed.iter().map(|r| publish::trigger_from_row(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     let observed: Vec<(String, String, f64)> = claimed
         .iter()
         .filter_map(|r| {
             let wp: String = r.try_get("wp_id").ok()?;
-            Some((r.try_get("agent_id").ok()?, r.try_get("route").ok()?, since.get(wp.as_str()).copied()?))
+            Some((r.try_get("agent_id").ok()?, r.try_get("route").ok()?, since(wp.as_str())?))
         })
         .collect();
     let n = outgoing.len();

@@ -76,7 +76,8 @@ pub async fn cancel_many(pool: &PgPool, roots: Roots<'_>) -> Result<(Vec<Cancell
     }
     out.sort_by(|a, b| a.wp_id.cmp(&b.wp_id));
     let ids: Vec<String> = out.iter().map(|c| c.wp_id.clone()).collect();
-    let unblocked = super::unblocked_by(&mut tx, &ids).await?;
+    // Cancelled is not completed: it meets no prerequisite, and only frees lanes.
+    let unblocked = super::lane_successors(&mut tx, &ids).await?;
     tx.commit().await?;
     Ok((out, unblocked))
 }

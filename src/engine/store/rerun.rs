@@ -99,6 +99,30 @@ pub async fn rerun(pool: &PgPool, wp_id: &str, downstream: bool) -> Result<Vec<S
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+    // The unmet prerequisites (migration 0014), counted again for what is open now: the
+    // reopened work and whatever open work depends on it, whose prerequisite it no longer
+    // meets (a `ready` one waits again, as `blocked`). Their prerequisites are locked first,
+    // as for a retry.
+    let recount: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT x FROM (SELECT unnest($1::text[]) AS x
+                                 UNION ALL SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = ANY($2)) k",
+    )
+    .bind(&ids)
+    .bind(&reopened)
+    .fetch_all(&mut *tx)
+    .await?;
+    super::lock_prerequisites_of(&mut tx, &recount).await?;
+    sqlx::query(concat!(
+        "UPDATE work_packages x SET unmet_deps = c.n,
+                status = CASE WHEN x.status = 'ready' AND c.n > 0 THEN 'blocked' ELSE x.status END
+         FROM (SELECT w.wp_id, ",
+        unmet_count!(),
+        " AS n FROM work_packages w WHERE w.wp_id = ANY($1) AND w.status IN ('blocked', 'ready', 'retry_wait')) c
+         WHERE x.wp_id = c.wp_id"
+    ))
+    .bind(&recount)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     let mut reopened = reopened;
     reopened.sort();

@@ -44,6 +44,40 @@ where
     pipe.query_async(con).await
 }
 
+/// Appends `entries` in order in one pipeline, confirmed like triggers (see
+/// `publish_triggers`): with Sentinel, the pipeline ends with `WAIT`, and fewer
+/// acknowledgements than asked is an error, so that the caller sends them again later (a
+/// schedule's firing: the same wp_ids and fields again are a no-op for ingest).
+pub(crate) async fn xadd_many_confirmed(
+    con: &mut super::MasterConnection,
+    stream: &str,
+    entries: &[Vec<(String, String)>],
+) -> RedisResult<()> {
+    let confirm = con.endpoint().confirm();
+    let mut pipe = redis::pipe();
+    for fields in entries {
+        pipe.add_command(xadd_cmd(stream, None, fields));
+    }
+    if confirm.replicas == 0 {
+        let _: Vec<Value> = pipe.query_async(con).await?;
+        return Ok(());
+    }
+    pipe.cmd("WAIT").arg(confirm.replicas).arg(confirm.timeout.as_millis().max(1) as u64);
+    let mut replies: Vec<Value> = pipe.query_async(&mut con.fenced()).await?;
+    let acked = match replies.pop() {
+        Some(Value::Int(n)) => n,
+        _ => -1,
+    };
+    if acked < i64::from(confirm.replicas) {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "entries not confirmed by enough Redis replicas",
+            format!("{acked} of {} within {:?}; they are sent again later", confirm.replicas, confirm.timeout),
+        )));
+    }
+    Ok(())
+}
+
 /// `XLEN`: entries in a stream (0 when it does not exist).
 pub async fn len<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str) -> RedisResult<u64> {
     redis::cmd("XLEN").arg(stream).query_async(con).await

@@ -19,6 +19,7 @@ mod cancel;
 mod command;
 mod liveness;
 mod report;
+mod usage;
 
 use command::Outcome;
 use report::{Captured, fit};
@@ -82,9 +83,14 @@ async fn run_one(
     let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
     let payload = get("payload");
     let cap = args.max_report_bytes;
+    // (v1.6) Where the command may write what it used.
+    let usage = usage::UsageFile::create();
+    let mut env = command::field_env(fields);
+    env.retain(|(k, _)| k != usage::VAR);
+    env.extend(usage.as_ref().map(usage::UsageFile::env));
     let run = command::Run {
         program: &args.command,
-        env: command::field_env(fields),
+        env,
         pass_env: &args.pass_env,
         stdin: payload.as_bytes(),
         keep: cap,
@@ -107,6 +113,7 @@ async fn run_one(
         report.push(("error", text));
         report.push(("retryable", retryable.to_string()));
     }
+    report.extend(usage.map(|u| u.fields()).unwrap_or_default());
     Some((ok, report))
 }
 
