@@ -101,6 +101,7 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
     tracker.spawn(health::run(ctx.clone(), token.clone()));
     tracker.spawn(recover::run(ctx.clone(), token.clone()));
     tracker.spawn(config_watch::run(ctx.clone(), token.clone()));
+    tracker.spawn(crate::engine::wake::run(ctx.clone(), token.clone()));
     tracker.spawn(scheduler::run(ctx.clone(), token.clone()));
     tracker.spawn(takeover::run(ctx.clone(), token.clone()));
     tracker.spawn(retention::run(ctx.clone(), token.clone()));

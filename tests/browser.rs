@@ -202,6 +202,12 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
             "pause_agent": "turing",
             "shared": shared,
         },
+        // (v1.6) A running step of lane 7 is cancelled from the page, and the requeued dead
+        // letter, completed by then, is rerun.
+        "ops": {
+            "cancel_plan": "big", "cancel": big_wp(7, PROGRESS[7]), "next": big_wp(7, PROGRESS[7] + 1),
+            "rerun_plan": "e2e", "rerun": "e2e.hotfix", "screenshots": shots,
+        },
         // (v1.6) The sample plan's spend, and a budget set from the page below it.
         "spend": { "plan": "e2e", "agent": "dolly", "budget": "0.50" },
     });
@@ -254,6 +260,11 @@ async fn dashboard_shows_the_plan_and_requeues_a_dead_letter() {
         .await;
     assert!(shots.join("dashboard.png").exists() && shots.join("dashboard-requeued.png").exists());
     assert!(shots.join("dashboard-big-plan.png").exists() && shots.join("dashboard-paused.png").exists());
+    assert!(shots.join("dashboard-cancelled.png").exists() && shots.join("dashboard-rerun.png").exists());
+    assert_eq!(env.status(&big_wp(7, PROGRESS[7])).await.as_deref(), Some("cancelled"));
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM work_packages WHERE wp_id = 'e2e.hotfix'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(attempts, 2, "the rerun ran as a second attempt");
     assert!(shots.join("dashboard-schedules.png").exists());
     assert!(shots.join("dashboard-spend.png").exists());
     let limit: String =

@@ -1,11 +1,12 @@
 //! (v1.6) `approve`, `reject` and `event`: ending the waits of work packages that wait for a
-//! person or an outside event. Straight to PostgreSQL, like `retry` and `skip`; the replicas'
-//! next sweep dispatches what they unblock.
+//! person or an outside event, through the one door of `ops::operations` (which wakes the
+//! replicas to dispatch what they unblock).
 
 use std::process::ExitCode;
 
-use super::args::DatabaseArg;
-use crate::engine::waits::{self, WaitError};
+use super::door::{DoorArgs, outcome};
+use crate::engine::waits::Verdict;
+use crate::ops::operations;
 
 #[derive(clap::Args)]
 pub(crate) struct Decide {
@@ -17,32 +18,22 @@ pub(crate) struct Decide {
     #[arg(long, env = "USER", default_value = "cli")]
     by: String,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl Decide {
     pub async fn approve(self) -> anyhow::Result<ExitCode> {
-        let pool = self.db.connect().await?;
-        report(waits::approve(&pool, &self.wp_id, &self.by, self.comment.as_deref()).await, &self.wp_id, "approved")
+        self.decide(Verdict::Approve, "approved").await
     }
 
     pub async fn reject(self) -> anyhow::Result<ExitCode> {
-        let pool = self.db.connect().await?;
-        report(waits::reject(&pool, &self.wp_id, &self.by, self.comment.as_deref()).await, &self.wp_id, "rejected")
+        self.decide(Verdict::Reject, "rejected").await
     }
-}
 
-fn report(r: Result<Vec<String>, WaitError>, wp_id: &str, done: &str) -> anyhow::Result<ExitCode> {
-    match r {
-        Ok(_) => {
-            println!("{wp_id} {done}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(WaitError::Db(e)) => Err(e.into()),
-        Err(e) => {
-            eprintln!("{e}");
-            Ok(ExitCode::FAILURE)
-        }
+    async fn decide(self, verdict: Verdict, done: &str) -> anyhow::Result<ExitCode> {
+        let opened = self.door.open().await?;
+        let result = operations::decide(&mut opened.door(), &self.wp_id, &self.by, self.comment.as_deref(), verdict).await;
+        outcome(result, |_| format!("{} {done}", self.wp_id))
     }
 }
 
@@ -53,7 +44,7 @@ pub(crate) struct EventCmd {
     /// The event's fields, as NAME=VALUE: the result of the work packages it completes.
     fields: Vec<String>,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl EventCmd {
@@ -64,16 +55,14 @@ impl EventCmd {
             fields.insert(k.to_string(), v.into());
         }
         fields.insert("key".into(), self.key.clone().into());
-        let pool = self.db.connect().await?;
-        match waits::deliver(&pool, &self.key, &serde_json::Value::Object(fields), None).await {
-            Ok(d) if d.kept => println!("no work package waits for {} yet: the event is kept for it", self.key),
-            Ok(d) => println!("completed {}", d.completed.join(", ")),
-            Err(WaitError::Db(e)) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("{e}");
-                return Ok(ExitCode::FAILURE);
+        let opened = self.door.open().await?;
+        let result = operations::event(&mut opened.door(), &self.key, &serde_json::Value::Object(fields)).await;
+        outcome(result, |d| {
+            if d.kept {
+                format!("no work package waits for {} yet: the event is kept for it", self.key)
+            } else {
+                format!("completed {}", d.completed.join(", "))
             }
-        }
-        Ok(ExitCode::SUCCESS)
+        })
     }
 }

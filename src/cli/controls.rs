@@ -1,11 +1,13 @@
-//! `pause`, `resume` and `pauses` (contract v1.4): pauses of agents, lanes and plans, written to
-//! PostgreSQL directly like `retry` and `cancel`. A resume from here is seen by the replicas'
-//! next scheduler sweep; the admin API's also starts a dispatch round at once.
+//! `pause`, `resume` and `pauses` (contract v1.4): pauses of agents, lanes and plans, through
+//! the one door of `ops::operations`, so that a resume from here wakes the replicas' dispatch
+//! as one through the admin API does.
 
 use std::process::ExitCode;
 
 use crate::cli::args::DatabaseArg;
+use crate::cli::door::{DoorArgs, outcome};
 use crate::engine::controls::{self, Pause, PauseScope};
+use crate::ops::operations;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub(crate) enum Scope {
@@ -47,9 +49,7 @@ impl PauseCmd {
         if self.name.is_empty() || self.name.chars().count() > 128 || self.name.contains('\0') {
             anyhow::bail!("the name must be 1 to 128 characters, without NUL");
         }
-        let p = controls::pause(&self.db.connect().await?, self.scope.into(), &self.name, self.reason.as_deref()).await?;
-        println!("{}", show(&p));
-        Ok(ExitCode::SUCCESS)
+        outcome(operations::pause(&self.db.connect().await?, self.scope.into(), &self.name, self.reason.as_deref()).await, |p| show(&p))
     }
 }
 
@@ -59,22 +59,14 @@ pub(crate) struct ResumeCmd {
     scope: Scope,
     name: String,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl ResumeCmd {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let scope: PauseScope = self.scope.into();
-        match controls::resume(&self.db.connect().await?, scope, &self.name).await? {
-            Some(_) => {
-                println!("resumed {} {}; its work goes at the replicas' next sweep", scope.as_str(), self.name);
-                Ok(ExitCode::SUCCESS)
-            }
-            None => {
-                eprintln!("{} {} is not paused; nothing to resume", scope.as_str(), self.name);
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        let opened = self.door.open().await?;
+        outcome(operations::resume(&mut opened.door(), scope, &self.name).await, |_| format!("resumed {} {}", scope.as_str(), self.name))
     }
 }
 

@@ -8,6 +8,7 @@ mod budget;
 mod cluster;
 mod controls;
 mod deadletter;
+mod door;
 mod routing;
 mod schedule;
 mod submit;
@@ -49,7 +50,8 @@ enum Command {
     Status(work::Status),
     /// Retry a failed or cancelled work package.
     Retry(work::Retry),
-    /// Cancel a work package and every work package that depends on it.
+    /// Cancel a work package (running work included: its agent is told to stop) or a plan's
+    /// open work, and every work package that depends on them.
     Cancel(work::Cancel),
     /// Mark a work package completed without running it, so its dependents and lane go on.
     Skip(work::Skip),
@@ -59,6 +61,9 @@ enum Command {
     Reject(approvals::Decide),
     /// Send an event: it completes the work packages waiting for its key (or is kept for them).
     Event(approvals::EventCmd),
+    /// Run a completed, failed or cancelled work package again (with --downstream, what
+    /// depends on it too), as a new attempt.
+    Rerun(work::Rerun),
     /// Pause an agent, a lane or a plan: its work waits until it is resumed.
     Pause(controls::PauseCmd),
     /// Resume a paused agent, lane or plan.
@@ -142,6 +147,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Approve(c) => c.approve().await,
         Command::Reject(c) => c.reject().await,
         Command::Event(c) => c.run().await,
+        Command::Rerun(c) => c.run().await,
         Command::Pause(c) => c.run().await,
         Command::Resume(c) => c.run().await,
         Command::Pauses(c) => c.run().await,

@@ -1,13 +1,15 @@
-//! `status`, `retry`, `cancel` and `skip`: what the work is doing, and the operators' actions
-//! on one work package.
+//! `status`, `retry`, `cancel`, `skip` and `rerun`: what the work is doing, and the operators'
+//! actions on work packages, each through the one door of `ops::operations`.
 
 use std::process::ExitCode;
 
 use super::args::{DatabaseArg, redis_con};
+use super::door::{DoorArgs, outcome};
 use crate::core::status::STATUSES;
 use crate::engine::settings::Names;
-use crate::engine::{store, streams};
-use crate::ops::{actions, reads, status};
+use crate::engine::store::Roots;
+use crate::engine::streams;
+use crate::ops::{actions, operations, reads, status};
 
 #[derive(clap::Args)]
 pub(crate) struct Status {
@@ -103,39 +105,49 @@ async fn retention_in_force(con: &mut streams::MasterConnection, health: &str) -
 pub(crate) struct Retry {
     wp_id: String,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl Retry {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let opened = self.door.open().await?;
         let wp_id = &self.wp_id;
-        if store::retry(&self.db.connect().await?, wp_id).await? {
-            println!("{wp_id} will be dispatched again");
-            Ok(ExitCode::SUCCESS)
-        } else {
-            eprintln!("{wp_id} is not failed or cancelled (or does not exist); nothing to retry");
-            Ok(ExitCode::FAILURE)
-        }
+        outcome(operations::retry(&mut opened.door(), wp_id).await, |()| format!("{wp_id} will be dispatched again"))
     }
 }
 
 #[derive(clap::Args)]
+#[group(required = true, multiple = false, id = "what")]
 pub(crate) struct Cancel {
-    wp_id: String,
+    /// The work package; running work is stopped (its agent is told) and its dependents are
+    /// cancelled too.
+    #[arg(group = "what")]
+    wp_id: Option<String>,
+    /// Every open, failed or running work package of this plan, and their dependents.
+    #[arg(long, group = "what")]
+    plan: Option<String>,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl Cancel {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let wp_id = &self.wp_id;
-        let cancelled = store::cancel(&self.db.connect().await?, wp_id).await?;
-        if cancelled.is_empty() {
-            eprintln!("{wp_id} is already completed or cancelled (or does not exist); nothing to cancel");
-            return Ok(ExitCode::FAILURE);
-        }
-        println!("cancelled {}", cancelled.join(", "));
-        Ok(ExitCode::SUCCESS)
+        let roots = match (&self.wp_id, &self.plan) {
+            (Some(w), _) => Roots::One(w),
+            (None, Some(p)) => Roots::Plan(p),
+            (None, None) => anyhow::bail!("name a work package or --plan"),
+        };
+        let opened = self.door.open().await?;
+        outcome(operations::cancel(&mut opened.door(), roots).await, |o| {
+            let mut s = format!("cancelled {}", o.cancelled.join(", "));
+            if !o.running.is_empty() {
+                s.push_str(&format!("\nstopped while running (their agents were told): {}", o.running.join(", ")));
+            }
+            if let Some(why) = &o.not_told {
+                s.push_str(&format!("\nwarning: {why}"));
+            }
+            s
+        })
     }
 }
 
@@ -143,21 +155,35 @@ impl Cancel {
 pub(crate) struct Skip {
     wp_id: String,
     #[command(flatten)]
-    db: DatabaseArg,
+    door: DoorArgs,
 }
 
 impl Skip {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let opened = self.door.open().await?;
         let wp_id = &self.wp_id;
-        match store::skip(&self.db.connect().await?, wp_id).await? {
-            Some(_) => {
-                println!("{wp_id} marked completed (skipped); what waited on it goes on");
-                Ok(ExitCode::SUCCESS)
-            }
-            None => {
-                eprintln!("{wp_id} is already completed (or does not exist); nothing to skip");
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        outcome(operations::skip(&mut opened.door(), wp_id).await, |_| {
+            format!("{wp_id} marked completed (skipped); what waited on it goes on")
+        })
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Rerun {
+    /// A completed, failed or cancelled work package.
+    wp_id: String,
+    /// Also everything that depends on it, transitively.
+    #[arg(long)]
+    downstream: bool,
+    #[command(flatten)]
+    door: DoorArgs,
+}
+
+impl Rerun {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let opened = self.door.open().await?;
+        outcome(operations::rerun(&mut opened.door(), &self.wp_id, self.downstream).await, |ids| {
+            format!("runs again as a new attempt: {}", ids.join(", "))
+        })
     }
 }

@@ -93,7 +93,13 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             out
         }
     };
+    // Reports that changed nothing; those of cancelled work go into its history (v1.6).
+    let mut late: Vec<(String, Option<String>, &str)> = Vec::new();
+    let kind = if input == Input::Completed { "completion" } else { "failure report" };
     for (Report { wp_id, dispatch_id, entry: e, .. }, outcome) in reports.iter().zip(outcomes) {
+        if matches!(outcome, ReportOutcome::Stale(_)) {
+            late.push((wp_id.clone(), dispatch_id.clone(), kind));
+        }
         let dispatch_id = dispatch_id.as_deref();
         match outcome {
             ReportOutcome::Completed => {
@@ -124,6 +130,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
             )),
         }
     }
+    store::record_late_reports(&mut tx, &late).await?;
     // Usage counts whatever became of its report, a stale one included: the money was spent.
     let used: Vec<(&str, Option<&str>, &Usage)> =
         reports.iter().filter_map(|r| Some((r.wp_id.as_str(), r.dispatch_id.as_deref(), r.usage.as_ref()?))).collect();

@@ -32,3 +32,4 @@ pub mod takeover;
 pub mod traces;
 pub(crate) mod trimming;
 pub mod waits;
+pub(crate) mod wake;

@@ -63,6 +63,13 @@ pub struct Names {
     /// Prefix of the keys that make trigger publication idempotent per dispatch_id.
     #[arg(long, env = "GE_DISPATCH_KEY_PREFIX", default_value = "ge:dispatched:")]
     pub dispatch_key_prefix: String,
+    /// Prefix of each agent's stream of cancel notices (contract v1.6); the agent name follows.
+    #[arg(long, env = "GE_CANCEL_PREFIX", default_value = "cancels.")]
+    pub cancel_prefix: String,
+    /// Pub/sub channel on which an operator's action asks every replica for a dispatch round
+    /// (contract v1.6).
+    #[arg(long, env = "GE_WAKE_CHANNEL", default_value = "ge:ops:wake")]
+    pub wake_channel: String,
 }
 
 impl Default for Names {
@@ -79,6 +86,8 @@ impl Default for Names {
             reload_channel: "ge:config:reload".into(),
             trigger_prefix: "triggers.".into(),
             dispatch_key_prefix: "ge:dispatched:".into(),
+            cancel_prefix: "cancels.".into(),
+            wake_channel: "ge:ops:wake".into(),
         }
     }
 }
@@ -86,6 +95,9 @@ impl Default for Names {
 impl Names {
     pub(crate) fn trigger_stream(&self, agent: &str) -> String {
         format!("{}{}", self.trigger_prefix, agent)
+    }
+    pub(crate) fn cancel_stream(&self, agent: &str) -> String {
+        format!("{}{}", self.cancel_prefix, agent)
     }
     pub(crate) fn dispatch_key(&self, dispatch_id: &str) -> String {
         format!("{}{}", self.dispatch_key_prefix, dispatch_id)

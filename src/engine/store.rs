@@ -92,6 +92,13 @@ macro_rules! unmet_count {
     };
 }
 
+// After the macros, which they use.
+mod cancel;
+mod rerun;
+pub(crate) use cancel::record_late_reports;
+pub use cancel::{Cancelled, Roots, cancel_many};
+pub use rerun::{RerunRefused, rerun};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestOutcome {
     Inserted,
@@ -199,6 +206,9 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Route
     }
     let all: Vec<usize> = (0..specs.len()).collect();
     let out = insert_many(&mut tx, specs, &all, routes).await?;
+    if !deps.is_empty() {
+        cancel::cancel_late_dependents(&mut tx, specs, &out.outcomes).await?;
+    }
     tx.commit().await?;
     Ok(Some(out))
 }
@@ -260,8 +270,10 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
             out[i] = Some(ingest_one(&mut tx, spec, &routes.targets[i], routes.version).await?);
         }
     }
+    let out: Vec<IngestOutcome> = out.into_iter().flatten().collect();
+    cancel::cancel_late_dependents(&mut tx, specs, &out).await?;
     tx.commit().await?;
-    Ok(Ingested { outcomes: out.into_iter().flatten().collect(), dispatched })
+    Ok(Ingested { outcomes: out, dispatched })
 }
 
 /// One INSERT for the specs at `idx` (with the outbox rows of those claimed at once) and one
@@ -790,21 +802,9 @@ pub(crate) async fn lock_prerequisites_of(tx: &mut Transaction<'_, Postgres>, wp
 
 /// Cancels a work package and, transitively, every work package that depends on it and has
 /// not completed. Returns the ids cancelled (empty when the wp does not exist or is done).
+/// See `cancel_many` for running work and plans.
 pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH RECURSIVE down(id) AS (
-             SELECT $1::text
-             UNION
-             SELECT d.wp_id FROM work_package_deps d JOIN down ON d.depends_on = down.id)
-         UPDATE work_packages w SET status = 'cancelled', cancelled_at = now(), updated_at = now(),
-                wait_reason = CASE WHEN w.wp_id = $1 THEN 'cancelled by an operator'
-                                   ELSE 'cancelled because ' || $1 || ' was cancelled' END
-         FROM down WHERE w.wp_id = down.id AND w.status NOT IN ('completed', 'cancelled')
-         RETURNING w.wp_id",
-    )
-    .bind(wp_id)
-    .fetch_all(pool)
-    .await
+    Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
 /// Work packages that the completion of `completed` may let go: the dependents whose last
@@ -827,10 +827,27 @@ pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: 
          SELECT n.wp_id FROM work_packages w
            CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
                                WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                                 AND x.status NOT IN ('completed', 'cancelled')
                                ORDER BY x.source_ms, x.source_seq LIMIT 1) n
          WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
     )
     .bind(completed)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// (v1.6) The next open member of each one's lane: what the end of `ended` (cancelled, not
+/// completed) may let go. No prerequisite is met by it, so no count changes.
+pub(crate) async fn lane_successors(tx: &mut Transaction<'_, Postgres>, ended: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT n.wp_id FROM work_packages w
+           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
+                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                                 AND x.status NOT IN ('completed', 'cancelled')
+                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
+         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
+    )
+    .bind(ended)
     .fetch_all(&mut **tx)
     .await
 }

@@ -130,7 +130,7 @@ pub async fn deliver(pool: &PgPool, key: &str, fields: &serde_json::Value, sourc
     Ok(kept_events::deliver(pool, key, fields, source).await?)
 }
 
-fn note(ctx: &Ctx, how: &str, n: usize) {
+pub(crate) fn note(ctx: &Ctx, how: &str, n: usize) {
     ctx.metrics.waits_resolved(how, n as u64);
     if how != "rejected" {
         Stats::add(&ctx.stats.completed, n as u64);
@@ -267,38 +267,4 @@ pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
         dispatch::round(ctx, &Scope::ids(unblocked)).await?;
     }
     Ok(timed_out.len() + settled.len())
-}
-
-/// The operator's side for the admin API: an approval or rejection, then what it unblocked is
-/// dispatched at once.
-pub(crate) async fn decide_and_dispatch(
-    ctx: &Ctx,
-    wp_id: &str,
-    who: &str,
-    comment: Option<&str>,
-    verdict: Verdict,
-) -> Result<Vec<String>, WaitError> {
-    let unblocked = decide(&ctx.pool, wp_id, who, comment, verdict).await?;
-    note(ctx, if verdict == Verdict::Approve { "approved" } else { "rejected" }, 1);
-    if !unblocked.is_empty()
-        && let Err(e) = dispatch::round(ctx, &Scope::ids(unblocked.clone())).await
-    {
-        tracing::warn!(error = format!("{e:#}"), "dispatch after an approval failed; the scheduler will retry");
-    }
-    Ok(unblocked)
-}
-
-/// An event from the admin API, then what it unblocked is dispatched at once.
-pub(crate) async fn deliver_and_dispatch(ctx: &Ctx, key: &str, fields: &serde_json::Value) -> Result<Delivered, WaitError> {
-    let d = deliver(&ctx.pool, key, fields, None).await?;
-    note(ctx, "event", d.completed.len());
-    if d.kept {
-        bound_kept(ctx).await?;
-    }
-    if !d.unblocked.is_empty()
-        && let Err(e) = dispatch::round(ctx, &Scope::ids(d.unblocked.clone())).await
-    {
-        tracing::warn!(error = format!("{e:#}"), "dispatch after an event failed; the scheduler will retry");
-    }
-    Ok(d)
 }

@@ -23,6 +23,7 @@ use crate::engine::context::Ctx;
 use crate::engine::controls::{self, PauseScope};
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::{budgets, config_watch, store, streams};
+use crate::ops::operations::{self, Door, OpError};
 use crate::ops::{actions, activity, reads};
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -45,6 +46,17 @@ impl From<actions::OpsError> for ApiError {
     fn from(e: actions::OpsError) -> Self {
         tracing::warn!(error = %e, "admin API call failed");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::NotFound(why) => ApiError(StatusCode::NOT_FOUND, why),
+            OpError::Conflict(why) => ApiError(StatusCode::CONFLICT, why),
+            OpError::Invalid(why) => ApiError(StatusCode::BAD_REQUEST, why),
+            OpError::Db(e) => e.into(),
+            OpError::Redis(e) => e.into(),
+        }
     }
 }
 impl From<sqlx::Error> for ApiError {
@@ -256,38 +268,21 @@ async fn one_wp(State(ctx): State<Arc<Ctx>>, P(wp_id): P) -> ApiResult {
 async fn retry(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
     authorize(&ctx, &headers)?;
     valid_wp(&wp_id)?;
-    if !store::retry(&ctx.pool, &wp_id).await? {
-        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is not failed or cancelled (or does not exist); nothing to retry")));
-    }
-    tracing::info!(wp_id = %wp_id, "retried by an operator");
-    nudge(&ctx, Some(vec![wp_id.clone()])).await;
+    operations::retry(&mut Door::of(&ctx), &wp_id).await?;
     ok(json!({ "wp_id": wp_id, "retried": true }))
 }
 
 async fn cancel(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
     authorize(&ctx, &headers)?;
     valid_wp(&wp_id)?;
-    let cancelled = store::cancel(&ctx.pool, &wp_id).await?;
-    if cancelled.is_empty() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("{wp_id} is already completed or cancelled (or does not exist); nothing to cancel"),
-        ));
-    }
-    tracing::info!(wp_id = %wp_id, cascade = cancelled.len(), "cancelled by an operator");
-    // A cancelled work package counts as done for its lane: its successor may go.
-    nudge(&ctx, None).await;
-    ok(json!({ "wp_id": wp_id, "cancelled": cancelled }))
+    let out = operations::cancel(&mut Door::of(&ctx), store::Roots::One(&wp_id)).await?;
+    ok(json!({ "wp_id": wp_id, "cancelled": out.cancelled, "running": out.running, "not_told": out.not_told }))
 }
 
 async fn skip(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P) -> ApiResult {
     authorize(&ctx, &headers)?;
     valid_wp(&wp_id)?;
-    let Some(unblocked) = store::skip(&ctx.pool, &wp_id).await? else {
-        return Err(ApiError(StatusCode::CONFLICT, format!("{wp_id} is already completed (or does not exist); nothing to skip")));
-    };
-    tracing::info!(wp_id = %wp_id, "skipped by an operator");
-    nudge(&ctx, Some(unblocked.clone())).await;
+    let unblocked = operations::skip(&mut Door::of(&ctx), &wp_id).await?;
     ok(json!({ "wp_id": wp_id, "skipped": true, "may_unblock": unblocked }))
 }
 
@@ -388,20 +383,13 @@ async fn pause(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name):
     if body.reason.as_ref().is_some_and(|r| r.chars().count() > 1000 || r.contains('\0')) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "reason must be at most 1000 characters, without NUL".into()));
     }
-    let p = controls::pause(&ctx.pool, scope, &name, body.reason.as_deref()).await?;
-    tracing::info!(scope = scope.as_str(), name = %name, "paused by an operator");
-    ok(p)
+    ok(operations::pause(&ctx.pool, scope, &name, body.reason.as_deref()).await?)
 }
 
 async fn resume(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P2(scope, name): P2) -> ApiResult {
     authorize(&ctx, &headers)?;
     let scope = pause_target(&scope, &name)?;
-    let Some(p) = controls::resume(&ctx.pool, scope, &name).await? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("{} {} is not paused", scope.as_str(), entry::excerpt(&name))));
-    };
-    tracing::info!(scope = scope.as_str(), name = %name, "resumed by an operator");
-    nudge(&ctx, None).await;
-    ok(p)
+    ok(operations::resume(&mut Door::of(&ctx), scope, &name).await?)
 }
 
 async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
@@ -423,6 +411,29 @@ async fn reload(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> ApiResult {
     }
     nudge(&ctx, None).await;
     ok(json!({ "config_version": routing.config_version, "signalled": receivers }))
+}
+
+#[derive(Deserialize)]
+struct RerunQuery {
+    downstream: Option<bool>,
+}
+
+/// (v1.6) Runs finished work again, with `?downstream=true` what depends on it too.
+async fn rerun(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(wp_id): P, Q(q): Q<RerunQuery>) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    valid_wp(&wp_id)?;
+    let reopened = operations::rerun(&mut Door::of(&ctx), &wp_id, q.downstream.unwrap_or(false)).await?;
+    ok(json!({ "wp_id": wp_id, "rerun": reopened }))
+}
+
+/// (v1.6) Cancels every open, failed or running work package of a plan, and its dependents.
+async fn cancel_plan(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(plan): P) -> ApiResult {
+    authorize(&ctx, &headers)?;
+    if plan.is_empty() || plan.chars().count() > 128 || plan.contains('\0') {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "a plan name is 1 to 128 bytes, without NUL".into()));
+    }
+    let out = operations::cancel(&mut Door::of(&ctx), store::Roots::Plan(&plan)).await?;
+    ok(json!({ "plan": plan, "cancelled": out.cancelled, "running": out.running, "not_told": out.not_told }))
 }
 
 /// (v1.6) Spend per agent and plan and every budget, as `status` shows them.
@@ -486,6 +497,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/work-packages/{wp_id}/retry", post(retry))
         .route("/api/work-packages/{wp_id}/cancel", post(cancel))
         .route("/api/work-packages/{wp_id}/skip", post(skip))
+        .route("/api/work-packages/{wp_id}/rerun", post(rerun))
+        .route("/api/plans/{plan}/cancel", post(cancel_plan))
         .route("/api/deadletters/requeue", post(requeue_all))
         .route("/api/deadletters/{id}/requeue", post(requeue_one))
         .route("/api/reload", post(reload))

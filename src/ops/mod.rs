@@ -6,6 +6,7 @@ pub mod activity;
 pub mod admin;
 pub mod http;
 pub mod metrics;
+pub(crate) mod operations;
 pub mod reads;
 pub(crate) mod schedules;
 pub mod status;

@@ -25,8 +25,9 @@ use tokio::sync::Semaphore;
 
 use crate::engine::context::Ctx;
 use crate::engine::progress;
-use crate::engine::waits::{self, Verdict, WaitError};
+use crate::engine::waits::Verdict;
 use crate::ops::admin::{ApiError, ApiResult, P, authorize, require_read_token};
+use crate::ops::operations::{self, Door};
 
 /// Live progress streams one replica serves at once, and how long each lasts.
 pub(crate) const MAX_STREAMS: usize = 32;
@@ -42,18 +43,6 @@ static STREAMS: LazyLock<Mutex<HashMap<String, Arc<Semaphore>>>> = LazyLock::new
 fn permits(ctx: &Ctx) -> Arc<Semaphore> {
     let mut all = STREAMS.lock().unwrap_or_else(|p| p.into_inner());
     all.entry(ctx.consumer.clone()).or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS))).clone()
-}
-
-impl From<WaitError> for ApiError {
-    fn from(e: WaitError) -> Self {
-        let code = match &e {
-            WaitError::NotFound(_) => StatusCode::NOT_FOUND,
-            WaitError::NotWaiting { .. } => StatusCode::CONFLICT,
-            WaitError::Invalid(_) => StatusCode::BAD_REQUEST,
-            WaitError::Db(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError(code, e.to_string())
-    }
 }
 
 #[derive(Deserialize, Default)]
@@ -77,7 +66,7 @@ async fn decide(ctx: Arc<Ctx>, headers: HeaderMap, wp_id: String, body: axum::bo
     let clean = |t: String| t.replace('\0', "\u{FFFD}");
     let by = b.by.map(clean).filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "admin-api".into());
     let comment = b.comment.map(clean);
-    let unblocked = waits::decide_and_dispatch(&ctx, &wp_id, &by, comment.as_deref(), verdict).await?;
+    let unblocked = operations::decide(&mut Door::of(&ctx), &wp_id, &by, comment.as_deref(), verdict).await?;
     let done = if verdict == Verdict::Approve { "approved" } else { "rejected" };
     Ok(Json(json!({ "wp_id": wp_id, done: true, "by": by, "may_unblock": unblocked })).into_response())
 }
@@ -106,7 +95,7 @@ async fn event(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, P(key): P, body:
     fields = fields.iter().map(|(k, v)| (clean(k), clean(v))).collect();
     fields.insert("key".into(), key.clone());
     let json = serde_json::Value::Object(fields.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect());
-    let d = waits::deliver_and_dispatch(&ctx, &key, &json).await?;
+    let d = operations::event(&mut Door::of(&ctx), &key, &json).await?;
     Ok(Json(json!({ "key": key, "completed": d.completed, "kept": d.kept })).into_response())
 }
 

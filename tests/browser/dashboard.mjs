@@ -94,9 +94,12 @@ try {
   await page.waitForSelector('#detail td:has-text("completed")');
   await page.screenshot({ path: join(spec.screenshots, "dashboard-requeued.png"), fullPage: true });
 
+  // Before the budget below what e2e spent, which would hold the rerun.
+  await rerunFromPage(page, spec.ops);
   if (spec.spend) await spendAndBudgets(page, spec.spend);
   if (spec.approve) await approve(page, spec);
   await bigPlan(page, spec.big);
+  await cancelFromPage(page, spec.ops);
   if (spec.schedules) await schedules(page, spec.schedules);
   step("all checks passed");
 } finally {
@@ -215,6 +218,37 @@ async function bigPlan(page, big) {
   await page.waitForSelector(`#pauses tr[data-scope="plan"][data-name="${big.plan}"]`, { state: "detached" });
   await page.waitForSelector('#pause-plan[data-paused="false"]:has-text("pause plan")');
   step(`plan ${big.plan} paused and resumed from the page`);
+}
+
+/** (v1.6) Cancel a running step from its detail: it ends cancelled, and its lane goes on. */
+async function cancelFromPage(page, ops) {
+  await page.selectOption("#plan", ops.cancel_plan);
+  await page.click(`#dag g.wp[data-wp="${ops.cancel}"]`);
+  await page.waitForSelector(`#detail h2:has-text("${ops.cancel}")`);
+  await page.click('#detail button[data-act="cancel"]');
+  await page.waitForSelector(`#action:has-text("/api/work-packages/${ops.cancel}/cancel: done")`);
+  // Finished, it may fold into its lane's stretch of finished steps.
+  const own = `#dag g.wp[data-wp="${ops.cancel}"][data-status="cancelled"]`;
+  await page.waitForSelector(`${own}, #dag g.group[data-group="done"][data-members~="${ops.cancel}"]`);
+  await page.waitForSelector('#detail td:has-text("while running")');
+  await page.waitForSelector(`#dag g.wp[data-wp="${ops.next}"][data-status="dispatched"]`);
+  await page.screenshot({ path: join(ops.screenshots, "dashboard-cancelled.png"), fullPage: true });
+  step(`${ops.cancel} cancelled while running; ${ops.next}, next in its lane, went; screenshot taken`);
+}
+
+/** (v1.6) Rerun a completed work package from its detail: it runs again as a new attempt, its
+ *  earlier run kept in its history. */
+async function rerunFromPage(page, ops) {
+  await page.selectOption("#plan", ops.rerun_plan);
+  await page.click(`#dag g.wp[data-wp="${ops.rerun}"]`);
+  await page.waitForSelector(`#detail h2:has-text("${ops.rerun}")`);
+  await page.click('#detail button[data-act="rerun"]');
+  await page.waitForSelector('#detail td:has-text("rerun by an operator")');
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("#detail tbody tr")].filter((r) => r.children[1]?.textContent.trim() === "completed").length >= 2,
+  );
+  await page.screenshot({ path: join(ops.screenshots, "dashboard-rerun.png"), fullPage: true });
+  step(`${ops.rerun} rerun from the page: completed again, both runs in its history; screenshot taken`);
 }
 
 /** The schedules section (v1.6): each schedule with its next firing, a paused one as paused;

@@ -96,6 +96,7 @@ async fn a_rejection_fails_the_step_and_holds_its_dependents_and_lane() {
     let out = Command::new(BIN)
         .args(["reject", "p.gate", "--comment", "not today", "--by", "bob"])
         .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", env.redis.url())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -114,15 +115,30 @@ async fn a_rejection_fails_the_step_and_holds_its_dependents_and_lane() {
     assert!(env.triggers("dolly").await.iter().all(|t| t["wp_id"] != "p.after" && t["wp_id"] != "p.dep"));
 
     // A second decision is refused: it is not waiting any more.
-    let out = Command::new(BIN).args(["approve", "p.gate"]).env("DATABASE_URL", &env.database_url).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["approve", "p.gate"])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", env.redis.url())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is failed"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // An operator's retry makes it wait again; an approval then lets the lane and dependent go.
-    let out = Command::new(BIN).args(["retry", "p.gate"]).env("DATABASE_URL", &env.database_url).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["retry", "p.gate"])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", env.redis.url())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     status_is(&env, "p.gate", "waiting").await;
-    let out = Command::new(BIN).args(["approve", "p.gate", "--by", "carol"]).env("DATABASE_URL", &env.database_url).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["approve", "p.gate", "--by", "carol"])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", env.redis.url())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     trigger_of(&env, "dolly", "p.after").await;
     trigger_of(&env, "dolly", "p.dep").await;

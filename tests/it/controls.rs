@@ -210,7 +210,8 @@ async fn pauses_hold_work_across_a_replica_restart_until_resumed() {
 }
 
 fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).env("DATABASE_URL", &env.database_url).output().expect("run the CLI")
+    // REDIS_URL (v1.6): a resume wakes the replicas' dispatch through Redis.
+    Command::new(BIN).args(args).env("DATABASE_URL", &env.database_url).env("REDIS_URL", env.redis.url()).output().expect("run the CLI")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,6 +273,45 @@ async def test_sigterm_lets_the_running_handler_finish_and_report(stack: Stack) 
     assert "stopping after the running handlers" in (stack.dir / "worker-a.log").read_text()
 
 
+async def test_a_cancel_stops_the_running_handler_and_reports_nothing(stack: Stack) -> None:
+    """(v1.6) An operator's cancel of a running dispatch reaches the handler, which is
+    cancelled; its trigger is acknowledged and nothing is reported."""
+    replica = stack.replica("r1")
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(t: Trigger) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(300)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "finished"
+
+    agent = Agent("worker", slow, redis_url=stack.redis.url)
+    task = await start(agent)
+    r = client(stack)
+    try:
+        async with Producer(stack.redis.url, admin_url=replica.url) as p:
+            await p.submit("slow-1", agent_id="worker")
+            await asyncio.wait_for(started.wait(), T)
+            env = {**os.environ, "REDIS_URL": stack.redis_url, "DATABASE_URL": stack.database_url}
+            out = await asyncio.to_thread(subprocess.run, [str(stack.binary), "cancel", "slow-1"], env=env, capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            await asyncio.wait_for(cancelled.wait(), T)
+
+            async def acked() -> bool:
+                info = await r.xpending("triggers.worker", "agent-worker")
+                return info["pending"] == 0
+
+            await eventually(acked, "the cancelled trigger acknowledged")
+            assert await r.xlen("ge:work:completed") == 0 and await r.xlen("ge:work:failed") == 0
+    finally:
+        await r.aclose()
+        await stop(agent, task)
+    assert agent.stats.handled == 0
+
+
 async def test_through_sentinel_across_a_failover(stack: Stack) -> None:
     url = stack.with_sentinel()
     sentinel_port = int(url.split("//")[1].split("/")[0].split(":")[1])

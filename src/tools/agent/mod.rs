@@ -15,6 +15,7 @@ use crate::engine::backoff::Backoff;
 use crate::engine::settings::Names;
 use crate::engine::streams::{self, Reader, Trouble};
 
+mod cancel;
 mod command;
 mod liveness;
 mod progress;
@@ -137,6 +138,7 @@ struct Agent {
     group: String,
     consumer: String,
     con: streams::MasterConnection,
+    cancels: cancel::Cancels,
 }
 
 impl Agent {
@@ -150,6 +152,7 @@ impl Agent {
                 let fields = decode(raw);
                 let wp_id = fields.get("wp_id").cloned().unwrap_or_default();
                 let dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or("");
+                let watch = self.cancels.watch(dispatch_id, token);
                 let beat = [("wp_id", wp_id.as_str()), ("dispatch_id", dispatch_id), ("agent_id", self.args.name.as_str())];
                 let beats =
                     liveness::heartbeats(self.con.clone(), &self.args.names.heartbeat, &beat, enabled(self.args.heartbeat_interval));
@@ -163,19 +166,30 @@ impl Agent {
                         None => std::future::pending().await,
                     }
                 };
-                let outcome = tokio::select! {
-                    outcome = run_one(&self.args, &fields, path.as_deref(), token) => outcome,
-                    never = beats => match never {},
-                    never = keep => match never {},
-                    never = forward => match never {},
+                // A trigger cancelled before it started does not start.
+                let outcome = if watch.cancelled() {
+                    None
+                } else {
+                    tokio::select! {
+                        outcome = run_one(&self.args, &fields, path.as_deref(), watch.token()) => outcome,
+                        never = beats => match never {},
+                        never = keep => match never {},
+                        never = forward => match never {},
+                    }
                 };
                 drop(file);
-                let Some((ok, report)) = outcome else {
-                    tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
-                    return false;
-                };
-                tracing::info!(wp_id, dispatch_id, ok, "trigger handled");
-                (if ok { &self.args.names.completed } else { &self.args.names.failed }, vec![report])
+                match outcome {
+                    Some((ok, report)) => {
+                        tracing::info!(wp_id, dispatch_id, ok, "trigger handled");
+                        (if ok { &self.args.names.completed } else { &self.args.names.failed }, vec![report])
+                    }
+                    // Cancelled (v1.6): acknowledged, and nothing is reported.
+                    None if watch.cancelled() => (&self.args.names.failed, Vec::new()),
+                    None => {
+                        tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
+                        return false;
+                    }
+                }
             }
         };
         while let Err(err) = streams::report_and_ack(&mut self.con, target, &reports, &self.stream, &self.group, &[&e.id]).await {
@@ -237,6 +251,7 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
     streams::ensure_group(&mut con, &stream, &group).await.context("creating the agent's consumer group")?;
     tracing::info!(agent = %args.name, stream = %stream, consumer = %consumer, "agent started");
     // One trigger per read: one that waited behind a long command would look abandoned.
+    let endpoint_for_cancels = endpoint.clone();
     let mut reader =
         Reader::new(endpoint, &stream, &group, &consumer, 1, Duration::from_secs(1)).own_first_after_reconnect().on_trouble(|trouble| {
             match trouble {
@@ -246,7 +261,8 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
             }
         });
     let claim_idle = enabled(args.claim_idle);
-    let mut agent = Agent { args, stream, group, consumer, con };
+    let cancels = cancel::Cancels::follow(endpoint_for_cancels, args.names.cancel_stream(&args.name), token.clone()).await;
+    let mut agent = Agent { args, stream, group, consumer, con, cancels };
     while !token.is_cancelled() {
         if let Some(idle) = claim_idle
             && !agent.claim_abandoned(idle, &token, &mut reader.backoff).await

@@ -17,6 +17,10 @@ pub(crate) struct Submitted {
     pub deps: Vec<(String, String)>,
     /// wp_ids of the bad entries sent on purpose.
     pub bad: HashSet<String>,
+    /// (v1.6) Work packages the operator tried to cancel, and (once the run is over) every
+    /// one a cancel reached: each may end cancelled, or completed when it finished first.
+    pub cancel_roots: HashSet<String>,
+    pub cancelled: HashSet<String>,
 }
 
 /// One thing an agent did.
@@ -151,8 +155,15 @@ pub(crate) fn count_removed(sub: &Submitted, log: &AgentLog, obs: &mut Observed)
 }
 
 /// Pairs (earlier, later) that must be in order: each lane in submission order, and each
-/// dependency before its dependent.
+/// dependency before its dependent. A cancelled earlier one lets its lane go on at once, and
+/// its dependents are cancelled, so it orders nothing.
 fn ordered_pairs(sub: &Submitted) -> Vec<(&str, &str, String)> {
+    let mut pairs = all_pairs(sub);
+    pairs.retain(|(before, _, _)| !sub.cancelled.contains(*before));
+    pairs
+}
+
+fn all_pairs(sub: &Submitted) -> Vec<(&str, &str, String)> {
     let mut pairs: Vec<(&str, &str, String)> = sub
         .deps
         .iter()
@@ -173,7 +184,7 @@ pub fn check_history(sub: &Submitted, log: &AgentLog) -> Vec<Invariant> {
     let unrun: Vec<String> = sub
         .wp_ids
         .iter()
-        .filter(|w| !v.first_done.contains_key(w.as_str()))
+        .filter(|w| !v.first_done.contains_key(w.as_str()) && !sub.cancelled.contains(*w))
         .map(|w| if v.first_run.contains_key(w.as_str()) { format!("{w} run, never reported") } else { format!("{w} never run") })
         .collect();
     out.push(inv(
@@ -239,7 +250,16 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
     let v = log.views();
     let mut out = Vec::new();
 
-    let lost: Vec<&String> = sub.wp_ids.iter().filter(|w| obs.states.get(*w).map(|(s, _)| s.as_str()) != Some("completed")).collect();
+    let lost: Vec<&String> = sub
+        .wp_ids
+        .iter()
+        .filter(|w| match obs.states.get(*w).map(|(s, _)| s.as_str()) {
+            Some("completed") => false,
+            // Removed by retention once finished, or cancelled: what an operator asked for.
+            None | Some("cancelled") => !sub.cancelled.contains(*w),
+            Some(_) => true,
+        })
+        .collect();
     let mut lost_detail: Vec<String> =
         lost.iter().map(|w| format!("{w} is {}", obs.states.get(*w).map(|(s, _)| s.as_str()).unwrap_or("missing"))).collect();
     if !lost.is_empty() {
@@ -249,7 +269,12 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
         "0 lost: every work package completed",
         "orchestrator",
         &lost_detail,
-        format!("{} of {} completed", sub.wp_ids.len() - lost.len(), sub.wp_ids.len()),
+        format!(
+            "{} of {} completed or cancelled by the operator ({} cancelled)",
+            sub.wp_ids.len() - lost.len(),
+            sub.wp_ids.len(),
+            sub.cancelled.iter().filter(|w| obs.states.get(*w).is_some_and(|(s, _)| s == "cancelled")).count()
+        ),
     );
     if !lost.is_empty() {
         lost_inv.detail = format!("{} lost; {}", lost.len(), lost_detail.iter().take(6).cloned().collect::<Vec<_>>().join("; "));
@@ -262,7 +287,10 @@ pub fn check(sub: &Submitted, log: &AgentLog, obs: &Observed) -> Vec<Invariant> 
     let twice: Vec<String> = sub
         .wp_ids
         .iter()
-        .filter_map(|w| obs.states.get(w).filter(|(_, a)| *a != 1).map(|(_, a)| format!("{w} took {a} attempts")))
+        .filter_map(|w| {
+            let cancelled = sub.cancelled.contains(w);
+            obs.states.get(w).filter(|(_, a)| if cancelled { *a > 1 } else { *a != 1 }).map(|(_, a)| format!("{w} took {a} attempts"))
+        })
         .collect();
     out.push(inv("exactly once: one dispatch per work package", "orchestrator", &twice, "every work package dispatched once".into()));
 
@@ -322,6 +350,7 @@ mod tests {
             lanes: HashMap::from([("L".into(), vec!["a".into(), "b".into()])]),
             deps: vec![],
             bad: HashSet::from(["bad-1".into()]),
+            ..Submitted::default()
         }
     }
 
@@ -383,5 +412,32 @@ mod tests {
         log.report(Instant::now(), "a:1", "a", "done\0with a NUL");
         let broken: Vec<&str> = check_history(&sub, &log).iter().filter(|i| !i.held).map(|i| i.name).collect();
         assert_eq!(broken.len(), 3, "{broken:?}");
+    }
+
+    /// (v1.6) A cancelled work package may end cancelled, never run, or completed, and lets
+    /// its lane go on; dispatched twice, or left open, it still breaks the invariants.
+    #[test]
+    fn a_cancelled_work_package_is_exempt_only_from_completing() {
+        let mut sub = sub();
+        sub.cancelled.insert("a".into());
+        // a cancelled before it ran; b ran at once, its lane going on.
+        let t0 = Instant::now();
+        let mut log = AgentLog::default();
+        log.run("b:1", "b", "2-0");
+        log.report(t0 + Duration::from_millis(1), "b:1", "b", "done");
+        assert!(check_history(&sub, &log).iter().all(|i| i.held), "{:?}", check_history(&sub, &log));
+        let ok = check(&sub, &log, &observed(&[("a", "cancelled", 0), ("b", "completed", 1)], &[("b:1", 1)]));
+        assert!(ok.iter().all(|i| i.held), "{ok:?}");
+        let ok = check(&sub, &log, &observed(&[("a", "cancelled", 1), ("b", "completed", 1)], &[("a:1", 1), ("b:1", 1)]));
+        assert!(ok.iter().all(|i| i.held), "dispatched once before the cancel: {ok:?}");
+
+        let bad = check(&sub, &log, &observed(&[("a", "cancelled", 2), ("b", "completed", 1)], &[("a:1", 2), ("b:1", 1)]));
+        let broken: Vec<&str> = bad.iter().filter(|i| !i.held).map(|i| i.name).collect();
+        assert_eq!(broken.len(), 2, "duplicate, exactly once: {bad:?}");
+        let open = check(&sub, &log, &observed(&[("a", "dispatched", 1), ("b", "completed", 1)], &[]));
+        assert!(!open.iter().find(|i| i.name.contains("lost")).unwrap().held, "{open:?}");
+        // b cancelled by no one: lost.
+        let lost = check(&sub, &log, &observed(&[("a", "cancelled", 0), ("b", "cancelled", 1)], &[]));
+        assert!(!lost.iter().find(|i| i.name.contains("lost")).unwrap().held, "{lost:?}");
     }
 }

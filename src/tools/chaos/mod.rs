@@ -8,6 +8,7 @@
 mod aof;
 mod check;
 mod links;
+mod operator;
 mod waits;
 
 use std::collections::{HashMap, HashSet};
@@ -70,6 +71,10 @@ pub struct ChaosArgs {
     /// Longest wait for the work to finish after the faults stop.
     #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// (v1.6) An operator's cancel of a recent work package (waiting, running or done) this
+    /// often on average; `off` for none.
+    #[arg(long, default_value = "2s", value_parser = duration_or_off)]
+    pub cancel_every: Duration,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -399,6 +404,9 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let waiting = Arc::new(Mutex::new(waits::Waits::default()));
     let wait_loader = tokio::spawn(waits::load(endpoint.clone(), submitted.clone(), waiting.clone(), load_token.clone()));
     tasks.push(tokio::spawn(waits::decide(endpoint.clone(), database_url.clone(), work.clone())));
+    let canceller = (!args.cancel_every.is_zero()).then_some(args.cancel_every).map(|every| {
+        tokio::spawn(operator::cancel_now_and_then(pool.clone(), endpoint.clone(), submitted.clone(), every, load_token.clone()))
+    });
 
     let mut faults: HashMap<&'static str, u32> = HashMap::new();
     let mut takeovers = Vec::new();
@@ -492,13 +500,18 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     load_token.cancel();
     let _ = loader.await;
     let _ = wait_loader.await;
+    let cancels = match canceller {
+        Some(c) => c.await.unwrap_or_default(),
+        None => operator::Cancels::default(),
+    };
 
     // Let the work drain.
     let total = submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len() as i64;
     let settle_start = Instant::now();
     loop {
+        // Cancelled work (v1.6) is as finished as completed work; waits are counted apart.
         let mut done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM work_packages WHERE status = 'completed' AND wp_id NOT LIKE 'bad-%' AND wait_for IS NULL",
+            "SELECT count(*) FROM work_packages WHERE status IN ('completed', 'cancelled') AND wp_id NOT LIKE 'bad-%' AND wait_for IS NULL",
         )
         .fetch_one(&pool)
         .await
@@ -530,6 +543,11 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
 
     let received = log.lock().unwrap_or_else(|p| p.into_inner()).trigger_entries();
     let mut observed = observe(&pool, &endpoint, &received).await?;
+    {
+        let roots = submitted.lock().unwrap_or_else(|p| p.into_inner()).cancel_roots.clone();
+        let reached = operator::cancelled(&pool, &roots).await?;
+        submitted.lock().unwrap_or_else(|p| p.into_inner()).cancelled = reached;
+    }
     let (invariants, submitted_count, bad_count, redelivered) = {
         let sub = submitted.lock().unwrap_or_else(|p| p.into_inner());
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
@@ -612,6 +630,10 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         );
     }
     println!("  agent redeliveries after Redis restarts: {redelivered}");
+    println!(
+        "  operator cancels (v1.6): {} tried, {} work packages cancelled, {} of them while dispatched",
+        cancels.tried, cancels.cancelled, cancels.running
+    );
     if args.appendfsync != "always" {
         println!("  Redis appendfsync: {}", args.appendfsync);
     }
@@ -727,4 +749,9 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("ge-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// A duration, or `off` (zero).
+fn duration_or_off(s: &str) -> Result<Duration, humantime::DurationError> {
+    if s == "off" { Ok(Duration::ZERO) } else { humantime::parse_duration(s) }
 }

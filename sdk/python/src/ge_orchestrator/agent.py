@@ -17,6 +17,8 @@ place of a command:
 * reports to ``ge:work:completed`` (what the handler returned, as ``result``) or
   ``ge:work:failed`` (``error`` and ``retryable`` from the exception) and acknowledges the
   trigger in the same MULTI/EXEC, text fitted to the orchestrator's cap;
+* (v1.6) follows ``cancels.NAME``: a handler whose dispatch an operator cancelled is
+  cancelled (see :mod:`ge_orchestrator.cancel`), and its trigger acknowledged without a report;
 * stops on SIGTERM or SIGINT: reads no more, lets running handlers finish within
   ``stop_grace`` and report; those still running then are cancelled and report nothing, so
   their triggers stay pending and run again (at the next start, or in another instance).
@@ -44,6 +46,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import tracing
+from .cancel import Cancels
 from .connection import Endpoint, close_client
 from .names import Backoff, Names, parse_duration
 from .report import DEFAULT_MAX_REPORT_BYTES, fit, to_text
@@ -284,6 +287,7 @@ class Agent:
         self._slot_freed: Optional[asyncio.Event] = None
         self._in_flight: Dict[str, "asyncio.Task[None]"] = {}
         self._stop_requested = False
+        self._cancels = Cancels()
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -330,9 +334,18 @@ class Agent:
                     pass
         shown = self.endpoint.shown if self.endpoint else "the given client"
         log.info("agent %s started: stream %s, group %s, consumer %s, Redis %s", self.name, self.stream, self.group, self.consumer, shown)
+        # Cancel notices (v1.6): those already in the stream are read before the first trigger.
+        caught_up = asyncio.Event()
+        follower = asyncio.ensure_future(self._cancels.follow(self.redis, self.names.cancel_stream(self.name), self._stop, caught_up))
+        try:
+            await asyncio.wait_for(caught_up.wait(), 5)
+        except asyncio.TimeoutError:
+            pass
         try:
             await self._loop()
         finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
             await self._drain()
             for installed_sig in installed:
                 loop.remove_signal_handler(installed_sig)
@@ -508,6 +521,10 @@ class Agent:
             await self._report_and_ack(entry_id, None, None)
             return
         trigger = Trigger(entry_id, fields, self.stream)
+        if trigger.dispatch_id and trigger.dispatch_id in self._cancels:
+            log.info("trigger of cancelled dispatch %s acknowledged without running", trigger.dispatch_id)
+            await self._report_and_ack(entry_id, None, None)
+            return
         # The helpers end when `finished` is set, not only when cancelled: redis-py may turn a
         # cancellation that lands in a command into an error, which they would survive.
         finished = asyncio.Event()
@@ -517,13 +534,17 @@ class Agent:
         if self.claim_idle:
             helpers.append(asyncio.ensure_future(self._keep_claimed(entry_id, self.claim_idle / 4, finished)))
         try:
-            outcome = await self._run_handler(trigger)
+            outcome = await self._cancels.run(trigger.dispatch_id, self._run_handler(trigger))
         finally:
             finished.set()
             for h in helpers:
                 h.cancel()
             if helpers:
                 await asyncio.wait(helpers, timeout=10)
+        if outcome is None:
+            log.info("dispatch %s cancelled by an operator: acknowledged, nothing reported", trigger.dispatch_id)
+            await self._report_and_ack(entry_id, None, None)
+            return
         self.stats.handled += 1
         log.info("trigger handled: wp_id=%s dispatch_id=%s ok=%s", trigger.wp_id, trigger.dispatch_id, outcome.completed)
         report = {"wp_id": trigger.wp_id, "dispatch_id": trigger.dispatch_id, "agent_id": self.name}

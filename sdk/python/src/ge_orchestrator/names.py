@@ -24,6 +24,8 @@ class Names:
     heartbeat: str = "ge:work:heartbeat"
     deadletter: str = "ge:work:deadletter"
     trigger_prefix: str = "triggers."
+    #: (v1.6) Prefix of each agent's stream of cancel notices.
+    cancel_prefix: str = "cancels."
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Names":
@@ -36,10 +38,14 @@ class Names:
             heartbeat=env.get("GE_STREAM_HEARTBEAT") or d.heartbeat,
             deadletter=env.get("GE_STREAM_DEADLETTER") or d.deadletter,
             trigger_prefix=env.get("GE_TRIGGER_PREFIX") or d.trigger_prefix,
+            cancel_prefix=env.get("GE_CANCEL_PREFIX") or d.cancel_prefix,
         )
 
     def trigger_stream(self, agent: str) -> str:
         return f"{self.trigger_prefix}{agent}"
+
+    def cancel_stream(self, agent: str) -> str:
+        return f"{self.cancel_prefix}{agent}"
 
 
 _UNITS = {
