@@ -186,8 +186,13 @@ async fn ingest_acyclic(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Route
     }
     let mut tx = pool.begin().await?;
     let deps: Vec<&str> = specs.iter().flat_map(|s| s.depends_on.iter().map(String::as_str)).collect();
+    // Taken by every batch, with dependencies or not: a batch that stores a prerequisite while
+    // another counts it as not stored yet (and so as unmet) must commit before that count is
+    // taken, or after the dependent's edge is committed, so that the completion of the
+    // prerequisite sees the edge. A batch that finds a dependency not stored takes this lock
+    // exclusively (`ingest_in_order`), so it waits for every batch storing one.
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
     if !deps.is_empty() {
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
         let ids: Vec<&str> = specs.iter().map(|s| s.wp_id.as_str()).collect();
         let risky: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(id)
@@ -252,6 +257,8 @@ async fn ingest_in_order(pool: &PgPool, specs: &[WorkPackageSpec], routes: &Rout
     let mut tx = pool.begin().await?;
     if specs.iter().any(|s| !s.depends_on.is_empty()) {
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
+    } else {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(DAG_LOCK).execute(&mut *tx).await?;
     }
     let mut seen = HashSet::with_capacity(specs.len());
     let repeats = !specs.iter().all(|s| seen.insert(s.wp_id.as_str()));
@@ -786,8 +793,11 @@ pub async fn retry(pool: &PgPool, wp_id: &str) -> Result<bool, sqlx::Error> {
 
 /// Locks the prerequisites of work packages about to open again, before their unmet
 /// prerequisites are counted in a later statement (`unmet_count!`): for the reason
-/// `lock_prerequisites` gives.
+/// `lock_prerequisites` gives. The DAG lock first, exclusively, so that a prerequisite an
+/// ingest is storing right now is committed (and locked here) before the count: operators'
+/// retries and reruns are rare enough to wait for the batches in flight.
 pub(crate) async fn lock_prerequisites_of(tx: &mut Transaction<'_, Postgres>, wp_ids: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(DAG_LOCK).execute(&mut **tx).await?;
     sqlx::query(
         "SELECT 1 FROM (SELECT DISTINCT d.depends_on FROM unnest($1::text[]) AS k(id)
                         CROSS JOIN LATERAL (SELECT d.depends_on FROM work_package_deps d WHERE d.wp_id = k.id OFFSET 0) d

@@ -98,6 +98,9 @@ pub(crate) struct SoakReport {
     pub final_event_rows: i64,
     pub final_edge_rows: i64,
     pub final_stream_lengths: Vec<(String, u64)>,
+    /// Work still open after the drain (at most 10): why each waits, for whoever reads a
+    /// failed run.
+    pub open_left: Vec<String>,
     pub samples: Vec<Sample>,
 }
 
@@ -281,6 +284,12 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
     )
     .fetch_one(&pool)
     .await?;
+    let open_left: Vec<String> = sqlx::query_scalar(
+        "SELECT wp_id || ' ' || status || ' (unmet prerequisites ' || unmet_deps || '): ' || coalesce(wait_reason, '-')
+         FROM work_packages WHERE status NOT IN ('completed', 'cancelled') ORDER BY source_ms, source_seq LIMIT 10",
+    )
+    .fetch_all(&pool)
+    .await?;
     let deadletters = streams::len(&mut probe.con, &names.deadletter).await?;
     agents_token.cancel();
     for a in agents {
@@ -321,6 +330,7 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
         final_event_rows: final_events,
         final_edge_rows: final_edges,
         final_stream_lengths: final_streams,
+        open_left,
         samples,
     };
     let md = markdown(&out);
@@ -374,6 +384,9 @@ fn markdown(r: &SoakReport) -> String {
         r.final_edge_rows,
         r.final_stream_lengths.iter().map(|(s, n)| format!("{s}={n}")).collect::<Vec<_>>().join(", ")
     ));
+    if !r.open_left.is_empty() {
+        out.push_str(&format!("Still open after the drain (the first 10): {}.\n\n", r.open_left.join("; ")));
+    }
     out.push_str(&report::table(&r.samples, 24));
     out
 }
