@@ -88,7 +88,16 @@ pub async fn run(settings: RunSettings, token: CancellationToken) -> anyhow::Res
         traces,
     });
 
-    takeover::acquire(&ctx).await.context("taking the replica's lease")?;
+    // A replica that starts while Redis fails over waits for the new master instead of
+    // exiting: the lease is asked for again, with the one backoff, until Redis answers.
+    let mut backoff = crate::engine::backoff::Backoff::default();
+    while let Err(e) = takeover::acquire(&ctx).await {
+        if token.is_cancelled() {
+            return Err(e).context("taking the replica's lease");
+        }
+        tracing::warn!(error = %e, "cannot take the replica's lease yet; retrying");
+        backoff.wait(&token).await;
+    }
     // The lease outlives the other loops: while they finish the batches in hand at shutdown,
     // no survivor should take this replica over.
     let lease_token = CancellationToken::new();
