@@ -817,13 +817,26 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
     Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
+/// The next open member of the lane of each work package `$1` names: what its end may let
+/// go. Shared by completions (`unblocked_by`) and cancels (`lane_successors`).
+macro_rules! lane_successors_of {
+    () => {
+        "SELECT n.wp_id FROM work_packages w
+           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
+                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
+                                 AND x.status NOT IN ('completed', 'cancelled')
+                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
+         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL"
+    };
+}
+
 /// Work packages that the completion of `completed` may let go: the dependents whose last
 /// unmet prerequisite they were (each dependent's count decremented, in this statement, by
 /// how many of them it waited for) and each one's lane successor. Call it once, in the
 /// transaction that completed them, and only with work packages that became `completed` in
 /// it: the count is exact only if every completion decrements it once.
 pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: &[String]) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "WITH met AS MATERIALIZED (
              SELECT d.wp_id, count(*)::int AS n FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS k(id)) k
              CROSS JOIN LATERAL (SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d
@@ -834,13 +847,9 @@ pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: 
              RETURNING w.wp_id, w.unmet_deps)
          SELECT wp_id FROM counted WHERE unmet_deps <= 0
          UNION
-         SELECT n.wp_id FROM work_packages w
-           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
-                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
-                                 AND x.status NOT IN ('completed', 'cancelled')
-                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
-         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
-    )
+",
+        lane_successors_of!()
+    ))
     .bind(completed)
     .fetch_all(&mut **tx)
     .await
@@ -849,17 +858,7 @@ pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: 
 /// (v1.6) The next open member of each one's lane: what the end of `ended` (cancelled, not
 /// completed) may let go. No prerequisite is met by it, so no count changes.
 pub(crate) async fn lane_successors(tx: &mut Transaction<'_, Postgres>, ended: &[String]) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT n.wp_id FROM work_packages w
-           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
-                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
-                                 AND x.status NOT IN ('completed', 'cancelled')
-                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
-         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL",
-    )
-    .bind(ended)
-    .fetch_all(&mut **tx)
-    .await
+    sqlx::query_scalar(lane_successors_of!()).bind(ended).fetch_all(&mut **tx).await
 }
 
 /// Operator skip: the work package counts as completed without running (its result says so),
