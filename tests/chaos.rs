@@ -1,18 +1,13 @@
 //! The short chaos run: every fault kind injected into three replicas under load, and every
 //! invariant must hold. The long run is documented in CHAOS.md.
-//!
-//! These short runs leave operators' cancels out (`--cancel-every off`): with them, a run at
-//! `2b29818` ended with one cancelled work package (the last step of a plan) that the checker
-//! could not trace back to a cancel the operator made, which is open (CHAOS.md, "Operators'
-//! cancels among the faults"). Cancels are covered by `tests/it/cancel_running.rs` and by the
-//! long runs.
+//! Each run has an operator among the faults, cancelling recent work every 2 s on average.
 
 use std::process::Command;
 
 #[test]
 fn short_chaos_run_keeps_every_invariant() {
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
-        .args(["chaos", "--duration", "16s", "--fault-interval", "2s", "--rate", "40", "--replicas", "3", "--cancel-every", "off"])
+        .args(["chaos", "--duration", "16s", "--fault-interval", "2s", "--rate", "40", "--replicas", "3"])
         .output()
         .expect("run chaos");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -21,6 +16,7 @@ fn short_chaos_run_keeps_every_invariant() {
         assert!(stdout.contains(fault), "{fault} was injected:\n{stdout}");
     }
     assert!(stdout.contains("all invariants held") && !stdout.contains("BROKEN"), "{stdout}");
+    assert!(stdout.contains("operator cancels (v1.6)"), "an operator cancelled work:\n{stdout}");
 }
 
 /// The failover mode: two replicas on a Redis with Sentinels and a PostgreSQL with a
@@ -30,7 +26,6 @@ fn short_chaos_run_keeps_every_invariant() {
 fn short_failover_run_keeps_every_invariant() {
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
         .args(["chaos", "--topology", "ha", "--duration", "10s", "--fault-interval", "3s", "--rate", "40", "--replicas", "2"])
-        .args(["--cancel-every", "off"])
         .output()
         .expect("run chaos");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -49,7 +44,7 @@ fn short_failover_run_keeps_every_invariant() {
 fn short_network_chaos_run_keeps_every_invariant() {
     let out = Command::new(env!("CARGO_BIN_EXE_ge-orchestrator"))
         .args(["chaos", "--faults", "redis-cut,postgres-cut,redis-partition,slow,reset", "--duration", "20s", "--fault-interval", "1s"])
-        .args(["--rate", "40", "--replicas", "3", "--cancel-every", "off"])
+        .args(["--rate", "40", "--replicas", "3"])
         .output()
         .expect("run chaos");
     let stdout = String::from_utf8_lossy(&out.stdout);

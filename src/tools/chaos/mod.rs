@@ -432,6 +432,12 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
         let kind = args.faults[turn % args.faults.len()].clone();
         turn += 1;
         let slot = rng.random_range(0..args.replicas);
+        // When each fault began, beside the replicas' logs: what a person reads them against.
+        let line = format!("{} {kind} (replica slot {slot})\n", chrono::Utc::now().format("%H:%M:%S%.3f"));
+        let _ = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("faults.log")).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(line.as_bytes())
+        });
         match kind.as_str() {
             "kill" => {
                 let name = replicas.kill(slot).await;
@@ -546,6 +552,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     {
         let roots = submitted.lock().unwrap_or_else(|p| p.into_inner()).cancel_roots.clone();
         let reached = operator::cancelled(&pool, &roots).await?;
+        operator::explain_untraced(&pool, &reached).await?;
         submitted.lock().unwrap_or_else(|p| p.into_inner()).cancelled = reached;
     }
     let (invariants, submitted_count, bad_count, redelivered) = {
@@ -621,7 +628,14 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
             promotions.len()
         );
     }
-    if let Stack::Ha { .. } = stack {
+    if let Stack::Ha { redis, .. } = &stack {
+        // The Sentinels' and nodes' logs go where the replicas' are: the HA stack's own
+        // directory goes with it.
+        for e in std::fs::read_dir(redis.dir()).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), dir.join(e.file_name()));
+            }
+        }
         println!(
             "\nsettings: Redis {}; Sentinel {}; PostgreSQL {}",
             settings_text(&topology::REDIS_SETTINGS),
@@ -716,6 +730,7 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String
     let names = Names::default();
     let mut con = MasterConnection::connect(endpoint).await?;
     let mut entries: HashMap<String, HashSet<String>> = seen.clone();
+    let mut in_streams: HashMap<String, HashSet<String>> = HashMap::new();
     for agent in AGENTS {
         for e in streams::range(&mut con, &names.trigger_stream(agent), "-", "+").await? {
             let d = e
@@ -724,8 +739,16 @@ async fn observe(pool: &sqlx::PgPool, endpoint: &Endpoint, seen: &HashMap<String
                 .into_iter()
                 .find(|(k, _)| k == b"dispatch_id")
                 .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+            in_streams.entry(d.clone().unwrap_or_default()).or_default().insert(e.id.clone());
             entries.entry(d.unwrap_or_default()).or_default().insert(e.id);
         }
+    }
+    // Where each duplicate was seen: both in the final streams, or one only by an agent (read
+    // from a master that lost it in a failover).
+    for (d, ids) in entries.iter().filter(|(_, ids)| ids.len() > 1) {
+        let kept = in_streams.get(d).cloned().unwrap_or_default();
+        let read = seen.get(d).cloned().unwrap_or_default();
+        println!("  duplicate {d}: entries {ids:?}; in the final streams {kept:?}; read by the agents {read:?}");
     }
     let trigger_counts: HashMap<String, usize> = entries.into_iter().map(|(d, ids)| (d, ids.len())).collect();
     let deadletters = streams::range(&mut con, &names.deadletter, "-", "+")
