@@ -183,10 +183,22 @@ impl RedisHa {
         }
     }
 
-    /// Starts the node on `port` again, from its AOF; the Sentinels turn it into a replica of
-    /// the new master. Returns once it replicates, so that the next failover has a replica.
+    /// Starts the node on `port` again, from its AOF, as a replica of the master the Sentinels
+    /// name now (its config says so before it starts), as an operator should bring back a
+    /// failed master. Left to the Sentinels, it would come up as a master with its stale data
+    /// and stay one for some seconds before they turn it into a replica (they wait for it to
+    /// settle): seconds with no replica, in which no write can be confirmed, and in which a
+    /// failover could promote the stale node and lose every write the other took since.
+    /// Returns once it replicates, so that the next failover has a replica.
     pub async fn restart(&mut self, port: u16) -> anyhow::Result<()> {
-        self.node(port)?.launch()?;
+        let master = self.master_port().await?;
+        let node = self.node(port)?;
+        let conf = std::fs::read_to_string(&node.conf)?;
+        let mut kept: String =
+            conf.lines().filter(|l| !l.starts_with("replicaof ") && !l.starts_with("slaveof ")).map(|l| format!("{l}\n")).collect();
+        kept += &format!("replicaof 127.0.0.1 {master}\n");
+        std::fs::write(&node.conf, kept)?;
+        node.launch()?;
         let start = Instant::now();
         while !self.replica_online().await {
             if start.elapsed() > Duration::from_secs(60) {

@@ -341,3 +341,27 @@ async fn the_command_gets_the_trigger_s_trace_context_as_traceparent() {
     let (_, report) = report_of(&env, &mut agent, "tp-1").await;
     assert_eq!(report["result"], format!("{tp}|congo=t61rcWkgMzE"));
 }
+
+/// A trigger delivered again with a dispatch_id the agent has run (a Redis failover can lose
+/// the first entry after the agent read it, and the orchestrator publishes it again) does not
+/// run the command again: its report is sent again, the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_delivered_twice_runs_once_and_is_reported_again() {
+    let env = TestEnv::start(ROUTING).await;
+    let runs = env.dir.path().join("runs");
+    let script = format!("echo run >> {}; echo done", path(&runs));
+    let mut agent = Agent::start(&env, "dolly", &[], &[], &args(&sh(&script)));
+    trigger(&env, "dolly", "again-1", &[]).await;
+    let (stream, first) = report_of(&env, &mut agent, "again-1").await;
+    assert_eq!(stream, "ge:work:completed");
+    trigger(&env, "dolly", "again-1", &[]).await;
+    let reports = eventually(T, "the second report", || async {
+        let r: Vec<HashMap<String, String>> =
+            env.entries("ge:work:completed").await.into_iter().filter(|e| e["dispatch_id"] == "again-1:1").collect();
+        (r.len() == 2).then_some(r)
+    })
+    .await;
+    assert_eq!(reports[1]["result"], first["result"], "the same report");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "the command ran once");
+    agent.assert_running();
+}

@@ -401,3 +401,35 @@ async def test_a_handler_s_progress_goes_out_on_heartbeats_and_reaches_the_api(s
         release.set()
         await r.aclose()
         await stop(agent, task)
+
+
+async def test_a_dispatch_delivered_twice_runs_once_and_is_reported_again(stack: Stack) -> None:
+    """A trigger delivered again with a dispatch_id the agent has run (a Redis failover can
+    lose the first entry after the agent read it, and the orchestrator publishes it again)
+    does not run the handler again; the same report is sent again."""
+    runs: List[str] = []
+
+    async def once(t: Trigger) -> str:
+        runs.append(t.dispatch_id)
+        return "done"
+
+    agent = Agent("twice", once, redis_url=stack.redis.url)
+    task = await start(agent)
+    r = client(stack)
+    trigger = {"wp_id": "again-1", "agent_id": "twice", "route": "explicit", "attempt": "1", "dispatch_id": "again-1:1"}
+    try:
+        await r.xadd("triggers.twice", trigger)
+
+        async def reports(n: int) -> Any:
+            entries = await r.xrange("ge:work:completed")
+            mine = [f for _, f in entries if f.get("dispatch_id") == "again-1:1"]
+            return mine if len(mine) == n else None
+
+        first = await eventually(lambda: reports(1), "the first report")
+        await r.xadd("triggers.twice", trigger)
+        both = await eventually(lambda: reports(2), "the second report")
+        assert both[1]["result"] == first[0]["result"] == "done"
+        assert runs == ["again-1:1"], "the handler ran once"
+    finally:
+        await r.aclose()
+        await stop(agent, task)

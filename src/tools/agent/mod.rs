@@ -17,6 +17,7 @@ use crate::engine::streams::{self, Reader, Trouble};
 
 mod cancel;
 mod command;
+mod handled;
 mod liveness;
 mod progress;
 mod report;
@@ -139,6 +140,7 @@ struct Agent {
     consumer: String,
     con: streams::MasterConnection,
     cancels: cancel::Cancels,
+    handled: handled::Handled,
 }
 
 impl Agent {
@@ -147,11 +149,20 @@ impl Agent {
     async fn handle(&mut self, e: &StreamEntry, token: &CancellationToken, backoff: &mut Backoff) -> bool {
         let (target, reports) = match &e.fields {
             // Deleted from the stream while pending: there is nothing to run.
-            None => (&self.args.names.failed, Vec::new()),
+            None => (self.args.names.failed.clone(), Vec::new()),
             Some(raw) => {
                 let fields = decode(raw);
                 let wp_id = fields.get("wp_id").cloned().unwrap_or_default();
                 let dispatch_id = fields.get("dispatch_id").map(String::as_str).unwrap_or("");
+                if let Some((target, report)) = self.handled.get(dispatch_id) {
+                    tracing::warn!(
+                        wp_id,
+                        dispatch_id,
+                        "trigger of a dispatch this agent has run delivered again (a Redis failover?); its report is sent again, the command not run"
+                    );
+                    let (target, report) = (target.clone(), report.clone());
+                    return self.report(&target, &[report], e, token, backoff).await;
+                }
                 let watch = self.cancels.watch(dispatch_id, token);
                 let beat = [("wp_id", wp_id.as_str()), ("dispatch_id", dispatch_id), ("agent_id", self.args.name.as_str())];
                 let beats =
@@ -181,10 +192,12 @@ impl Agent {
                 match outcome {
                     Some((ok, report)) => {
                         tracing::info!(wp_id, dispatch_id, ok, "trigger handled");
-                        (if ok { &self.args.names.completed } else { &self.args.names.failed }, vec![report])
+                        let target = if ok { &self.args.names.completed } else { &self.args.names.failed };
+                        self.handled.insert(dispatch_id, (target.clone(), report.clone()));
+                        (target.clone(), vec![report])
                     }
                     // Cancelled (v1.6): acknowledged, and nothing is reported.
-                    None if watch.cancelled() => (&self.args.names.failed, Vec::new()),
+                    None if watch.cancelled() => (self.args.names.failed.clone(), Vec::new()),
                     None => {
                         tracing::info!(wp_id, "stopped during the command; the trigger stays pending");
                         return false;
@@ -192,7 +205,20 @@ impl Agent {
                 }
             }
         };
-        while let Err(err) = streams::report_and_ack(&mut self.con, target, &reports, &self.stream, &self.group, &[&e.id]).await {
+        self.report(&target, &reports, e, token, backoff).await
+    }
+
+    /// Sends `reports` to `target` and acknowledges the trigger, in one MULTI/EXEC, until Redis
+    /// takes them. False when the agent is stopping.
+    async fn report(
+        &mut self,
+        target: &str,
+        reports: &[Vec<(&'static str, String)>],
+        e: &StreamEntry,
+        token: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> bool {
+        while let Err(err) = streams::report_and_ack(&mut self.con, target, reports, &self.stream, &self.group, &[&e.id]).await {
             tracing::warn!(error = %err, "agent cannot report; retrying");
             if token.is_cancelled() {
                 return false;
@@ -262,7 +288,7 @@ pub async fn run(args: AgentArgs, token: CancellationToken) -> anyhow::Result<()
         });
     let claim_idle = enabled(args.claim_idle);
     let cancels = cancel::Cancels::follow(endpoint_for_cancels, args.names.cancel_stream(&args.name), token.clone()).await;
-    let mut agent = Agent { args, stream, group, consumer, con, cancels };
+    let mut agent = Agent { args, stream, group, consumer, con, cancels, handled: handled::Handled::default() };
     while !token.is_cancelled() {
         if let Some(idle) = claim_idle
             && !agent.claim_abandoned(idle, &token, &mut reader.backoff).await

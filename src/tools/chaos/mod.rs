@@ -170,14 +170,15 @@ async fn fake_agent(endpoint: Endpoint, agent: &'static str, log: Arc<Mutex<Agen
 /// `confirm`, the entry is sent again until a replica has it (WAIT): what a producer must do
 /// for its entry to survive a failover, which can lose what the old master acknowledged.
 async fn xadd(con: &mut MasterConnection, incoming: &str, fields: &[(String, String)], confirm: bool) {
-    loop {
-        if streams::xadd(con, incoming, None, fields).await.is_ok()
-            && (!confirm || streams::wait_for_replicas(con, 1, Duration::from_secs(1)).await.is_ok_and(|n| n >= 1))
-        {
-            return;
-        }
+    while !sent(con, incoming, fields, confirm).await {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One try of `xadd`: whether the entry went in (and, with `confirm`, a replica has it).
+pub(super) async fn sent(con: &mut MasterConnection, stream: &str, fields: &[(String, String)], confirm: bool) -> bool {
+    streams::xadd(con, stream, None, fields).await.is_ok()
+        && (!confirm || streams::wait_for_replicas(con, 1, Duration::from_secs(1)).await.is_ok_and(|n| n >= 1))
 }
 
 /// Plans of 10: five in a lane (lanes shared between plans), four fanned out from the first,
@@ -275,12 +276,12 @@ impl Stack {
 
 /// From a fault until a work package submitted right after it has completed: a probe (agent
 /// w1, no lane, no dependency) sent plainly, with retries, and looked for in PostgreSQL.
-async fn resumed(endpoint: Endpoint, pool: sqlx::PgPool, wp: String, fault: Instant) -> Option<Duration> {
+async fn resumed(endpoint: Endpoint, pool: sqlx::PgPool, wp: String, fault: Instant, confirm: bool) -> Option<Duration> {
     let fields = [("wp_id".to_string(), wp.clone()), ("agent_id".to_string(), "w1".to_string())];
     let deadline = fault + Duration::from_secs(120);
     loop {
         if let Ok(mut con) = MasterConnection::connect(&endpoint).await
-            && streams::xadd(&mut con, &Names::default().incoming, None, &fields).await.is_ok()
+            && sent(&mut con, &Names::default().incoming, &fields, confirm).await
         {
             break;
         }
@@ -402,7 +403,8 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let loader = tokio::spawn(load(endpoint.clone(), args.clone(), submitted.clone(), load_token.clone()));
     // (v1.6) Approvals and events among the load, decided while the faults go on.
     let waiting = Arc::new(Mutex::new(waits::Waits::default()));
-    let wait_loader = tokio::spawn(waits::load(endpoint.clone(), submitted.clone(), waiting.clone(), load_token.clone()));
+    let wait_loader =
+        tokio::spawn(waits::load(endpoint.clone(), submitted.clone(), waiting.clone(), args.topology == "ha", load_token.clone()));
     tasks.push(tokio::spawn(waits::decide(endpoint.clone(), database_url.clone(), work.clone())));
     let canceller = (!args.cancel_every.is_zero()).then_some(args.cancel_every).map(|every| {
         tokio::spawn(operator::cancel_now_and_then(pool.clone(), endpoint.clone(), submitted.clone(), every, load_token.clone()))
@@ -416,7 +418,7 @@ pub async fn run(mut args: ChaosArgs, token: CancellationToken) -> anyhow::Resul
     let probe = |kind: &'static str, fault: Instant, resumes: &mut HashMap<_, Vec<_>>| {
         let wp = format!("probe-{}", submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.len());
         submitted.lock().unwrap_or_else(|p| p.into_inner()).wp_ids.push(wp.clone());
-        resumes.entry(kind).or_default().push(tokio::spawn(resumed(endpoint.clone(), pool.clone(), wp, fault)));
+        resumes.entry(kind).or_default().push(tokio::spawn(resumed(endpoint.clone(), pool.clone(), wp, fault, args.topology == "ha")));
     };
     let mut rng = rand::rng();
     // Kinds take turns, from a random start, so even a short run injects every kind; the

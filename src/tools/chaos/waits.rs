@@ -36,7 +36,14 @@ async fn connect(endpoint: &Endpoint, token: &CancellationToken) -> Option<Maste
 }
 
 /// Submits the waiting steps and their dependents until `token` is cancelled.
-pub(crate) async fn load(endpoint: Endpoint, submitted: Arc<Mutex<Submitted>>, record: Arc<Mutex<Waits>>, token: CancellationToken) {
+/// With `confirm` (the HA topology), each entry is sent again until a Redis replica has it.
+pub(crate) async fn load(
+    endpoint: Endpoint,
+    submitted: Arc<Mutex<Submitted>>,
+    record: Arc<Mutex<Waits>>,
+    confirm: bool,
+    token: CancellationToken,
+) {
     let names = Names::default();
     let Some(mut con) = connect(&endpoint, &token).await else { return };
     let mut n = 0u64;
@@ -59,7 +66,7 @@ pub(crate) async fn load(endpoint: Endpoint, submitted: Arc<Mutex<Submitted>>, r
         let dependent =
             vec![("wp_id".to_string(), after.clone()), ("work_type".into(), "build".into()), ("depends_on".into(), step.clone())];
         for entry in [fields, dependent] {
-            while streams::xadd(&mut con, &names.incoming, None, &entry).await.is_err() && !token.is_cancelled() {
+            while !super::sent(&mut con, &names.incoming, &entry, confirm).await && !token.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }

@@ -6,9 +6,13 @@ place of a command:
 * reads ``triggers.NAME`` with the consumer group ``agent-NAME`` under its own consumer name
   (``GE_AGENT_CONSUMER``, default NAME: a restart under the same name first runs the triggers
   it had taken);
-* after a start or a lost connection, runs its own pending triggers first (a Redis failover
-  can lose its report and acknowledgement; running again is harmless, the orchestrator
-  ignores a second report of a ``dispatch_id``);
+* after a start or a lost connection, reads its own pending triggers first (a Redis failover
+  can lose its report and acknowledgement);
+* runs each ``dispatch_id`` once per process: a trigger delivered again with a ``dispatch_id``
+  it has run (its acknowledgement lost, or the trigger itself lost in a Redis failover after it
+  was read, and published again by the orchestrator) sends the same report again without
+  running the handler (the orchestrator ignores a second report); it remembers the last
+  1,000;
 * claims with XAUTOCLAIM, one at a time, triggers pending in the group for longer than
   ``claim_idle`` (an instance that is gone), at start and every half of that;
 * while a handler runs: heartbeats (``ge:work:heartbeat``, every ``heartbeat_interval``) that
@@ -38,7 +42,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union, cast
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -288,6 +292,8 @@ class Agent:
         self._in_flight: Dict[str, "asyncio.Task[None]"] = {}
         self._stop_requested = False
         self._cancels = Cancels()
+        # dispatch_id -> (stream, report) of the dispatches run, oldest first, bounded.
+        self._handled: Dict[str, Tuple[str, Dict[str, str]]] = {}
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -525,6 +531,15 @@ class Agent:
             log.info("trigger of cancelled dispatch %s acknowledged without running", trigger.dispatch_id)
             await self._report_and_ack(entry_id, None, None)
             return
+        done = self._handled.get(trigger.dispatch_id)
+        if done is not None:
+            log.warning(
+                "trigger of dispatch %s, which this agent has run, delivered again (a Redis failover?); "
+                "its report is sent again, the handler not run",
+                trigger.dispatch_id,
+            )
+            await self._report_and_ack(entry_id, done[0], done[1])
+            return
         # The helpers end when `finished` is set, not only when cancelled: redis-py may turn a
         # cancellation that lands in a command into an error, which they would survive.
         finished = asyncio.Event()
@@ -557,6 +572,7 @@ class Agent:
             target = self.names.failed
         if outcome.trace is not None:
             report.update(outcome.trace.fields())
+        self._remember(trigger.dispatch_id, target, report)
         if await self._report_and_ack(entry_id, target, report):
             if outcome.completed:
                 self.stats.completed += 1
@@ -597,6 +613,15 @@ class Agent:
         if inspect.isawaitable(value):
             value = await value
         return value
+
+    _HANDLED_KEPT = 1000
+
+    def _remember(self, dispatch_id: str, target: str, report: Dict[str, str]) -> None:
+        if not dispatch_id:
+            return
+        self._handled[dispatch_id] = (target, report)
+        while len(self._handled) > self._HANDLED_KEPT:
+            del self._handled[next(iter(self._handled))]
 
     async def _report_and_ack(self, entry_id: str, target: Optional[str], report: Optional[Dict[str, str]]) -> bool:
         """The report and the acknowledgement of the trigger in one MULTI/EXEC, retried
