@@ -26,8 +26,10 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let mut deadletters = Vec::new();
     let mut changed = Vec::new();
     let (mut completed, mut failed) = (0u64, 0u64);
-    // (wp_id, completed?) of the reports applied, for the per-agent metrics.
+    // (wp_id, completed?) of the reports applied, for the per-agent metrics, and the (agent,
+    // route kind) of each completion, which its statement returned.
     let mut reported: Vec<(String, bool)> = Vec::new();
+    let mut completed_routes: Vec<(String, String)> = Vec::new();
     let mut reports: Vec<Report<'_>> = Vec::new();
     for e in entries {
         let dead = |reason: &str, detail: String| DeadLetter::of(&stream, e, reason, detail);
@@ -73,7 +75,9 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         reports.push(Report { wp_id, dispatch_id, entry: e, fields, usage });
     }
 
-    let mut tx = ctx.pool.begin().await?;
+    // Read before the transaction, beside its BEGIN: lane successors claimed at once need it.
+    let (gate, tx) = tokio::join!(dispatch::at_once::LaneGate::read(ctx), ctx.pool.begin());
+    let mut tx = tx?;
     let outcomes: Vec<ReportOutcome> = match input {
         // The hot path: every completion of the batch in one statement.
         Input::Completed => {
@@ -102,9 +106,10 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         }
         let dispatch_id = dispatch_id.as_deref();
         match outcome {
-            ReportOutcome::Completed => {
+            ReportOutcome::Completed { agent, route } => {
                 completed += 1;
                 reported.push((wp_id.clone(), true));
+                completed_routes.push((agent, route));
                 tracing::info!(wp_id = %wp_id, dispatch_id = dispatch_id.unwrap_or(""), "work package completed");
                 changed.push(wp_id.clone());
             }
@@ -137,8 +142,13 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let (plans, agents) = budgets::record(&mut tx, &used).await?;
     budgets::warn(&mut tx, &routing, ctx.settings.budget_warn_ratio(), &plans, &agents).await?;
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
-    let routes = routes_of(&mut tx, &reported).await?;
+    // The dependents that may run at once are claimed here, so the next step of a chain waits
+    // for no round; the round below gets the rest.
+    let (claimed, unblocked) = dispatch::at_once::at_completion(&mut tx, &routing, &unblocked, gate).await?;
+    // Completions come alone in their batch (their own stream), and said where they went.
+    let routes = if input == Input::Completed { completed_routes } else { routes_of(&mut tx, &reported).await? };
     tx.commit().await?;
+    let freed_at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
 
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     // The reports are durable, so the acknowledgement and the dispatch of what they unblocked
@@ -155,7 +165,11 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         .collect();
     let ready = if freed.is_empty() { Ready::None } else { Ready::Of(freed) };
     let scope = Scope { wp_ids: unblocked, sweep_from: None, ready };
-    let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch::round(ctx, &scope));
+    let dispatch = async {
+        let at_once = dispatch::publish_claimed(ctx, &claimed, |_| Some(freed_at)).await?;
+        Ok::<usize, anyhow::Error>(at_once + dispatch::round(ctx, &scope).await?)
+    };
+    let (acked, dispatched) = tokio::join!(ctx.ack(&stream, &ids, &deadletters), dispatch);
     if let Err(e) = dispatched {
         tracing::warn!(error = format!("{e:#}"), "dispatch after completions failed; the scheduler will retry");
         ctx.stats.note_error();

@@ -66,7 +66,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
         ctx.plan_budgets.forget();
     }
     let read_at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-    let at_once = dispatch::at_ingest::claims(&ctx.pool, &routing, &plain, &targets).await?;
+    let at_once = dispatch::at_once::at_ingest(&ctx.pool, &routing, &plain, &targets).await?;
     let ingested =
         store::ingest(&ctx.pool, &plain, &Routes { targets: &targets, version: &routing.config_version, at_once: &at_once }).await?;
     let claimed: HashSet<&str> = ingested.dispatched.iter().filter_map(|r| r.try_get::<&str, _>("wp_id").ok()).collect();

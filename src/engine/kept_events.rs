@@ -7,7 +7,7 @@
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::engine::context::{Ctx, Stats};
-use crate::engine::store::unblocked_by;
+use crate::engine::store::{ids_of, unblocked_by};
 
 /// Namespace of the per-key locks that order an event against work coming to wait for it.
 const EVENT_LOCKS: i32 = 0x6766;
@@ -60,7 +60,7 @@ pub(crate) async fn deliver(pool: &PgPool, key: &str, fields: &serde_json::Value
         return Ok(Delivered { duplicate: true, ..Delivered::default() });
     };
     let completed = complete_with(&mut tx, &[id]).await?;
-    let unblocked = if completed.is_empty() { Vec::new() } else { unblocked_by(&mut tx, &completed).await? };
+    let unblocked = if completed.is_empty() { Vec::new() } else { ids_of(&unblocked_by(&mut tx, &completed).await?) };
     tx.commit().await?;
     Ok(Delivered { kept: completed.is_empty(), completed, duplicate: false, unblocked })
 }
@@ -124,7 +124,7 @@ pub(crate) async fn settle_keys(pool: &PgPool, wp_ids: Option<&[String]>) -> Res
             .fetch_all(&mut *tx)
             .await?;
     let completed = complete_with(&mut tx, &ids).await?;
-    let unblocked = if completed.is_empty() { Vec::new() } else { unblocked_by(&mut tx, &completed).await? };
+    let unblocked = if completed.is_empty() { Vec::new() } else { ids_of(&unblocked_by(&mut tx, &completed).await?) };
     tx.commit().await?;
     Ok((completed, unblocked))
 }

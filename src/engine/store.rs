@@ -95,9 +95,11 @@ macro_rules! unmet_count {
 // After the macros, which they use.
 mod cancel;
 mod rerun;
+mod unblocked;
 pub(crate) use cancel::record_late_reports;
 pub use cancel::{Cancelled, Roots, cancel_many};
 pub use rerun::{RerunRefused, rerun};
+pub(crate) use unblocked::{Unblocked, ids_of, lane_successors, unblocked_by};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestOutcome {
@@ -151,7 +153,7 @@ pub struct Routes<'a> {
 }
 
 /// A claim made at ingest: the agent a work package that may run at once goes to, decided
-/// before its batch is stored (see `dispatch::at_ingest`). It is stored `dispatched`, attempt 1,
+/// before its batch is stored (see `dispatch::at_once`). It is stored `dispatched`, attempt 1,
 /// with its outbox row, in the statement that inserts it, unless a pause of its agent or plan
 /// is committed by then: then it is stored `ready`, and the round after the ingest decides.
 #[derive(Debug, Clone, PartialEq)]
@@ -558,7 +560,11 @@ async fn ingest_one(
 /// What became of a completion or failure report.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportOutcome {
-    Completed,
+    /// By `agent`, which it went to by a route of this kind (`RouteKind::as_str`).
+    Completed {
+        agent: String,
+        route: String,
+    },
     RetryWait {
         delay_ms: u64,
     },
@@ -583,7 +589,7 @@ pub(crate) async fn complete_many(
     let dispatch_ids: Vec<Option<&str>> = reports.iter().map(|r| r.1).collect();
     let results: Vec<Option<&str>> = reports.iter().map(|r| r.2.as_deref()).collect();
     // The first matching report per work package, so the UPDATE sees one row for each.
-    let done: Vec<(String, i64)> = sqlx::query_as(
+    let done: Vec<(String, i64, String, String)> = sqlx::query_as(
         "WITH first AS MATERIALIZED (
              SELECT DISTINCT ON (r.wp_id) r.* FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(wp_id, dispatch_id, result, i)
              CROSS JOIN LATERAL (SELECT x.status, x.dispatch_id FROM work_packages x WHERE x.wp_id = r.wp_id OFFSET 0) w
@@ -593,15 +599,15 @@ pub(crate) async fn complete_many(
                 wait_reason = NULL
          FROM first
          WHERE w.wp_id = first.wp_id AND w.status COLLATE \"C\" = 'dispatched' AND (first.dispatch_id IS NULL OR w.dispatch_id = first.dispatch_id)
-         RETURNING w.wp_id, first.i",
+         RETURNING w.wp_id, first.i, coalesce(w.agent_id, ''), coalesce(w.route, '')",
     )
     .bind(&wp_ids)
     .bind(&dispatch_ids)
     .bind(&results)
     .fetch_all(&mut **tx)
     .await?;
-    let applied: HashSet<i64> = done.into_iter().map(|(_, i)| i).collect();
-    let rest: Vec<&str> = reports.iter().enumerate().filter(|(i, _)| !applied.contains(&(*i as i64 + 1))).map(|(_, r)| r.0).collect();
+    let applied: HashMap<i64, (String, String)> = done.into_iter().map(|(_, i, agent, route)| (i, (agent, route))).collect();
+    let rest: Vec<&str> = reports.iter().enumerate().filter(|(i, _)| !applied.contains_key(&(*i as i64 + 1))).map(|(_, r)| r.0).collect();
     let current: HashMap<String, (String, Option<String>)> = if rest.is_empty() {
         HashMap::new()
     } else {
@@ -617,8 +623,8 @@ pub(crate) async fn complete_many(
         .iter()
         .enumerate()
         .map(|(i, (wp_id, dispatch_id, _))| {
-            if applied.contains(&(i as i64 + 1)) {
-                return ReportOutcome::Completed;
+            if let Some((agent, route)) = applied.get(&(i as i64 + 1)) {
+                return ReportOutcome::Completed { agent: agent.clone(), route: route.clone() };
             }
             match current.get(*wp_id) {
                 None => ReportOutcome::UnknownWp,
@@ -817,50 +823,6 @@ pub async fn cancel(pool: &PgPool, wp_id: &str) -> Result<Vec<String>, sqlx::Err
     Ok(cancel_many(pool, Roots::One(wp_id)).await?.0.into_iter().map(|c| c.wp_id).collect())
 }
 
-/// The next open member of the lane of each work package `$1` names: what its end may let
-/// go. Shared by completions (`unblocked_by`) and cancels (`lane_successors`).
-macro_rules! lane_successors_of {
-    () => {
-        "SELECT n.wp_id FROM work_packages w
-           CROSS JOIN LATERAL (SELECT x.wp_id FROM work_packages x
-                               WHERE x.lane = w.lane AND (x.source_ms, x.source_seq) > (w.source_ms, w.source_seq)
-                                 AND x.status NOT IN ('completed', 'cancelled')
-                               ORDER BY x.source_ms, x.source_seq LIMIT 1) n
-         WHERE w.wp_id = ANY($1) AND w.lane IS NOT NULL"
-    };
-}
-
-/// Work packages that the completion of `completed` may let go: the dependents whose last
-/// unmet prerequisite they were (each dependent's count decremented, in this statement, by
-/// how many of them it waited for) and each one's lane successor. Call it once, in the
-/// transaction that completed them, and only with work packages that became `completed` in
-/// it: the count is exact only if every completion decrements it once.
-pub(crate) async fn unblocked_by(tx: &mut Transaction<'_, Postgres>, completed: &[String]) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(concat!(
-        "WITH met AS MATERIALIZED (
-             SELECT d.wp_id, count(*)::int AS n FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS k(id)) k
-             CROSS JOIN LATERAL (SELECT d.wp_id FROM work_package_deps d WHERE d.depends_on = k.id OFFSET 0) d
-             GROUP BY d.wp_id),
-         counted AS (
-             UPDATE work_packages w SET unmet_deps = w.unmet_deps - met.n
-             FROM met WHERE w.wp_id = met.wp_id AND w.status COLLATE \"C\" = 'blocked'
-             RETURNING w.wp_id, w.unmet_deps)
-         SELECT wp_id FROM counted WHERE unmet_deps <= 0
-         UNION
-",
-        lane_successors_of!()
-    ))
-    .bind(completed)
-    .fetch_all(&mut **tx)
-    .await
-}
-
-/// (v1.6) The next open member of each one's lane: what the end of `ended` (cancelled, not
-/// completed) may let go. No prerequisite is met by it, so no count changes.
-pub(crate) async fn lane_successors(tx: &mut Transaction<'_, Postgres>, ended: &[String]) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(lane_successors_of!()).bind(ended).fetch_all(&mut **tx).await
-}
-
 /// Operator skip: the work package counts as completed without running (its result says so),
 /// so its dependents and its lane go on. Any status but `completed` may be skipped; a report
 /// that arrives later for a skipped dispatch is stale and ignored. Returns the work packages
@@ -880,7 +842,7 @@ pub async fn skip(pool: &PgPool, wp_id: &str) -> Result<Option<Vec<String>>, sql
         return Ok(None);
     }
     let ids = [wp_id.to_string()];
-    let unblocked = unblocked_by(&mut tx, &ids).await?;
+    let unblocked = ids_of(&unblocked_by(&mut tx, &ids).await?);
     tx.commit().await?;
     Ok(Some(unblocked))
 }

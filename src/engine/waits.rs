@@ -21,7 +21,7 @@ use crate::core::wait::{MAX_COMMENT_CHARS, MAX_WHO_CHARS, valid_key};
 use crate::engine::context::{Ctx, Stats};
 use crate::engine::dispatch::{self, Scope};
 use crate::engine::kept_events::{self, Delivered};
-use crate::engine::store::unblocked_by;
+use crate::engine::store::{ids_of, unblocked_by};
 use crate::engine::streams::DeadLetter;
 
 /// Timed-out waits handled per sweep; the rest wait for the next one.
@@ -116,7 +116,7 @@ async fn decide(pool: &PgPool, wp_id: &str, who: &str, comment: Option<&str>, ve
     }
     // Only a completion lets anything go (a rejection holds its dependents and lane), and
     // `unblocked_by` is told of completions only.
-    let unblocked = if verdict == Verdict::Approve { unblocked_by(&mut tx, &[wp_id.to_string()]).await? } else { Vec::new() };
+    let unblocked = if verdict == Verdict::Approve { ids_of(&unblocked_by(&mut tx, &[wp_id.to_string()]).await?) } else { Vec::new() };
     tx.commit().await?;
     tracing::info!(wp_id = %wp_id, by = %who, verdict = ?verdict, "approval decided by an operator");
     Ok(unblocked)
@@ -253,7 +253,7 @@ pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     .await?;
     // Those that failed let nothing go; `unblocked_by` is told of completions only.
     let ended: Vec<String> = timed_out.iter().filter(|(_, s)| s == "completed").map(|(w, _)| w.clone()).collect();
-    let mut unblocked = if ended.is_empty() { Vec::new() } else { unblocked_by(&mut tx, &ended).await? };
+    let mut unblocked = if ended.is_empty() { Vec::new() } else { ids_of(&unblocked_by(&mut tx, &ended).await?) };
     tx.commit().await?;
     for (wp_id, status) in &timed_out {
         tracing::warn!(wp_id = %wp_id, status = %status, "a wait timed out");

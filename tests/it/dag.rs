@@ -300,3 +300,67 @@ async fn the_sweep_reaches_work_behind_a_backlog_larger_than_a_round() {
     assert_eq!(env.status("waits-0").await.as_deref(), Some("blocked"), "what still waits is left waiting");
     replica.stop().await;
 }
+
+/// The completion of a last prerequisite claims, in its own transaction, the dependents that
+/// may run at once (an agent without a cap, no lane, nothing paused): their `dispatched_at` is
+/// the completion's own transaction time. A dependent of a capped agent, or of a paused plan,
+/// is left to a round, which dispatches the first and records why the second waits. So goes
+/// the next member of a lane, behind the lane gate (`dispatch::at_once::LaneGate`).
+#[tokio::test]
+async fn the_completion_of_a_last_prerequisite_claims_what_may_run_at_once() {
+    use ge_orchestrator::engine::controls::{self, PauseScope};
+    let env = TestEnv::start(ROUTING).await;
+    controls::pause(&env.pool, PauseScope::Plan, "held", None).await.unwrap();
+    let replica = env.replica("r1");
+    env.submit(&[("wp_id", "first"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "other"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "free"), ("agent_id", "dolly"), ("depends_on", "first,other")]).await;
+    env.submit(&[("wp_id", "review"), ("work_type", "code_review"), ("depends_on", "first,other")]).await;
+    env.submit(&[("wp_id", "capped"), ("agent_id", "ada"), ("depends_on", "first,other")]).await;
+    env.submit(&[("wp_id", "paused"), ("agent_id", "dolly"), ("plan", "held"), ("depends_on", "first,other")]).await;
+    env.submit(&[("wp_id", "lane-a"), ("agent_id", "dolly"), ("lane", "l")]).await;
+    env.submit(&[("wp_id", "lane-b"), ("agent_id", "dolly"), ("lane", "l")]).await;
+    let lane_a = trigger_of(&env, "lane-a", 1).await;
+    env.complete(&lane_a).await;
+    trigger_of(&env, "lane-b", 1).await;
+    let (next_at_once,): (bool,) = sqlx::query_as(
+        "SELECT b.dispatched_at = a.completed_at FROM work_packages a, work_packages b WHERE a.wp_id = 'lane-a' AND b.wp_id = 'lane-b'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(next_at_once, "a lane's next member, its entry long delivered and acknowledged, goes with the completion");
+    let first = trigger_of(&env, "first", 1).await;
+    let other = trigger_of(&env, "other", 1).await;
+    env.complete(&first).await;
+    wait_status(&env, "first", "completed").await;
+    env.complete(&other).await;
+    for wp in ["free", "review", "capped"] {
+        trigger_of(&env, wp, 1).await;
+    }
+    wait_status(&env, "paused", "ready").await;
+
+    let at = |wp: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT w.dispatched_at = p.completed_at FROM work_packages w, work_packages p WHERE w.wp_id = $1 AND p.wp_id = 'other'",
+            )
+            .bind(wp)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(at("free").await, "claimed by the transaction that completed its last prerequisite");
+    assert!(at("review").await, "a role with one unlimited agent too");
+    assert!(!at("capped").await, "a capped agent's work goes through a round");
+    let (reason,): (Option<String>,) =
+        sqlx::query_as("SELECT wait_reason FROM work_packages WHERE wp_id = 'paused'").fetch_one(&env.pool).await.unwrap();
+    assert!(reason.as_deref().is_some_and(|r| r.contains("paused")), "the round says why it waits: {reason:?}");
+    let history: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM work_package_events WHERE wp_id = 'free' ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(history, ["blocked", "dispatched"]);
+    env.assert_in_flight_consistent().await;
+    replica.stop().await;
+}

@@ -9,9 +9,9 @@
 //!    claim writes both with the outbox rows;
 //! 4. `publish`: the triggers, then the outbox rows of those Redis holds.
 //!
-//! Work that may run at once (no dependencies, lane or delay; agents without caps or rate
-//! limits) skips 1-3: `at_ingest` decides it before its batch is stored, and the ingest's own
-//! INSERT claims it.
+//! Work that may run at once (no lane, wait or delay; agents without caps or rate limits)
+//! skips 1-3: `at_once` claims it in the transaction that makes it free to run, the ingest's
+//! INSERT (no dependencies) or the completion of its last prerequisite.
 //!
 //! Exactly-once rests on two things. The claim (status `dispatched`, attempt + 1, a new
 //! `dispatch_id`) is one UPDATE of rows it locks first, skipping rows another round holds, so
@@ -19,7 +19,7 @@
 //! trigger only if its `dispatch_id` key is new, so publishing a claimed dispatch again (after a
 //! crash, or by a replica that was paused) is harmless.
 
-pub(crate) mod at_ingest;
+pub(crate) mod at_once;
 mod candidates;
 mod claim;
 mod decide;

@@ -348,6 +348,32 @@ impl Slot {
     }
 }
 
+/// Runs `pipe` on the master and, when the endpoint asks for it ([`Confirm`], a Sentinel URL
+/// by default), ends it with `WAIT replicas timeout`, on the publications' own connection
+/// (`WAIT` blocks its connection): fewer acknowledgements than asked is an error, so that the
+/// caller records nothing and sends `what` again later. An asynchronous replica promoted by a
+/// failover may lack what its master acknowledged. Returns the replies of `pipe`'s commands.
+pub(crate) async fn query_confirmed(con: &mut MasterConnection, mut pipe: redis::Pipeline, what: &str) -> RedisResult<Vec<Value>> {
+    let confirm = con.endpoint().confirm();
+    if confirm.replicas == 0 {
+        return pipe.query_async(con).await;
+    }
+    pipe.cmd("WAIT").arg(confirm.replicas).arg(confirm.timeout.as_millis().max(1) as u64);
+    let mut replies: Vec<Value> = pipe.query_async(&mut con.fenced()).await?;
+    let acked = match replies.pop() {
+        Some(Value::Int(n)) => n,
+        _ => -1,
+    };
+    if acked < i64::from(confirm.replicas) {
+        return Err(RedisError::from((
+            ErrorKind::Client,
+            "not confirmed by enough Redis replicas",
+            format!("{what}: {acked} of {} within {:?}; they are sent again later", confirm.replicas, confirm.timeout),
+        )));
+    }
+    Ok(replies)
+}
+
 impl MasterConnection {
     /// Connects once, so that a wrong address or password shows at start.
     pub async fn connect(endpoint: &Endpoint) -> RedisResult<MasterConnection> {

@@ -53,28 +53,11 @@ pub(crate) async fn xadd_many_confirmed(
     stream: &str,
     entries: &[Vec<(String, String)>],
 ) -> RedisResult<()> {
-    let confirm = con.endpoint().confirm();
     let mut pipe = redis::pipe();
     for fields in entries {
         pipe.add_command(xadd_cmd(stream, None, fields));
     }
-    if confirm.replicas == 0 {
-        let _: Vec<Value> = pipe.query_async(con).await?;
-        return Ok(());
-    }
-    pipe.cmd("WAIT").arg(confirm.replicas).arg(confirm.timeout.as_millis().max(1) as u64);
-    let mut replies: Vec<Value> = pipe.query_async(&mut con.fenced()).await?;
-    let acked = match replies.pop() {
-        Some(Value::Int(n)) => n,
-        _ => -1,
-    };
-    if acked < i64::from(confirm.replicas) {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "entries not confirmed by enough Redis replicas",
-            format!("{acked} of {} within {:?}; they are sent again later", confirm.replicas, confirm.timeout),
-        )));
-    }
+    super::endpoint::query_confirmed(con, pipe, "entries").await?;
     Ok(())
 }
 

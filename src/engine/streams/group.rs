@@ -72,6 +72,27 @@ pub async fn pending_summary<C: redis::aio::ConnectionLike>(con: &mut C, stream:
     Ok(PendingSummary { count, smallest, consumers })
 }
 
+/// A group's position on a stream in one round trip: the last entry it delivered (`XINFO
+/// GROUPS`) and the smallest entry still pending in it (`XPENDING`), as entry ids. What a
+/// claim needs to know that no earlier entry is on its way (see `dispatch::at_once`).
+pub(crate) async fn delivered_and_pending<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream: &str,
+    group: &str,
+) -> RedisResult<(Option<String>, Option<String>)> {
+    let (groups, pending): (Vec<std::collections::HashMap<String, Value>>, Value) =
+        redis::pipe().cmd("XINFO").arg("GROUPS").arg(stream).cmd("XPENDING").arg(stream).arg(group).query_async(con).await?;
+    let delivered = groups
+        .iter()
+        .find(|g| g.get("name").and_then(text).as_deref() == Some(group))
+        .and_then(|g| g.get("last-delivered-id").and_then(text));
+    let smallest = match pending {
+        Value::Array(parts) => parts.get(1).and_then(text),
+        _ => None,
+    };
+    Ok((delivered, smallest))
+}
+
 /// `XINFO CONSUMERS`: (consumer, pending) of a stream's group.
 pub async fn group_consumers<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, group: &str) -> RedisResult<Vec<(String, u64)>> {
     let v: Value = redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).query_async(con).await?;

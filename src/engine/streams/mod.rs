@@ -28,7 +28,7 @@ pub(crate) use endpoint::{Confirm, info, master_addr, role};
 pub use endpoint::{Endpoint, MasterConnection};
 pub use entries::{len, xadd};
 pub(crate) use entries::{newest, newest_before, range, range_page, xadd_many, xadd_many_confirmed};
-pub(crate) use group::{autoclaim, claim, delivery_counts, group_lag, keep_claimed, remove_consumer};
+pub(crate) use group::{autoclaim, claim, delivered_and_pending, delivery_counts, group_lag, keep_claimed, remove_consumer};
 pub use group::{ensure_group, group_consumers, is_nogroup, pending_summary, read_group};
 pub(crate) use notices::{publish_cancels, read_after, request_wake};
 pub use publish::Trigger;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisError, RedisResult, Value};
+use redis::{RedisResult, Value};
 
 /// XADD to a trigger stream only if this dispatch_id was never published: the check, the XADD
 /// and the key happen in one atomic script, so a replica that resumes after a pause, or a
@@ -65,7 +65,6 @@ pub(crate) async fn publish_triggers(
     if triggers.is_empty() {
         return Ok(Vec::new());
     }
-    let confirm = con.endpoint().confirm();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for t in triggers {
@@ -74,34 +73,15 @@ pub(crate) async fn publish_triggers(
             cmd.arg(k).arg(v);
         }
     }
-    let outcome = |replies: Vec<Value>| -> Vec<Published> {
-        replies
-            .into_iter()
-            .map(|v| match v {
-                Value::Nil => Published::Already,
-                Value::ServerError(e) => Published::Refused(e.to_string()),
-                _ => Published::New,
-            })
-            .collect()
-    };
-    if confirm.replicas == 0 {
-        let replies: Vec<Value> = pipe.query_async(con).await?;
-        return Ok(outcome(replies));
-    }
-    pipe.cmd("WAIT").arg(confirm.replicas).arg(confirm.timeout.as_millis().max(1) as u64);
-    let mut replies: Vec<Value> = pipe.query_async(&mut con.fenced()).await?;
-    let acked = match replies.pop() {
-        Some(Value::Int(n)) => n,
-        _ => -1,
-    };
-    if acked < i64::from(confirm.replicas) {
-        return Err(RedisError::from((
-            ErrorKind::Client,
-            "triggers not confirmed by enough Redis replicas",
-            format!("{acked} of {} within {:?}; they are published again later", confirm.replicas, confirm.timeout),
-        )));
-    }
-    Ok(outcome(replies))
+    let replies = super::endpoint::query_confirmed(con, pipe, "triggers").await?;
+    Ok(replies
+        .into_iter()
+        .map(|v| match v {
+            Value::Nil => Published::Already,
+            Value::ServerError(e) => Published::Refused(e.to_string()),
+            _ => Published::New,
+        })
+        .collect())
 }
 
 /// Asks every replica to re-read its routing file; returns how many replicas listened.

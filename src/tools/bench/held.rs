@@ -68,16 +68,9 @@ async fn phase(
     timeout: Duration,
     token: &CancellationToken,
 ) -> anyhow::Result<Phase> {
-    let period = Duration::from_secs_f64(10.0 / f64::from(rate.max(1)));
     let started = tokio::time::Instant::now();
     let first_sent = now_us();
-    for (i, chain) in wps.chunks(10).enumerate() {
-        if token.is_cancelled() {
-            break;
-        }
-        tokio::time::sleep_until(started + period * i as u32).await;
-        load::produce(con, incoming, chain, None, token).await?;
-    }
+    load::produce(con, incoming, wps, Some(load::Pace { rate, per_send: 10 }), token).await?;
     let ids: Vec<&str> = wps.iter().map(|w| w.wp_id.as_str()).collect();
     let count = |l: &AgentLog| {
         (ids.iter().filter(|w| l.seen.contains_key(**w)).count(), ids.iter().filter(|w| l.completed.contains_key(**w)).count())
@@ -101,11 +94,7 @@ async fn phase(
     let waited_s = now_us().saturating_sub(first_sent) as f64 / 1e6;
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     // As dag: from the completion of a step's prerequisite to seeing the step's trigger.
-    let latency = Latency::from_us(wps.iter().filter_map(|w| {
-        let seen = *l.seen.get(&w.wp_id)?;
-        let ready = w.prereqs.iter().map(|p| l.completed.get(p).copied()).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
-        Some(seen.saturating_sub(ready))
-    }));
+    let latency = load::completion_to_dispatch(wps, &l);
     Ok(Phase { latency, completed, dispatched, first_sent, starved, waited_s })
 }
 

@@ -80,6 +80,26 @@ pub(crate) fn chains(chains: usize, prefix: &str) -> Vec<Wp> {
     out
 }
 
+/// Sending at a steady rate: `per_send` entries in one pipeline, every `per_send / rate`
+/// seconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    pub rate: u32,
+    pub per_send: usize,
+}
+
+/// From the moment each work package with prerequisites could run (the last of its
+/// prerequisites' completions and its own entry's sending, since a step sent after its
+/// prerequisite completed cannot have been waiting for it) to seeing its trigger.
+pub(crate) fn completion_to_dispatch(wps: &[Wp], l: &AgentLog) -> Latency {
+    Latency::from_us(wps.iter().filter_map(|w| {
+        let seen = *l.seen.get(&w.wp_id)?;
+        let done = w.prereqs.iter().map(|p| l.completed.get(p).copied()).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
+        let ready = l.sent.get(&w.wp_id).map_or(done, |sent| done.max(*sent));
+        Some(seen.saturating_sub(ready))
+    }))
+}
+
 /// Submits `wps` in stream order, in pipelines, each entry stamped with its send time. With a
 /// rate, sends a slice every 10 ms to hold it; without, as fast as Redis takes them. Returns
 /// the entry id of each work package and the time the first was sent.
@@ -87,13 +107,12 @@ pub(crate) async fn produce(
     con: &mut MultiplexedConnection,
     stream: &str,
     wps: &[Wp],
-    rate: Option<u32>,
+    pace: Option<Pace>,
     token: &CancellationToken,
 ) -> redis::RedisResult<(Vec<(String, String)>, u64)> {
-    const TICK: Duration = Duration::from_millis(10);
-    let chunk = match rate {
-        Some(r) => ((r as usize) / 100).max(1),
-        None => 500,
+    let (chunk, tick) = match pace {
+        Some(Pace { rate, per_send }) => (per_send.max(1), Duration::from_secs_f64(per_send.max(1) as f64 / f64::from(rate.max(1)))),
+        None => (500, Duration::ZERO),
     };
     let started = tokio::time::Instant::now();
     let first = now_us();
@@ -102,8 +121,8 @@ pub(crate) async fn produce(
         if token.is_cancelled() {
             break;
         }
-        if rate.is_some() {
-            tokio::time::sleep_until(started + TICK * n as u32).await;
+        if pace.is_some() {
+            tokio::time::sleep_until(started + tick * n as u32).await;
         }
         let sent = now_us().to_string();
         let entries: Vec<Vec<(&str, &str)>> = slice

@@ -23,8 +23,8 @@ use crate::engine::{store, streams};
 use crate::tools::localstack::{LocalPostgres, LocalRedis, PostgresOptions, RedisOptions};
 use crate::tools::procs::{self, ReplicaProcs};
 
-use load::{AgentLog, Wp, now_us};
-use report::{Latency, Run, Takeover};
+use load::{AgentLog, now_us};
+use report::{Run, Takeover};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -290,7 +290,9 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
     let agents = load::agents(client, &AGENTS, true, &log, &token);
     let wps = load::plans(args.dag_plans, "d");
     let mut con = streams::blocking(client).await?;
-    let (_, first) = load::produce(&mut con, &stack.names.incoming, &wps, rate, &token).await?;
+    // Paced a plan per pipeline, so that a step is stored before its prerequisite completes.
+    let pace = rate.map(|rate| load::Pace { rate, per_send: 10 });
+    let (_, first) = load::produce(&mut con, &stack.names.incoming, &wps, pace, &token).await?;
     let n = wps.len();
     load::wait_for(&log, args.timeout, |l| l.completed.len() >= n).await;
     token.cancel();
@@ -302,11 +304,7 @@ async fn dag(args: &BenchArgs, stack: &Stack, client: &redis::Client, rate: Opti
     }
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     (run.finished, run.seconds, run.wp_per_s) = throughput(&l.completed, first);
-    run.completion_to_dispatch = Some(Latency::from_us(wps.iter().filter_map(|w: &Wp| {
-        let seen = *l.seen.get(&w.wp_id)?;
-        let ready = w.prereqs.iter().map(|p| l.completed.get(p).copied()).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
-        Some(seen.saturating_sub(ready))
-    })));
+    run.completion_to_dispatch = Some(load::completion_to_dispatch(&wps, &l));
     run.duplicates = l.duplicates();
     run.lost = n - run.finished;
     Ok(run)
@@ -349,7 +347,9 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
         let (client, token, rate, incoming) = (client.clone(), token.clone(), args.rate, stack.names.incoming.clone());
         tokio::spawn(async move {
             let mut con = streams::blocking(&client).await?;
-            load::produce(&mut con, &incoming, &wps, Some(rate), &token).await.map_err(anyhow::Error::from)
+            load::produce(&mut con, &incoming, &wps, Some(load::Pace { rate, per_send: (rate as usize / 100).max(1) }), &token)
+                .await
+                .map_err(anyhow::Error::from)
         })
     };
     tokio::time::sleep(args.takeover_load / 3).await;
