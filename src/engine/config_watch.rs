@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::routing_file;
-use crate::engine::backoff::Backoff;
 use crate::engine::context::{Ctx, Stats};
+use crate::engine::streams;
 
 /// Loads and validates the file, then swaps it in whole. An invalid file is refused and the
 /// routing in force stays. Returns whether the new file was taken.
@@ -31,39 +30,9 @@ pub fn reload(ctx: &Ctx) -> bool {
 }
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
-    let mut backoff = Backoff::default();
-    while !token.is_cancelled() {
-        let pubsub = match ctx.endpoint.client().await {
-            Ok(client) => client.get_async_pubsub().await,
-            Err(e) => Err(e),
-        };
-        let mut pubsub = match pubsub {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "config watcher cannot connect to Redis; retrying");
-                backoff.wait(&token).await;
-                continue;
-            }
-        };
-        if let Err(e) = pubsub.subscribe(&ctx.settings.names.reload_channel).await {
-            tracing::warn!(error = %e, "config watcher cannot subscribe; retrying");
-            backoff.wait(&token).await;
-            continue;
-        }
-        backoff.reset();
+    // Every message, and every (re)subscription, since one may have been missed.
+    streams::listen(&ctx.endpoint, &ctx.settings.names.reload_channel, "config watcher", &token, |_| async {
         reload(&ctx);
-        let mut messages = pubsub.on_message();
-        loop {
-            tokio::select! {
-                msg = messages.next() => match msg {
-                    Some(_) => { reload(&ctx); }
-                    None => {
-                        tracing::warn!("config watcher lost its subscription; resubscribing");
-                        break;
-                    }
-                },
-                _ = token.cancelled() => return,
-            }
-        }
-    }
+    })
+    .await;
 }

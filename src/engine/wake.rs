@@ -6,12 +6,11 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::backoff::Backoff;
 use crate::engine::context::Ctx;
 use crate::engine::dispatch::{self, Ready, Scope};
+use crate::engine::streams::{self, Heard};
 
 /// More work packages than this in one message are sent as a sweep instead.
 const MAX_IDS: usize = 1000;
@@ -47,46 +46,18 @@ pub(crate) async fn round(ctx: &Ctx, wp_ids: Option<&[String]>) {
 }
 
 pub async fn run(ctx: Arc<Ctx>, token: CancellationToken) {
-    let mut backoff = Backoff::default();
-    while !token.is_cancelled() {
-        let pubsub = match ctx.endpoint.client().await {
-            Ok(client) => client.get_async_pubsub().await,
-            Err(e) => Err(e),
-        };
-        let mut pubsub = match pubsub {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "wake listener cannot connect to Redis; retrying");
-                backoff.wait(&token).await;
-                continue;
-            }
-        };
-        if let Err(e) = pubsub.subscribe(&ctx.settings.names.wake_channel).await {
-            tracing::warn!(error = %e, "wake listener cannot subscribe; retrying");
-            backoff.wait(&token).await;
-            continue;
-        }
-        backoff.reset();
-        let mut messages = pubsub.on_message();
-        loop {
-            tokio::select! {
-                msg = messages.next() => match msg {
-                    Some(m) => {
-                        let scope = scope_of(m.get_payload_bytes());
-                        if let Err(e) = dispatch::round(&ctx, &scope).await {
-                            tracing::warn!(error = format!("{e:#}"), "dispatch on an operator's wake-up failed; the scheduler will retry");
-                            ctx.stats.note_error();
-                        }
-                    }
-                    None => {
-                        tracing::warn!("wake listener lost its subscription; resubscribing");
-                        break;
-                    }
-                },
-                _ = token.cancelled() => return,
+    streams::listen(&ctx.endpoint, &ctx.settings.names.wake_channel, "wake listener", &token, |heard| {
+        let ctx = &ctx;
+        async move {
+            // A (re)subscription asks for nothing: the sweep finds what a lost message asked for.
+            let Heard::Message(m) = heard else { return };
+            if let Err(e) = dispatch::round(ctx, &scope_of(&m)).await {
+                tracing::warn!(error = format!("{e:#}"), "dispatch on an operator's wake-up failed; the scheduler will retry");
+                ctx.stats.note_error();
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! replica is made through one, so that it follows a failover.
 
 mod ack;
+mod channel;
 mod endpoint;
 mod entries;
 mod group;
@@ -24,6 +25,7 @@ use crate::core::entry::{RawFields, StreamEntry};
 pub(crate) use ack::{
     CUT_PREFIX, DeadLetter, DeadLetterBounds, Requeued, ack_with_deadletters, is_deadletter_meta, report_and_ack, requeue_deadletter,
 };
+pub(crate) use channel::{Heard, listen};
 pub(crate) use endpoint::{Confirm, info, master_addr, role};
 pub use endpoint::{Endpoint, MasterConnection};
 pub use entries::{len, xadd};
