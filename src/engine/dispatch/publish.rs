@@ -80,8 +80,10 @@ pub(super) fn trigger_from_row(ctx: &Ctx, r: &PgRow) -> Result<Outgoing, sqlx::E
 /// and the republication, from the edges of `w` only.
 macro_rules! upstream_of {
     () => {
-        "(SELECT jsonb_object_agg(p.wp_id, p.result) FROM work_package_deps d JOIN work_packages p ON p.wp_id = d.depends_on
-           WHERE d.wp_id = w.wp_id AND p.wait_for IS NOT NULL AND p.result IS NOT NULL) AS upstream"
+        "(SELECT jsonb_object_agg(p.wp_id, p.result) FROM work_package_deps d
+           CROSS JOIN LATERAL (SELECT x.wp_id, x.result FROM work_packages x
+                               WHERE x.wp_id = d.depends_on AND x.wait_for IS NOT NULL AND x.result IS NOT NULL OFFSET 0) p
+           WHERE d.wp_id = w.wp_id) AS upstream"
     };
 }
 pub(super) use upstream_of;
