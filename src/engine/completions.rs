@@ -144,7 +144,9 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
     // The dependents that may run at once are claimed here, so the next step of a chain waits
     // for no round; the round below gets the rest.
+    let found: Vec<(String, bool)> = unblocked.iter().map(|u| (u.wp_id.clone(), u.free)).collect();
     let (claimed, unblocked) = dispatch::at_once::at_completion(&mut tx, &routing, &unblocked, gate).await?;
+    tracing::debug!(changed = ?changed, unblocked = ?found, left = ?unblocked, claimed = claimed.len(), "completions applied");
     // Completions come alone in their batch (their own stream), and said where they went.
     let routes = if input == Input::Completed { completed_routes } else { routes_of(&mut tx, &reported).await? };
     tx.commit().await?;

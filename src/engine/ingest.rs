@@ -102,6 +102,7 @@ pub async fn handle(ctx: &Ctx, entries: &[StreamEntry]) -> anyhow::Result<()> {
     // work behind entries still pending, these included; other batches are acknowledged and
     // dispatched together.
     // What the ingest claimed at once is published with the round over the rest.
+    tracing::debug!(inserted = ?inserted, claimed = ?claimed, "ingest batch stored");
     let scope = Scope::ids(inserted);
     let round = async {
         let at_once = dispatch::publish_claimed(ctx, &ingested.dispatched, |_| Some(read_at)).await?;

@@ -364,3 +364,32 @@ async fn the_completion_of_a_last_prerequisite_claims_what_may_run_at_once() {
     env.assert_in_flight_consistent().await;
     replica.stop().await;
 }
+
+/// A claim skips a row another transaction has locked; the ingest of a dependent locks its
+/// prerequisites `FOR SHARE` for the length of its transaction. A work package whose claim met
+/// such a lock is tried again shortly after by the same round, not left to the sweep (here an
+/// hour away): once the lock is released, it goes. `witness` goes in the same round's claim,
+/// so its trigger says the claim has met the lock.
+#[tokio::test]
+async fn a_claim_that_met_a_dependent_s_ingest_lock_is_tried_again() {
+    use ge_orchestrator::engine::controls::{self, PauseScope};
+    let env = TestEnv::start(ROUTING).await;
+    let mut settings = env.settings("r1");
+    settings.scheduler_interval = Duration::from_secs(3600);
+    let replica = Replica::spawn(settings);
+    controls::pause(&env.pool, PauseScope::Agent, "dolly", None).await.unwrap();
+    env.submit(&[("wp_id", "locked"), ("agent_id", "dolly")]).await;
+    env.submit(&[("wp_id", "witness"), ("agent_id", "dolly")]).await;
+    wait_status(&env, "locked", "ready").await;
+    wait_status(&env, "witness", "ready").await;
+    // What the ingest of a step after `locked` holds while it counts its prerequisites.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM work_packages WHERE wp_id = 'locked' FOR SHARE").execute(&mut *holder).await.unwrap();
+    let out = crate::operations::cli(&env, &["resume", "agent", "dolly"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    trigger_of(&env, "witness", 1).await;
+    assert_eq!(env.status("locked").await.as_deref(), Some("ready"), "the claim skipped the locked row");
+    holder.rollback().await.unwrap();
+    trigger_of(&env, "locked", 1).await;
+    replica.stop().await;
+}

@@ -90,8 +90,42 @@ pub(crate) async fn sweep(ctx: &Ctx) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// One dispatch round. Returns how many work packages were dispatched.
+/// When a round tries again what its claim skipped (see `round`).
+const SKIPPED_RETRIES: [std::time::Duration; 5] = [
+    std::time::Duration::from_millis(1),
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(20),
+    std::time::Duration::from_millis(50),
+    std::time::Duration::from_millis(100),
+];
+
+/// One dispatch round, and the retries of what its claim skipped. Returns how many work
+/// packages were dispatched.
+///
+/// The claim skips rows another transaction has locked (`SKIP LOCKED`): another round's claim,
+/// or the ingest of a dependent, whose count locks its prerequisites `FOR SHARE` for the few
+/// milliseconds of its transaction. In the second case the row is free to claim just after,
+/// and no event would bring a round to it before the sweep (a chain's second step waited
+/// 470 ms, the sweep's interval, in about one in a thousand steps): so what was decided but
+/// skipped is tried again, a few times, shortly after. What is still refused then (a pause or
+/// a budget the claim saw, another round's claim) is left to the sweep, as before.
 pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
+    let (mut dispatched, mut skipped) = round_once(ctx, scope).await?;
+    for pause in SKIPPED_RETRIES {
+        if skipped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        let (more, still) = round_once(ctx, &Scope::ids(skipped)).await?;
+        dispatched += more;
+        skipped = still;
+    }
+    Ok(dispatched)
+}
+
+/// One dispatch round: how many it dispatched, and what it decided to claim but the claim
+/// skipped.
+async fn round_once(ctx: &Ctx, scope: &Scope) -> anyhow::Result<(usize, Vec<String>)> {
     let held = std::mem::take(&mut *ctx.gate_held.lock().unwrap_or_else(|p| p.into_inner()));
     let widened;
     let scope = if held.is_empty() {
@@ -101,7 +135,7 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         &widened
     };
     if scope.sweep_from.is_none() && scope.ready == Ready::None && scope.wp_ids.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let routing = ctx.routing.get();
 
@@ -117,8 +151,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
         decide::open_targets(&routing, &agents, &scope.ready)
     };
     let candidates = candidates::read(&ctx.pool, scope, &open).await?;
+    tracing::debug!(asked = ?scope.wp_ids, candidates = ?candidates.iter().map(|c| c.wp_id.as_str()).collect::<Vec<_>>(), "round candidates");
     if candidates.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
 
     // 2. The lane gate. Two replicas may ingest entries 5 and 6 of one lane in either order; 6
@@ -153,6 +188,9 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
     let decided = decide::decide(&candidates, &routing, &mut agents, gate);
     claim::record_waits(&mut tx, &decided.waits, &routing.config_version).await?;
     let claimed = claim::claim(&mut tx, &decided.claims, &routing).await?;
+    let taken: std::collections::HashSet<&str> = claimed.iter().filter_map(|r| r.try_get::<&str, _>("wp_id").ok()).collect();
+    let skipped: Vec<String> = decided.claims.iter().filter(|c| !taken.contains(c.wp_id.as_str())).map(|c| c.wp_id.clone()).collect();
+    tracing::debug!(decided = decided.claims.len(), waits = decided.waits.len(), claimed = claimed.len(), skipped = ?skipped, "round claims");
     claim::take_tokens(&mut tx, &buckets, &claimed, clock).await?;
     let awaiting_events = claim::enter_waiting(&mut tx, &decided.awaits).await?;
     tx.commit().await?;
@@ -164,7 +202,8 @@ pub async fn round(ctx: &Ctx, scope: &Scope) -> anyhow::Result<usize> {
 
     // 4. Publication.
     let since: HashMap<&str, f64> = candidates.iter().map(|c| (c.wp_id.as_str(), c.eligible_since)).collect();
-    publish_claimed(ctx, &claimed, |wp| since.get(wp).copied()).await
+    let dispatched = publish_claimed(ctx, &claimed, |wp| since.get(wp).copied()).await?;
+    Ok((dispatched, skipped))
 }
 
 /// Publishes what a round or an ingest claimed (rows as the claim returns them) and counts
