@@ -76,7 +76,11 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     }
 
     // Read before the transaction, beside its BEGIN: lane successors claimed at once need it.
-    let (gate, tx) = tokio::join!(dispatch::at_once::LaneGate::read(ctx), ctx.pool.begin());
+    // Failure reports complete nothing, so let nothing go.
+    let gate = async {
+        if input == Input::Completed { dispatch::at_once::LaneGate::read(ctx).await } else { dispatch::at_once::LaneGate::default() }
+    };
+    let (gate, tx) = tokio::join!(gate, ctx.pool.begin());
     let mut tx = tx?;
     let outcomes: Vec<ReportOutcome> = match input {
         // The hot path: every completion of the batch in one statement.
@@ -144,9 +148,14 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
     let unblocked = store::unblocked_by(&mut tx, &changed).await?;
     // The dependents that may run at once are claimed here, so the next step of a chain waits
     // for no round; the round below gets the rest.
-    let found: Vec<(String, bool)> = unblocked.iter().map(|u| (u.wp_id.clone(), u.free)).collect();
-    let (claimed, unblocked) = dispatch::at_once::at_completion(&mut tx, &routing, &unblocked, gate).await?;
-    tracing::debug!(changed = ?changed, unblocked = ?found, left = ?unblocked, claimed = claimed.len(), "completions applied");
+    let (claimed, left) = dispatch::at_once::at_completion(&mut tx, &routing, &unblocked, gate).await?;
+    tracing::debug!(
+        changed = ?changed,
+        unblocked = ?unblocked.iter().map(|u| (u.wp_id.as_str(), u.free)).collect::<Vec<_>>(),
+        left = ?left,
+        claimed = claimed.len(),
+        "completions applied"
+    );
     // Completions come alone in their batch (their own stream), and said where they went.
     let routes = if input == Input::Completed { completed_routes } else { routes_of(&mut tx, &reported).await? };
     tx.commit().await?;
@@ -166,7 +175,7 @@ pub async fn handle(ctx: &Ctx, input: Input, entries: &[StreamEntry]) -> anyhow:
         .filter(|a| routing.agents.get(a).is_some_and(|spec| spec.max_in_flight.is_some()))
         .collect();
     let ready = if freed.is_empty() { Ready::None } else { Ready::Of(freed) };
-    let scope = Scope { wp_ids: unblocked, sweep_from: None, ready };
+    let scope = Scope { wp_ids: left, sweep_from: None, ready };
     let dispatch = async {
         let at_once = dispatch::publish_claimed(ctx, &claimed, |_| Some(freed_at)).await?;
         Ok::<usize, anyhow::Error>(at_once + dispatch::round(ctx, &scope).await?)

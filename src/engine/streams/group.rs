@@ -53,7 +53,12 @@ pub struct PendingSummary {
 
 pub async fn pending_summary<C: redis::aio::ConnectionLike>(con: &mut C, stream: &str, group: &str) -> RedisResult<PendingSummary> {
     let v: Value = redis::cmd("XPENDING").arg(stream).arg(group).query_async(con).await?;
-    let Value::Array(parts) = v else { return Ok(PendingSummary::default()) };
+    Ok(summary_of(v))
+}
+
+/// The summary form of an `XPENDING` reply.
+fn summary_of(v: Value) -> PendingSummary {
+    let Value::Array(parts) = v else { return PendingSummary::default() };
     let count = match parts.first() {
         Some(Value::Int(n)) => *n as u64,
         _ => 0,
@@ -69,7 +74,7 @@ pub async fn pending_summary<C: redis::aio::ConnectionLike>(con: &mut C, stream:
             .collect(),
         _ => Vec::new(),
     };
-    Ok(PendingSummary { count, smallest, consumers })
+    PendingSummary { count, smallest, consumers }
 }
 
 /// A group's position on a stream in one round trip: the last entry it delivered (`XINFO
@@ -86,11 +91,7 @@ pub(crate) async fn delivered_and_pending<C: redis::aio::ConnectionLike>(
         .iter()
         .find(|g| g.get("name").and_then(text).as_deref() == Some(group))
         .and_then(|g| g.get("last-delivered-id").and_then(text));
-    let smallest = match pending {
-        Value::Array(parts) => parts.get(1).and_then(text),
-        _ => None,
-    };
-    Ok((delivered, smallest))
+    Ok((delivered, summary_of(pending).smallest))
 }
 
 /// `XINFO CONSUMERS`: (consumer, pending) of a stream's group.

@@ -88,6 +88,13 @@ pub(crate) struct Pace {
     pub per_send: usize,
 }
 
+impl Pace {
+    /// `rate` WP/s as evenly as ticks of 10 ms allow.
+    pub(crate) fn steady(rate: u32) -> Pace {
+        Pace { rate, per_send: (rate as usize / 100).max(1) }
+    }
+}
+
 /// From the moment each work package with prerequisites could run (the last of its
 /// prerequisites' completions and its own entry's sending, since a step sent after its
 /// prerequisite completed cannot have been waiting for it) to seeing its trigger.

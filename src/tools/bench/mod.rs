@@ -347,9 +347,7 @@ async fn takeover(args: &BenchArgs, stack: &Stack, client: &redis::Client) -> an
         let (client, token, rate, incoming) = (client.clone(), token.clone(), args.rate, stack.names.incoming.clone());
         tokio::spawn(async move {
             let mut con = streams::blocking(&client).await?;
-            load::produce(&mut con, &incoming, &wps, Some(load::Pace { rate, per_send: (rate as usize / 100).max(1) }), &token)
-                .await
-                .map_err(anyhow::Error::from)
+            load::produce(&mut con, &incoming, &wps, Some(load::Pace::steady(rate)), &token).await.map_err(anyhow::Error::from)
         })
     };
     tokio::time::sleep(args.takeover_load / 3).await;

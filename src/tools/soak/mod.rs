@@ -230,10 +230,7 @@ pub async fn run(args: SoakArgs, token: CancellationToken) -> anyhow::Result<Exi
         let mut b = 0;
         while b < blocks && !pt.is_cancelled() {
             let wps: Vec<Wp> = (b..(b + per_call).min(blocks)).flat_map(block).collect();
-            if let Err(e) =
-                load::produce(&mut producer_con, &incoming, &wps, Some(load::Pace { rate, per_send: (rate as usize / 100).max(1) }), &pt)
-                    .await
-            {
+            if let Err(e) = load::produce(&mut producer_con, &incoming, &wps, Some(load::Pace::steady(rate)), &pt).await {
                 eprintln!("soak: the producer stopped after {} work packages: {e}", b * 30);
                 // The run cannot reach its total: stop it, and report what it saw.
                 stop.cancel();
